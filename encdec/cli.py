@@ -1,0 +1,167 @@
+"""The `encdec` command: prepare, train, evaluate, translate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _prepare(args) -> None:
+    from encdec.data.corpus import DataError, read_pairs
+    from encdec.data.prepare import load_meta, prepare, split_by_hash
+    from encdec.data.recipes import RECIPES, Corpus
+
+    options = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
+               "joint_vocab": args.joint_vocab}
+    if args.recipe:
+        if args.recipe not in RECIPES:
+            raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: {', '.join(RECIPES)}")
+        out = Path(args.out or f"data/{args.recipe}")
+        meta_path = out / "meta.json"
+        if meta_path.exists() and not args.force:
+            meta = load_meta(out)
+            if meta.get("name") == args.recipe and meta.get("options") == options:
+                print(f"{out}: already prepared ({args.recipe}); --force to redo")
+                return
+        corpus = RECIPES[args.recipe]()
+        name = args.recipe
+    else:
+        if not args.train:
+            raise DataError("give a recipe name or a training corpus (--train FILE.tsv|.jsonl, "
+                            "or --train SRC TGT for parallel line files)")
+        if not args.out:
+            raise DataError("--out DIR is required for a user corpus")
+        out = Path(args.out)
+        splits = {"train": read_pairs(*args.train)}
+        if args.dev or args.test:
+            if not (args.dev and args.test):
+                raise DataError("give both --dev and --test, or neither (then 5%/5% are split off "
+                                "the training data by a hash of the source)")
+            splits["dev"] = read_pairs(*args.dev)
+            splits["test"] = read_pairs(*args.test)
+        else:
+            splits = split_by_hash(splits["train"])
+        src_spec = {"kind": args.src_tokenizer, "lowercase": args.lowercase}
+        tgt_spec = {"kind": args.tgt_tokenizer or args.src_tokenizer, "lowercase": args.lowercase}
+        corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric, group_refs=args.group_refs)
+        name = "custom"
+    meta = prepare(corpus, out, name=name, **options)
+    meta["options"] = options
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+
+
+def _train(args) -> None:
+    from encdec.config import Config
+    from encdec.train import train
+
+    path = Path(args.config)
+    if path.is_dir():  # a run directory: continue with its saved config
+        path = path / "config.yaml"
+    cfg = Config.load(path, args.overrides)
+    train(cfg, resume=args.resume)
+
+
+def _evaluate(args) -> None:
+    from encdec.evaluate import evaluate
+
+    result = evaluate(args.run, split=args.split, checkpoint_name=args.checkpoint,
+                      data_dir=args.data, device=args.device, limit=args.limit,
+                      beam_size=args.beam, method=args.method, nbest=None)
+    s = result["scores"]
+    d = result["decode"]
+    how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
+    if result["metric"] == "g2p":
+        line = f"WER {s['wer']:.2f}%  PER {s['per']:.2f}%"
+    else:
+        line = f"BLEU {s['bleu']:.2f}  chrF {s['chrf']:.2f}\n  {s['bleu_signature']}\n  {s['chrf_signature']}"
+    print(f"{result['split']} ({result['inputs']} inputs, {how}, checkpoint {result['checkpoint']}): "
+          f"{line}  exact match {s['exact_match']:.2f}%  "
+          f"[{result['inputs_per_s']:.0f} inputs/s] -> {result['written_to']}")
+
+
+def _translate(args) -> None:
+    from encdec.translate import run_cli
+
+    run_cli(args.run, checkpoint_name=args.checkpoint, input_path=args.input,
+            output_path=args.output, beam=args.beam, nbest=args.nbest, method=args.method,
+            scores=args.scores, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encdec", description="Transformer sequence-to-sequence toolkit")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="build a data directory from a recipe or your corpus")
+    pr.add_argument("recipe", nargs="?", help="built-in recipe, e.g. g2p-cmudict")
+    pr.add_argument("--out", help="data directory to write (default data/RECIPE)")
+    pr.add_argument("--train", nargs="+", metavar="FILE",
+                    help="training pairs: FILE.tsv, FILE.jsonl, or SRC TGT parallel line files")
+    pr.add_argument("--dev", nargs="+", metavar="FILE", help="dev pairs (same forms as --train)")
+    pr.add_argument("--test", nargs="+", metavar="FILE", help="test pairs (same forms as --train)")
+    pr.add_argument("--src-tokenizer", default="sentencepiece",
+                    choices=["char", "whitespace", "sentencepiece"])
+    pr.add_argument("--tgt-tokenizer", choices=["char", "whitespace", "sentencepiece"],
+                    help="default: same as --src-tokenizer")
+    pr.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary size")
+    pr.add_argument("--spm-type", default="bpe", choices=["bpe", "unigram"])
+    pr.add_argument("--joint-vocab", action="store_true", help="one vocabulary for both sides")
+    pr.add_argument("--lowercase", action="store_true")
+    pr.add_argument("--max-len", type=int, default=256, help="drop pairs longer than this (tokens)")
+    pr.add_argument("--metric", default="text", choices=["text", "g2p"])
+    pr.add_argument("--group-refs", action="store_true",
+                    help="score against all targets of the same source (multi-reference)")
+    pr.add_argument("--force", action="store_true", help="prepare a recipe again")
+    pr.set_defaults(func=_prepare)
+
+    tr = sub.add_parser("train", help="train a model: encdec train CONFIG [section.key=value ...]")
+    tr.add_argument("config", help="YAML config, or a run directory to continue with --resume")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    tr.set_defaults(func=_train)
+
+    def decode_args(q):
+        q.add_argument("run", help="run directory")
+        q.add_argument("--checkpoint", default="best", help="best, last, or a step-NNNNNNN name")
+        q.add_argument("--beam", type=int, help="beam size (1 = greedy)")
+        q.add_argument("--method", choices=["greedy", "beam", "sample"])
+        q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+
+    ev = sub.add_parser("evaluate", help="decode and score a split")
+    decode_args(ev)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--data", help="data directory (default: the run's)")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N inputs")
+    ev.set_defaults(func=_evaluate)
+
+    tl = sub.add_parser("translate", help="decode stdin, a file, or an interactive prompt")
+    decode_args(tl)
+    tl.add_argument("--nbest", type=int, help="outputs per input")
+    tl.add_argument("--input", "-i", help="input file (default: stdin)")
+    tl.add_argument("--output", "-o", help="output file (default: stdout)")
+    tl.add_argument("--scores", action="store_true", help="print each output's score after a tab")
+    tl.set_defaults(func=_translate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from encdec.checkpoint import CheckpointError
+    from encdec.config import ConfigError
+    from encdec.data.corpus import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"encdec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("encdec: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Typed configuration: one dataclass per concern, YAML in/out, dotted overrides, validation.
+
+Every field has its default and its meaning here, in one place. A run directory keeps the
+resolved config as ``config.yaml`` so a model can always be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/g2p-cmudict"  # prepared data directory (output of `encdec prepare`)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"  # name in encdec.models.MODELS
+    d_model: int = 256
+    n_heads: int = 4
+    enc_layers: int = 3
+    dec_layers: int = 3
+    ffn_dim: int = 1024
+    dropout: float = 0.1  # on embeddings and on each sublayer output before the residual add
+    attention_dropout: float = 0.0  # on attention probabilities
+    activation_dropout: float = 0.0  # inside the feed-forward block, after the activation
+    activation: str = "relu"  # relu | gelu
+    norm: str = "pre"  # pre (LayerNorm before each sublayer) | post (the original paper)
+    positions: str = "sinusoidal"  # sinusoidal | learned
+    max_positions: int = 1024  # learned positions only: longest sequence
+    tie_output: bool = True  # decoder input embedding shared with the output projection
+    share_embeddings: bool = False  # source and target embeddings shared (joint vocabulary only)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/g2p"
+    seed: int = 1
+    max_tokens: int = 4096  # batch size in target tokens (per process, per accumulation step)
+    accum_steps: int = 1  # gradient accumulation
+    lr: float = 1.5e-3  # peak learning rate
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | constant
+    warmup_steps: int = 200  # short: a 4000-step warmup leaves a CPU run barely trained for an hour
+    min_lr: float = 1e-5  # cosine floor
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.1
+    max_steps: int = 0  # 0 = no step limit
+    max_epochs: int = 0  # 0 = no epoch limit
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none
+    valid_every: int = 500  # steps between validations (and checkpoints)
+    valid_max_inputs: int = 0  # validate the metric on the first N dev inputs; 0 = all
+    patience: int = 0  # stop after this many validations without improvement; 0 = never
+    keep_checkpoints: int = 3  # step checkpoints kept besides the best one
+    log_every: int = 50  # steps between metric lines in metrics.jsonl
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    num_threads: int = 0  # CPU threads for torch; 0 = all cores
+    max_len: int = 256  # longer training pairs are skipped when batching
+
+
+@dataclass
+class DecodeConfig:
+    method: str = "beam"  # greedy | beam | sample
+    beam_size: int = 5
+    nbest: int = 1
+    length_penalty: float = 1.0  # score / length**length_penalty
+    max_len_a: float = 1.5  # output at most a * len(src) + b tokens
+    max_len_b: int = 10
+    temperature: float = 1.0  # sampling only
+    top_k: int = 0  # sampling only; 0 = off
+    top_p: float = 1.0  # sampling only; 1.0 = off
+    batch_size: int = 64  # inputs per decoding batch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    # ---- YAML / dict -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        text = yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        Path(path).write_text(text, encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping with sections data/model/train/decode")
+        return _build(cls, raw, prefix="", source=source)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raw = raw or {}
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw, source=str(path))
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to a raw config dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override {item!r}: key must be section.name, e.g. train.lr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    raw.setdefault(parts[0], {})
+    if not isinstance(raw[parts[0]], dict):
+        raise ConfigError(f"override {item!r}: section {parts[0]!r} is not a mapping")
+    raw[parts[0]][parts[1]] = parsed
+
+
+def _build(cls, raw: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{source}: unknown key {where!r}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        value = raw[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key!r} must be a mapping")
+            kwargs[f.name] = _build(hint, value, prefix=f"{key}.", source=source)
+        else:
+            kwargs[f.name] = _coerce(value, hint, key, source)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str, source: str):
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key!r} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key!r} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key!r} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{source}: {key!r} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+_CHOICES = {
+    ("model", "activation"): ("relu", "gelu"),
+    ("model", "norm"): ("pre", "post"),
+    ("model", "positions"): ("sinusoidal", "learned"),
+    ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
+    ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("decode", "method"): ("greedy", "beam", "sample"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, name), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{name}={value!r}: choose one of {', '.join(allowed)}")
+    m, t, d = cfg.model, cfg.train, cfg.decode
+    positive = {
+        "model.d_model": m.d_model, "model.n_heads": m.n_heads, "model.ffn_dim": m.ffn_dim,
+        "model.max_positions": m.max_positions, "train.max_tokens": t.max_tokens,
+        "train.accum_steps": t.accum_steps, "train.valid_every": t.valid_every,
+        "train.log_every": t.log_every, "train.max_len": t.max_len,
+        "decode.beam_size": d.beam_size, "decode.nbest": d.nbest, "decode.batch_size": d.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.enc_layers < 1 or m.dec_layers < 1:
+        raise ConfigError("model.enc_layers and model.dec_layers must be at least 1")
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise ConfigError(f"model.{key}={getattr(m, key)}: must be in [0, 1)")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing={t.label_smoothing}: must be in [0, 1)")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr}: must be positive")
+    if t.warmup_steps < 0 or t.max_steps < 0 or t.max_epochs < 0 or t.max_minutes < 0:
+        raise ConfigError("train.warmup_steps, max_steps, max_epochs, max_minutes must be >= 0")
+    if t.schedule == "cosine" and t.max_steps == 0:
+        raise ConfigError("train.schedule=cosine needs train.max_steps (the length of the cosine)")
+    if d.nbest > d.beam_size and d.method == "beam":
+        raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.beam_size={d.beam_size}")
+    if d.temperature <= 0:
+        raise ConfigError(f"decode.temperature={d.temperature}: must be positive")
+    if not 0.0 < d.top_p <= 1.0:
+        raise ConfigError(f"decode.top_p={d.top_p}: must be in (0, 1]")

@@ -1,0 +1,45 @@
+"""What turns text into ids and back: tokenizers and vocabularies, plus the data meta.
+
+Copied from the data directory into every run directory so a run alone can load a model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from encdec.data.prepare import load_meta
+from encdec.data.tokenizers import tokenizer_from_spec
+from encdec.data.vocab import Vocab
+
+
+@dataclass
+class Assets:
+    meta: dict
+    src_tokenizer: object
+    src_vocab: Vocab
+    tgt_tokenizer: object
+    tgt_vocab: Vocab
+
+    def text_kwargs(self) -> dict:
+        """The keyword arguments `decode_texts` needs."""
+        return {"src_tokenizer": self.src_tokenizer, "src_vocab": self.src_vocab,
+                "tgt_tokenizer": self.tgt_tokenizer, "tgt_vocab": self.tgt_vocab}
+
+
+def load_assets(directory: str | Path) -> Assets:
+    directory = Path(directory)
+    meta = load_meta(directory)
+    return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
+                  Vocab.load(directory / "src.vocab"),
+                  tokenizer_from_spec(meta["tgt_tokenizer"], directory),
+                  Vocab.load(directory / "tgt.vocab"))
+
+
+def copy_assets(data_dir: str | Path, dest: str | Path) -> None:
+    data_dir, dest = Path(data_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = ["meta.json", "src.vocab", "tgt.vocab"] + [p.name for p in data_dir.glob("spm.*")]
+    for name in names:
+        shutil.copyfile(data_dir / name, dest / name)

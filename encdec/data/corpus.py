@@ -1,0 +1,87 @@
+"""Reading user corpora: parallel line files, TSV and JSONL, with errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line and says what is wrong."""
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a UTF-8 text file (no trailing newline), rejecting NUL bytes and bad UTF-8."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark
+    chunks = raw.split(b"\n")
+    if chunks and chunks[-1] == b"":
+        chunks.pop()
+    lines = []
+    for lineno, chunk in enumerate(chunks, 1):
+        nul = chunk.find(b"\x00")
+        if nul >= 0:
+            raise DataError(f"{path}:{lineno}: NUL byte at byte {nul + 1} of the line; "
+                            "is this a binary file?")
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start + 1} of the line "
+                            f"({chunk[err.start:err.start + 4]!r}); re-encode the file as UTF-8") from None
+        lines.append(line.rstrip("\r"))
+    return lines
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path) -> list[tuple[str, str]]:
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+                        f"parallel files must have one line per pair (first unpaired line: "
+                        f"{min(len(src), len(tgt)) + 1})")
+    return list(zip(src, tgt))
+
+
+def read_tsv(path: str | Path) -> list[tuple[str, str]]:
+    pairs = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise DataError(f"{path}:{lineno}: expected 2 tab-separated fields (source, target), "
+                            f"found {len(fields)}")
+        pairs.append((fields[0], fields[1]))
+    return pairs
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    pairs = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            pairs.append(("", ""))  # counted as an empty pair, like an empty line elsewhere
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON at column {err.colno}: {err.msg}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("src"), str) \
+                or not isinstance(obj.get("tgt"), str):
+            raise DataError(f'{path}:{lineno}: expected an object with string fields "src" and "tgt"')
+        pairs.append((obj["src"], obj["tgt"]))
+    return pairs
+
+
+def read_pairs(path: str | Path, tgt_path: str | Path | None = None) -> list[tuple[str, str]]:
+    """Pairs from a TSV/JSONL file, or from a source file plus a parallel target file."""
+    if tgt_path is not None:
+        return read_parallel(path, tgt_path)
+    suffix = Path(path).suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return read_tsv(path)
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path)
+    raise DataError(f"{path}: cannot tell the format; use a .tsv or .jsonl file, "
+                    "or give source and target as two parallel files")

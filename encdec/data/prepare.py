@@ -1,0 +1,174 @@
+"""`encdec prepare`: clean, split, tokenize, build vocabularies and binarize a corpus, once.
+
+Data directory layout::
+
+    meta.json                 tokenizers, vocab sizes, metric, per-split statistics
+    src.vocab  tgt.vocab      one token per line, specials first
+    spm.*.model               SentencePiece models (when used)
+    {split}.src.txt / .tgt.txt  cleaned text pairs
+    {split}.eval.jsonl        {"src": ..., "refs": [...]} per evaluation input
+    {split}.{src,tgt}.tokens.npy / .offsets.npy   binarized ids, memory-mapped at training time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from encdec.data.corpus import DataError
+from encdec.data.recipes import Corpus, hash_split
+from encdec.data.tokenizers import SentencePieceTokenizer, tokenizer_from_spec
+from encdec.data.vocab import Vocab
+
+FORMAT_VERSION = 1
+
+
+def split_by_hash(pairs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    splits: dict[str, list[tuple[str, str]]] = {"train": [], "dev": [], "test": []}
+    for pair in pairs:
+        splits[hash_split(pair[0])].append(pair)
+    return splits
+
+
+def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_size: int = 8000,
+            spm_type: str = "bpe", joint_vocab: bool = False, min_freq: int = 1,
+            name: str = "custom", log=print) -> dict:
+    """Write a prepared data directory for ``corpus``; returns its meta dict."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if "train" not in corpus.splits or not corpus.splits["train"]:
+        raise DataError("the corpus has no training pairs")
+
+    # 1. Clean: strip whitespace, drop empty pairs (counted).
+    stats: dict[str, dict] = {}
+    cleaned: dict[str, list[tuple[str, str]]] = {}
+    for split, pairs in corpus.splits.items():
+        keep = [(s.strip(), t.strip()) for s, t in pairs]
+        nonempty = [(s, t) for s, t in keep if s and t]
+        cleaned[split] = nonempty
+        stats[split] = {"input_pairs": len(pairs), "dropped_empty": len(pairs) - len(nonempty)}
+
+    # 2. Tokenizers (SentencePiece is trained on the training split only).
+    tokenizers = {}
+    train = cleaned["train"]
+    if joint_vocab and corpus.src_tokenizer.get("kind") == "sentencepiece":
+        tok = SentencePieceTokenizer.train([s for s, _ in train] + [t for _, t in train],
+                                           tmp / "spm.joint", vocab_size, spm_type,
+                                           corpus.src_tokenizer.get("lowercase", False))
+        tokenizers = {"src": tok, "tgt": tok}
+    else:
+        for side, spec in (("src", corpus.src_tokenizer), ("tgt", corpus.tgt_tokenizer)):
+            if spec.get("kind") == "sentencepiece":
+                col = 0 if side == "src" else 1
+                tokenizers[side] = SentencePieceTokenizer.train(
+                    [p[col] for p in train], tmp / f"spm.{side}", vocab_size, spm_type,
+                    spec.get("lowercase", False))
+            else:
+                tokenizers[side] = tokenizer_from_spec(spec, tmp)
+
+    # 3. Tokenize; drop over-long pairs (counted).
+    tokenized: dict[str, list[tuple[list[str], list[str], int]]] = {}
+    for split, pairs in cleaned.items():
+        rows = []
+        for i, (s, t) in enumerate(pairs):
+            s_tok, t_tok = tokenizers["src"].encode(s), tokenizers["tgt"].encode(t)
+            if not s_tok or not t_tok:
+                stats[split]["dropped_empty"] += 1
+            elif len(s_tok) > max_len or len(t_tok) > max_len:
+                stats[split]["dropped_too_long"] = stats[split].get("dropped_too_long", 0) + 1
+            else:
+                rows.append((s_tok, t_tok, i))
+        stats[split].setdefault("dropped_too_long", 0)
+        tokenized[split] = rows
+
+    # 4. Vocabularies from the training split.
+    src_counts = Counter(tok for s, _, _ in tokenized["train"] for tok in s)
+    tgt_counts = Counter(tok for _, t, _ in tokenized["train"] for tok in t)
+    if joint_vocab:
+        vocab = Vocab.build(src_counts + tgt_counts, min_freq=min_freq)
+        vocabs = {"src": vocab, "tgt": vocab}
+    else:
+        vocabs = {"src": Vocab.build(src_counts, min_freq=min_freq),
+                  "tgt": Vocab.build(tgt_counts, min_freq=min_freq)}
+    vocabs["src"].save(tmp / "src.vocab")
+    vocabs["tgt"].save(tmp / "tgt.vocab")
+
+    # 5. Text, evaluation references and binarized arrays per split.
+    for split, rows in tokenized.items():
+        pairs = [cleaned[split][i] for _, _, i in rows]
+        (tmp / f"{split}.src.txt").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+        (tmp / f"{split}.tgt.txt").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+        refs: dict[str, list[str]] = {}
+        entries = []
+        for s, t in pairs:
+            if corpus.group_refs:
+                if s not in refs:
+                    refs[s] = []
+                    entries.append(s)
+                refs[s].append(t)
+            else:
+                entries.append((s, t))
+        with open(tmp / f"{split}.eval.jsonl", "w", encoding="utf-8") as f:
+            for e in entries:
+                src, ref_list = (e, refs[e]) if corpus.group_refs else (e[0], [e[1]])
+                f.write(json.dumps({"src": src, "refs": ref_list}, ensure_ascii=False) + "\n")
+        for side, col in (("src", 0), ("tgt", 1)):
+            ids = [vocabs[side].encode(r[col]) for r in rows]
+            _write_binarized(tmp, split, side, ids)
+        src_unk = sum(vocabs["src"].encode(r[0]).count(3) for r in rows)
+        stats[split].update({
+            "pairs": len(rows), "eval_inputs": len(entries),
+            "src_tokens": int(sum(len(r[0]) for r in rows)),
+            "tgt_tokens": int(sum(len(r[1]) for r in rows)),
+            "src_unk": int(src_unk),
+        })
+
+    meta = {
+        "format": FORMAT_VERSION, "name": name, "metric": corpus.metric,
+        "src_tokenizer": tokenizers["src"].spec(), "tgt_tokenizer": tokenizers["tgt"].spec(),
+        "joint_vocab": joint_vocab, "src_vocab_size": len(vocabs["src"]),
+        "tgt_vocab_size": len(vocabs["tgt"]), "max_len": max_len, "splits": stats,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+    # Swap the finished directory into place so a crash never leaves half a data directory.
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    for split, st in stats.items():
+        log(f"{split:>6}: {st['pairs']:>7} pairs ({st['eval_inputs']} eval inputs), "
+            f"{st['src_tokens']} src / {st['tgt_tokens']} tgt tokens; dropped "
+            f"{st['dropped_empty']} empty, {st['dropped_too_long']} over {max_len} tokens")
+    log(f"vocab: {len(vocabs['src'])} src / {len(vocabs['tgt'])} tgt -> {out}")
+    return meta
+
+
+def _write_binarized(directory: Path, split: str, side: str, ids: list[list[int]]) -> None:
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    np.save(directory / f"{split}.{side}.tokens.npy", flat)
+    np.save(directory / f"{split}.{side}.offsets.npy", offsets)
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise DataError(f"{data_dir}: not a prepared data directory (no meta.json); "
+                        "run `encdec prepare` first")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,46 @@
+"""`encdec evaluate RUN --split test`: decode a split, detokenize, score, write JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from encdec.data.dataset import read_eval
+from encdec.metrics import score
+from encdec.translate import Translator
+
+
+def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best",
+             data_dir: str | None = None, device: str = "cpu", limit: int = 0,
+             **decode_overrides) -> dict:
+    run_dir = Path(run_dir)
+    tr = Translator.from_run(run_dir, checkpoint_name, device)
+    data_dir = data_dir or tr.cfg.data.dir
+    entries = read_eval(data_dir, split)
+    if limit:
+        entries = entries[:limit]
+    decode_cfg = tr.decode_config(**decode_overrides)
+    start = time.perf_counter()
+    with tqdm(total=len(entries), unit="input", file=sys.stderr, mininterval=1.0) as bar:
+        outputs = tr.translate_nbest([e["src"] for e in entries], progress=bar.update,
+                                     **decode_overrides)
+    seconds = time.perf_counter() - start
+    hyps = [o[0].text for o in outputs]
+    result = {
+        "run": str(run_dir), "checkpoint": tr.checkpoint_dir.name, "split": split,
+        "data": str(data_dir), "metric": tr.assets.meta["metric"],
+        "decode": decode_cfg.__dict__, "inputs": len(entries), "seconds": seconds,
+        "inputs_per_s": len(entries) / max(seconds, 1e-9),
+        "scores": score(tr.assets.meta["metric"], hyps, [e["refs"] for e in entries]),
+    }
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(exist_ok=True)
+    tag = f"{split}-{decode_cfg.method}{decode_cfg.beam_size if decode_cfg.method == 'beam' else ''}"
+    (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    result["written_to"] = str(out_dir / f"{tag}.json")
+    return result

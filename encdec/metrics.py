@@ -1,0 +1,63 @@
+"""Task metrics: G2P word/phoneme error rates; sacreBLEU and chrF for text; exact match for all."""
+
+from __future__ import annotations
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two token sequences."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def g2p_scores(hyps: list[str], refs: list[list[str]]) -> dict:
+    """WER: a word is wrong unless it equals one of its references.
+    PER: phoneme edits against the closest reference over that reference's length."""
+    wrong = edits = ref_len = 0
+    for hyp, ref_list in zip(hyps, refs):
+        h = hyp.split()
+        if hyp.split() not in [r.split() for r in ref_list]:
+            wrong += 1
+        best = min(((edit_distance(h, r.split()), len(r.split())) for r in ref_list))
+        edits += best[0]
+        ref_len += best[1]
+    n = max(len(hyps), 1)
+    return {"wer": 100.0 * wrong / n, "per": 100.0 * edits / max(ref_len, 1), "n": len(hyps)}
+
+
+def exact_match(hyps: list[str], refs: list[list[str]]) -> float:
+    return 100.0 * sum(h in r for h, r in zip(hyps, refs)) / max(len(hyps), 1)
+
+
+def text_scores(hyps: list[str], refs: list[list[str]]) -> dict:
+    import sacrebleu
+
+    n_refs = max(len(r) for r in refs) if refs else 1
+    # sacreBLEU wants one stream per reference position; missing ones are None.
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(n_refs)]
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(hyps, streams)
+    c = chrf.corpus_score(hyps, streams)
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature()), "n": len(hyps)}
+
+
+# name -> (scorer, the key that ranks checkpoints, whether higher is better)
+METRICS = {
+    "g2p": (g2p_scores, "wer", False),
+    "text": (text_scores, "bleu", True),
+}
+
+
+def score(metric: str, hyps: list[str], refs: list[list[str]]) -> dict:
+    scorer, _, _ = METRICS[metric]
+    result = scorer(hyps, refs)
+    result["exact_match"] = exact_match(hyps, refs)
+    return result

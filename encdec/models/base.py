@@ -1,0 +1,36 @@
+"""The contract between models and search.
+
+Search (``encdec.decoding``) only ever calls these four methods, so any model family that
+implements them (Transformer, recurrent, speech) gets greedy, beam and sampling for free:
+
+* ``encode(src_tokens) -> EncoderOut``
+* ``init_state(encoder_out, group_size) -> DecoderState``: state for ``B * group_size`` rows,
+  rows ``g*group_size .. (g+1)*group_size-1`` all decoding input ``g`` (beam search uses
+  ``group_size = beam_size``; greedy and sampling use 1).
+* ``decode_step(prev_tokens (N,), state, need_attention=False) -> (log_probs (N, V), attention)``
+  consumes one token per row and advances the state in place; ``attention`` is the last
+  layer's cross-attention averaged over heads, (N, S), or None.
+* ``reorder_state(state, index) -> state``: keep/reorder rows (``index`` is (N',) row ids).
+  Rows of one group must keep coming from a single input (beam reordering within an input,
+  or dropping whole finished inputs), which lets the model share per-input tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class EncoderOut:
+    memory: torch.Tensor  # (B, S, d) encoder output
+    memory_mask: torch.Tensor  # (B, S) bool, True at real (non-pad) source positions
+
+
+@dataclass
+class DecoderState:
+    group_size: int  # rows per input
+    memory_mask: torch.Tensor  # (B_groups, S) bool
+    step: int = 0  # tokens consumed so far (the next position)
+    layers: list = field(default_factory=list)  # model-specific per-layer caches

@@ -1,0 +1,87 @@
+"""Multi-head attention on top of ``F.scaled_dot_product_attention`` with a key/value cache.
+
+Projections live here; the kernel is PyTorch's, so the fastest implementation for the device
+(flash / memory-efficient / CPU flash) is chosen for us.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (fused QKV projection) or cross-attention (Q from x, fused KV from memory)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, cross: bool = False):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.cross = cross
+        self.dropout = dropout
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output; computed once per input for decoding."""
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)  # (B, nh, S, hd) each
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: dict | None = None, need_weights: bool = False):
+        """x: (B, T, d). attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend.
+
+        ``cache`` (decoding): for self-attention, keys/values of earlier steps are appended to
+        ``cache["k"]``/``cache["v"]``; for cross-attention they hold the projected memory.
+        Returns (output (B, T, d), weights (B, nh, T, S) or None).
+        """
+        B, T, d = x.shape
+        if self.cross:
+            q = self._heads(self.q_proj(x))
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self.project_memory(memory)
+                if cache is not None:
+                    cache["k"], cache["v"] = k, v
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+            if cache is not None:
+                if "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)  # (B, nh, t_past + T, hd)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = _attention_with_weights(q, k, v, attn_mask, is_causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                                 is_causal=is_causal)
+            weights = None
+        out = out.transpose(1, 2).reshape(B, T, d)  # (B, T, nh * hd)
+        return self.out_proj(out), weights
+
+
+def _attention_with_weights(q, k, v, attn_mask, is_causal):
+    """The same attention computed explicitly, for when the probabilities are wanted (maps)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights

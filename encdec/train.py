@@ -1,0 +1,360 @@
+"""`encdec train`: the training loop shared by every model family.
+
+Token-based bucketed batches -> model -> label-smoothed loss -> AdamW step, periodic
+validation (dev loss + task metric with greedy decoding), atomic checkpoints, exact resume,
+DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from encdec import checkpoint, dist
+from encdec.config import Config, ConfigError, DecodeConfig
+from encdec.data.assets import copy_assets, load_assets
+from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
+from encdec.decoding.texts import decode_texts
+from encdec.losses import sequence_loss
+from encdec.metrics import METRICS, score
+from encdec.models import build_model
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    s = step + 1
+    warm = max(cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        return cfg.lr * min(1.0, s / warm)
+    if s <= cfg.warmup_steps:
+        return cfg.lr * s / warm
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(warm / s)
+    progress = min(1.0, (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm gains (1-D parameters).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    try:  # the fused kernel is fastest on CPU and GPU alike
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory, plus TensorBoard events when tensorboard is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, log=print):
+        self.cfg = cfg
+        t = cfg.train
+        self.device = pick_device(t.device)
+        self.dist = dist.init(self.device.type)
+        if self.device.type == "cuda":
+            self.device = pick_device(t.device, self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.run_dir = Path(t.run_dir)
+        self.assets = load_assets(cfg.data.dir)
+        meta = self.assets.meta
+        self.train_split = BinarizedSplit(cfg.data.dir, "train")
+        self.dev_split = BinarizedSplit(cfg.data.dir, "dev")
+        self.dev_eval = read_eval(cfg.data.dir, "dev")
+        if t.valid_max_inputs:
+            self.dev_eval = self.dev_eval[: t.valid_max_inputs]
+        self.metric = meta["metric"]
+        _, self.metric_key, self.higher_better = METRICS[self.metric]
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model, meta["src_vocab_size"], meta["tgt_vocab_size"]).to(self.device)
+        self.optimizer = make_optimizer(self.model, t)
+        self.ddp_model = self.model
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.autocast_dtype = None
+        if t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype = torch.bfloat16
+        torch.manual_seed(t.seed * 1000 + self.dist.rank)  # dropout differs between ranks
+
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
+                      "best": None, "bad_validations": 0, "tokens_seen": 0}
+        self._prepare_run_dir(resume)
+
+    # ---- run directory / resume ---------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> None:
+        has_ckpt = (self.run_dir / "checkpoints" / "last").exists()
+        if resume:
+            if not has_ckpt:
+                raise checkpoint.CheckpointError(f"{self.run_dir}: nothing to resume (no checkpoint)")
+            self._load(checkpoint.resolve(self.run_dir, "last"))
+            self.log(f"resumed from {checkpoint.resolve(self.run_dir, 'last')} "
+                     f"(step {self.state['step']}, epoch {self.state['epoch']})")
+        elif has_ckpt:
+            raise ConfigError(f"{self.run_dir} already holds a trained run; pass --resume to "
+                              "continue it or set train.run_dir to a new directory")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+            copy_assets(self.cfg.data.dir, self.run_dir / "data")
+            if not resume and (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+        dist.barrier(self.dist)
+        self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
+
+    def _load(self, ckpt_dir: Path) -> None:
+        checkpoint.load_weights(self.model, ckpt_dir)
+        tensors, info = checkpoint.load_trainer_state(ckpt_dir)
+        checkpoint.restore_optimizer(self.optimizer, tensors, info)
+        for key in self.state:
+            self.state[key] = info[key]
+        rng = tensors.get(f"rng.{self.dist.rank}")
+        if rng is not None:
+            torch.set_rng_state(rng)
+        cuda_rng = tensors.get(f"cuda_rng.{self.dist.rank}")
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+
+    def _save(self, is_best: bool) -> None:
+        rng = dist.gather(torch.get_rng_state(), self.dist)
+        if self.dist.is_main:
+            checkpoint.save_checkpoint(self.run_dir, self.state["step"], self.model, self.optimizer,
+                                       dict(self.state), rng, is_best=is_best,
+                                       keep=self.cfg.train.keep_checkpoints)
+        dist.barrier(self.dist)
+
+    # ---- batches ------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> list:
+        t = self.cfg.train
+        batches = token_batches(self.train_split.src_lens, self.train_split.tgt_lens, t.max_tokens,
+                                seed=t.seed, epoch=epoch, max_len=t.max_len)
+        return shard(batches, self.dist.rank, self.dist.world_size)
+
+    def _next_batches(self):
+        """The next ``accum_steps`` batches, advancing the saved data position."""
+        out = []
+        for _ in range(self.cfg.train.accum_steps):
+            if self.state["batch_in_epoch"] >= len(self._batches):
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+                self._batches = self._epoch_batches(self.state["epoch"])
+                if not self._batches:
+                    raise ConfigError("train.max_tokens is too small or the training split is empty")
+            out.append(collate(self.train_split, self._batches[self.state["batch_in_epoch"]]))
+            self.state["batch_in_epoch"] += 1
+        return out
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def _train_step(self, batches) -> tuple[float, float, int]:
+        t = self.cfg.train
+        lr = lr_at(self.state["step"], t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_tokens = sum(b.num_tgt_tokens for b in batches)
+        loss_sum = nll_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 \
+                else self.ddp_model.no_sync()
+            amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
+                if self.autocast_dtype else contextlib.nullcontext()
+            with sync, amp:
+                loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing)
+            with sync:
+                (loss / total_tokens).backward()
+            loss_sum += float(loss.detach())
+            nll_sum += float(nll)
+        if t.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.state["tokens_seen"] += total_tokens
+        return loss_sum, nll_sum, total_tokens
+
+    # ---- validation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        loss_sum = nll_sum = tokens = 0
+        batches = token_batches(self.dev_split.src_lens, self.dev_split.tgt_lens,
+                                self.cfg.train.max_tokens, seed=0, epoch=0, shuffle=False)
+        for idx in batches:
+            batch = collate(self.dev_split, idx).to(self.device)
+            loss, nll = sequence_loss(self.model, batch, self.cfg.train.label_smoothing)
+            loss_sum += float(loss)
+            nll_sum += float(nll)
+            tokens += batch.num_tgt_tokens
+        decode_cfg = DecodeConfig(method="greedy", max_len_a=self.cfg.decode.max_len_a,
+                                  max_len_b=self.cfg.decode.max_len_b,
+                                  batch_size=max(64, self.cfg.decode.batch_size))
+        outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
+                               device=self.device, **self.assets.text_kwargs())
+        scores = score(self.metric, [o[0].text for o in outputs], [e["refs"] for e in self.dev_eval])
+        self.model.train()
+        result = {"valid_loss": loss_sum / max(tokens, 1), "valid_nll": nll_sum / max(tokens, 1)}
+        result["valid_ppl"] = math.exp(min(result["valid_nll"], 50))
+        result.update({f"valid_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+        return result
+
+    def _validate_and_save(self) -> bool:
+        """Validate, checkpoint, update early stopping. Returns True when patience ran out."""
+        result = self.validate() if self.dist.is_main else None
+        result = dist.broadcast(result, self.dist)
+        value = result[f"valid_{self.metric_key}"]
+        best = self.state["best"]
+        improved = best is None or (value > best if self.higher_better else value < best)
+        if improved:
+            self.state["best"] = value
+            self.state["bad_validations"] = 0
+        else:
+            self.state["bad_validations"] += 1
+        self.metrics.write({"step": self.state["step"], "epoch": self.state["epoch"], **result})
+        self.log(f"step {self.state['step']}: dev loss {result['valid_loss']:.3f}, "
+                 f"{self.metric_key} {value:.2f}" + (" (best)" if improved else ""))
+        self._save(is_best=improved)
+        patience = self.cfg.train.patience
+        return bool(patience and self.state["bad_validations"] >= patience)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _should_stop(self, elapsed: float) -> str:
+        t = self.cfg.train
+        if t.max_steps and self.state["step"] >= t.max_steps:
+            return "max_steps"
+        if t.max_minutes and elapsed >= t.max_minutes * 60:
+            return "max_minutes"
+        if t.max_epochs and self.state["epoch"] >= t.max_epochs:
+            return "max_epochs"
+        return ""
+
+    def _eta(self, elapsed: float, rate_steps: float) -> str:
+        t = self.cfg.train
+        remaining = []
+        if t.max_minutes:
+            remaining.append(t.max_minutes * 60 - elapsed)
+        if t.max_steps and rate_steps > 0:
+            remaining.append((t.max_steps - self.state["step"]) / rate_steps)
+        if not remaining:
+            return "?"
+        secs = max(0, int(min(remaining)))
+        return f"{secs // 60}:{secs % 60:02d}"
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        self.model.train()
+        self._batches = self._epoch_batches(self.state["epoch"])
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"model: {t.run_dir} {self.cfg.model.arch} {n_params / 1e6:.2f}M parameters, "
+                 f"{len(self._batches)} batches/epoch/process, {self.dist.world_size} process(es), "
+                 f"device {self.device}")
+        bar = tqdm(total=t.max_steps or None, initial=self.state["step"], unit="step",
+                   disable=not self.dist.is_main, dynamic_ncols=True, mininterval=1.0)
+        start = time.perf_counter() - self.state["elapsed"]
+        window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+        reason = ""
+        last_validated = self.state["step"] if self.state["step"] else -1
+        try:
+            while True:
+                elapsed = time.perf_counter() - start
+                reason = self._should_stop(elapsed)
+                if dist.any_true(bool(reason), self.dist, self.device):
+                    reason = reason or "another process stopped"
+                    break
+                loss, nll, ntok = self._train_step(self._next_batches())
+                self.state["elapsed"] = time.perf_counter() - start
+                window["loss"] += loss
+                window["nll"] += nll
+                window["tokens"] += ntok
+                window["steps"] += 1
+                step = self.state["step"]
+                if step % t.log_every == 0 or step == 1:
+                    now = time.perf_counter()
+                    dt = now - window["time"]
+                    rate = window["tokens"] * self.dist.world_size / max(dt, 1e-9)
+                    record = {"step": step, "epoch": self.state["epoch"],
+                              "loss": window["loss"] / window["tokens"],
+                              "nll": window["nll"] / window["tokens"],
+                              "lr": lr_at(step - 1, t), "tokens_per_s": rate,
+                              "elapsed_s": self.state["elapsed"]}
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{rate:,.0f}",
+                                    eta=self._eta(self.state["elapsed"], window["steps"] / max(dt, 1e-9)),
+                                    refresh=False)
+                    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": now}
+                bar.update(1)
+                if step % t.valid_every == 0:
+                    last_validated = step
+                    if self._validate_and_save():
+                        reason = "early stopping"
+                        break
+        finally:
+            bar.close()
+        if last_validated != self.state["step"]:
+            self._validate_and_save()
+        self.log(f"stopped ({reason}) at step {self.state['step']}, epoch {self.state['epoch']}, "
+                 f"{self.state['elapsed'] / 60:.1f} min; best dev {self.metric_key} {self.state['best']:.2f}")
+        self.metrics.close()
+        return dict(self.state)
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    trainer = Trainer(cfg, resume=resume, log=log)
+    try:
+        return trainer.fit()
+    finally:
+        dist.cleanup(trainer.dist)
