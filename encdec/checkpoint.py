@@ -89,6 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 def _prune(ckpt_root: Path, keep: int) -> None:
     pinned = {resolve(ckpt_root.parent, which).name for which in ("last", "best")
               if (ckpt_root / which).exists()}
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left by a crash during an earlier write
+        shutil.rmtree(stale, ignore_errors=True)
     steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old.name not in pinned:

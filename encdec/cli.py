@@ -151,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     from encdec.config import ConfigError
     from encdec.data.corpus import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after a flag (`train RUN --resume train.lr=1e-4`)
+        if args.command != "train" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError) as err:

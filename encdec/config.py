@@ -195,6 +195,11 @@ def _coerce(value, hint, key: str, source: str):
             raise ConfigError(f"{source}: {key!r} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key!r} must be a number, got {value!r}")
         return float(value)

@@ -35,7 +35,7 @@ def decode_texts(model, texts: list[str], *, src_tokenizer, src_vocab, tgt_token
     results: list[list[Translation] | None] = [None] * len(texts)
     for i, ids in enumerate(src_ids):
         if not ids:
-            results[i] = [Translation("", 0.0, [], [])]
+            results[i] = [Translation("", 0.0, [], [])] * cfg.nbest
     # Longest first: the slowest batches start while memory is fresh; similar lengths batch well.
     order = sorted((i for i, ids in enumerate(src_ids) if ids), key=lambda i: -len(src_ids[i]))
     was_training = model.training

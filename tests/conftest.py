@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny synthetic corpus (spell a word backwards in capitals) and tiny runs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from encdec.cli import main
+
+TINY_MODEL = {"d_model": 64, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 128,
+              "dropout": 0.0}
+
+
+def make_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+        pairs.append((word, " ".join(reversed(word.upper()))))
+    return pairs
+
+
+def write_tsv(path: Path, pairs) -> Path:
+    path.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    train = write_tsv(root / "train.tsv", make_pairs(600, 1))
+    dev = write_tsv(root / "dev.tsv", make_pairs(40, 2))
+    test = write_tsv(root / "test.tsv", make_pairs(40, 3))
+    out = root / "data"
+    assert main(["prepare", "--train", str(train), "--dev", str(dev), "--test", str(test),
+                 "--out", str(out), "--src-tokenizer", "char", "--tgt-tokenizer", "whitespace",
+                 "--metric", "g2p", "--group-refs"]) == 0
+    return out
+
+
+def write_config(path: Path, data_dir: Path, run_dir: Path, **train) -> Path:
+    cfg = {
+        "data": {"dir": str(data_dir)},
+        "model": dict(TINY_MODEL),
+        "train": {"run_dir": str(run_dir), "max_tokens": 400, "lr": 3e-3, "warmup_steps": 10,
+                  "valid_every": 200, "log_every": 10, "max_steps": 100, "num_threads": 1, **train},
+        "decode": {"beam_size": 3, "max_len_a": 1.0, "max_len_b": 3},
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    cfg = write_config(root / "tiny.yaml", tiny_data, root / "run", max_steps=600)
+    assert main(["train", str(cfg)]) == 0
+    return root / "run"

@@ -1,0 +1,160 @@
+import json
+
+import numpy as np
+import pytest
+
+from encdec.cli import main
+from encdec.data.corpus import DataError, read_jsonl, read_lines, read_parallel, read_tsv
+from encdec.data.dataset import BinarizedSplit, collate, shard, token_batches
+from encdec.data.recipes import g2p_cmudict, hash_split
+from encdec.data.tokenizers import CharTokenizer, SentencePieceTokenizer, WhitespaceTokenizer
+from encdec.data.vocab import BOS, EOS, PAD, UNK, Vocab
+
+
+def test_char_and_whitespace_round_trip():
+    char = CharTokenizer()
+    for text in ["hello world", "naïve café", "日本語 テキスト", "a  b"]:
+        assert char.decode(char.encode(text)) == " ".join(text.split())
+    ws = WhitespaceTokenizer()
+    assert ws.decode(ws.encode("HH AH L OW")) == "HH AH L OW"
+    assert CharTokenizer(lowercase=True).encode("AbC") == ["a", "b", "c"]
+
+
+def test_sentencepiece_round_trip(tmp_path):
+    lines = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(200)]
+    lines += ["¿Dónde está la biblioteca?", "Ünïcödé text ✓"] * 20
+    tok = SentencePieceTokenizer.train(lines, tmp_path / "spm", vocab_size=80)
+    for text in ["the quick brown fox", "¿Dónde está la biblioteca?", "Ünïcödé text ✓"]:
+        assert tok.decode(tok.encode(text)) == text
+    again = SentencePieceTokenizer(tmp_path / "spm.model")
+    assert again.encode("the lazy dog") == tok.encode("the lazy dog")
+
+
+def test_vocab_specials_unknown_and_decode_stops_at_eos(tmp_path):
+    from collections import Counter
+
+    v = Vocab.build(Counter("aabbbc"))
+    assert v.itos[:4] == ["<pad>", "<s>", "</s>", "<unk>"] and v.itos[4] == "b"
+    assert v.encode(["z"]) == [UNK]
+    assert v.decode([BOS, v.stoi["a"], EOS, v.stoi["b"]]) == ["a"]
+    v.save(tmp_path / "v")
+    assert Vocab.load(tmp_path / "v").itos == v.itos
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"ok\nfine\nbad \xff\xfe here\n")
+    with pytest.raises(DataError, match=r"bad\.txt:3: invalid UTF-8"):
+        read_lines(path)
+
+
+def test_nul_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"one\ntw\x00o\n")
+    with pytest.raises(DataError, match=r"nul\.txt:2: NUL byte"):
+        read_lines(path)
+
+
+def test_mismatched_line_counts(tmp_path):
+    (tmp_path / "a.src").write_text("x\ny\nz\n")
+    (tmp_path / "a.tgt").write_text("X\nY\n")
+    with pytest.raises(DataError, match=r"a\.src has 3 lines but .*a\.tgt has 2"):
+        read_parallel(tmp_path / "a.src", tmp_path / "a.tgt")
+
+
+def test_tsv_and_jsonl_errors(tmp_path):
+    (tmp_path / "c.tsv").write_text("a\tb\nno tab here\n")
+    with pytest.raises(DataError, match=r"c\.tsv:2: expected 2 tab-separated fields"):
+        read_tsv(tmp_path / "c.tsv")
+    (tmp_path / "c.jsonl").write_text('{"src": "a", "tgt": "b"}\n{"src": 1}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: expected an object"):
+        read_jsonl(tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"src": "a", "tgt": "b"}\n{oops\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+        read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    (tmp_path / "s.txt").write_bytes(b"a\n\xc3\x28\n")
+    (tmp_path / "t.txt").write_text("A\nB\n")
+    code = main(["prepare", "--train", str(tmp_path / "s.txt"), str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "out"), "--src-tokenizer", "char"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "s.txt:2: invalid UTF-8" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_drops_and_counts_empty_and_long_pairs(tmp_path):
+    lines = ["ab\tA B", "\tX", "cd\t", "   \t  ", "abcdefghij\tA", "ef\tE F", "gh\tG H"]
+    (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "d"
+    assert main(["prepare", "--train", str(tmp_path / "t.tsv"), "--dev", str(tmp_path / "t.tsv"),
+                 "--test", str(tmp_path / "t.tsv"), "--out", str(out), "--src-tokenizer", "char",
+                 "--tgt-tokenizer", "whitespace", "--max-len", "5"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    st = meta["splits"]["train"]
+    assert (st["pairs"], st["dropped_empty"], st["dropped_too_long"]) == (3, 3, 1)
+    split = BinarizedSplit(out, "train")
+    assert len(split) == 3
+    assert isinstance(split.src_tokens, np.memmap)
+    vocab = Vocab.load(out / "src.vocab")
+    assert vocab.decode(split.src(0)) == ["a", "b"]
+
+
+def test_user_corpus_split_by_hash_when_no_dev_test(tmp_path):
+    (tmp_path / "s").write_text("".join(f"w{i}\n" for i in range(400)))
+    (tmp_path / "t").write_text("".join(f"W {i}\n" for i in range(400)))
+    assert main(["prepare", "--train", str(tmp_path / "s"), str(tmp_path / "t"), "--out",
+                 str(tmp_path / "d"), "--src-tokenizer", "char"]) == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    sizes = [meta["splits"][s]["pairs"] for s in ("train", "dev", "test")]
+    assert sum(sizes) == 400 and min(sizes) > 0
+
+
+def test_g2p_recipe_splits_by_word_and_strips_stress():
+    corpus = g2p_cmudict()
+    words = {split: {w for w, _ in pairs} for split, pairs in corpus.splits.items()}
+    assert not (words["train"] & words["dev"]) and not (words["train"] & words["test"])
+    assert not (words["dev"] & words["test"])
+    total = sum(len(w) for w in words.values())
+    assert 0.88 < len(words["train"]) / total < 0.92
+    for split, pairs in corpus.splits.items():
+        for w, phones in pairs[:2000]:
+            assert all(c.isalpha() and c.islower() or c == "'" for c in w)
+            assert not any(ch.isdigit() for ch in phones)
+    train = dict()
+    for w, p in corpus.splits["train"]:
+        train.setdefault(w, []).append(p)
+    assert any(len(p) > 1 for p in train.values())  # alternative pronunciations kept
+    assert hash_split("hello") == hash_split("hello")
+
+
+def test_token_batches_respect_budget_and_are_deterministic():
+    rng = np.random.default_rng(0)
+    src = rng.integers(1, 30, 500)
+    tgt = rng.integers(1, 30, 500)
+    a = token_batches(src, tgt, 200, seed=1, epoch=0)
+    b = token_batches(src, tgt, 200, seed=1, epoch=0)
+    c = token_batches(src, tgt, 200, seed=1, epoch=1)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(a, c))
+    seen = np.sort(np.concatenate(a))
+    assert (seen == np.arange(500)).all()
+    for batch in a:
+        width = max(max(src[batch]), max(tgt[batch]) + 1)
+        assert width * len(batch) <= 200 or len(batch) == 1
+    r0, r1 = shard(a, 0, 2), shard(a, 1, 2)
+    assert len(r0) == len(r1) and not set(map(id, r0)) & set(map(id, r1))
+
+
+def test_collate_adds_bos_and_eos(tiny_data):
+    split = BinarizedSplit(tiny_data, "train")
+    batch = collate(split, np.array([0, 1, 2]))
+    assert (batch.tgt_in[:, 0] == BOS).all()
+    for b in range(3):
+        n = len(split.tgt(b))
+        assert batch.tgt_out[b, n] == EOS
+        assert (batch.tgt_in[b, 1:n + 1] == batch.tgt_out[b, :n]).all()
+        assert (batch.src_tokens[b, len(split.src(b)):] == PAD).all()
+    assert batch.num_tgt_tokens == sum(len(split.tgt(b)) + 1 for b in range(3))

@@ -1,0 +1,145 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_config
+from encdec import checkpoint
+from encdec.cli import main
+from encdec.config import Config
+from encdec.train import Trainer, lr_at
+from encdec.translate import Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_cli(tiny_run, tiny_data, tmp_path):
+    """prepare -> train (fixture) -> evaluate -> translate, each through the real CLI."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(tiny_run),
+                         "--split", "test", "--beam", "3"], capture_output=True, text=True, env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert "WER" in ev.stdout and "PER" in ev.stdout
+    result = json.loads((tiny_run / "eval" / "test-beam3.json").read_text())
+    assert result["decode"]["beam_size"] == 3 and result["inputs"] == 40
+    assert result["scores"]["wer"] < 100.0  # it learned something in 600 tiny steps
+    tr = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tiny_run),
+                         "--beam", "2", "--nbest", "2", "--scores"], input="abc\n\ncab\n",
+                        capture_output=True, text=True, env=env)
+    assert tr.returncode == 0, tr.stderr
+    lines = tr.stdout.splitlines()
+    assert len(lines) == 6 and lines[0].startswith("0\t") and lines[1].startswith("1\t")
+    (tmp_path / "in.txt").write_text("abc\nhead\n")
+    tf = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tiny_run), "-i",
+                         str(tmp_path / "in.txt"), "-o", str(tmp_path / "out.txt")],
+                        capture_output=True, text=True, env=env)
+    assert tf.returncode == 0, tf.stderr
+    assert len((tmp_path / "out.txt").read_text().splitlines()) == 2
+
+
+def test_python_api_preserves_order_and_matches_greedy(tiny_run):
+    tr = Translator.from_run(tiny_run)
+    words = ["abc", "h", "abcdef", "", "dcba"]
+    beam = tr.translate(words)
+    assert len(beam) == 5 and beam[3] == ""
+    one_by_one = [tr.translate([w])[0] for w in words]
+    assert beam == one_by_one
+    assert tr.translate(words, beam_size=1) == tr.translate(words, method="greedy")
+    nbest = tr.translate_nbest(["abc"], beam_size=3, nbest=3, need_attention=True)[0]
+    assert len(nbest) == 3 and nbest[0].score >= nbest[1].score >= nbest[2].score
+    att = nbest[0].attention
+    assert att.shape == (len(nbest[0].tokens) + 1, 3)
+    torch.testing.assert_close(att.sum(-1), torch.ones(att.size(0)))
+
+
+def test_training_writes_metrics_and_checkpoints(tiny_run):
+    records = _records(tiny_run)
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in valid] == [200, 400, 600]
+    assert {"valid_wer", "valid_per", "valid_exact_match"} <= set(valid[0])
+    assert (tiny_run / "config.yaml").exists() and (tiny_run / "data" / "src.vocab").exists()
+    assert checkpoint.resolve(tiny_run, "last").name == "step-0000600"
+    assert checkpoint.resolve(tiny_run, "best").exists()
+
+
+def test_lr_schedules():
+    cfg = Config().train
+    cfg.warmup_steps, cfg.lr = 10, 1.0
+    assert lr_at(4, cfg) == pytest.approx(0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(39, cfg) == pytest.approx(0.5)  # sqrt(10/40)
+    cfg.schedule, cfg.max_steps, cfg.min_lr = "cosine", 110, 0.0
+    assert lr_at(59, cfg) == pytest.approx(0.5)
+    assert lr_at(109, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    common = dict(max_steps=8, valid_every=4, log_every=1, valid_max_inputs=8)
+    full = write_config(tmp_path / "full.yaml", tiny_data, tmp_path / "full", **common)
+    assert main(["train", str(full)]) == 0
+    part = write_config(tmp_path / "part.yaml", tiny_data, tmp_path / "part", **common)
+    assert main(["train", str(part), "train.max_steps=4"]) == 0
+    # refusing to overwrite a trained run without --resume
+    assert main(["train", str(part), "train.max_steps=4"]) == 2
+    assert main(["train", str(tmp_path / "part"), "--resume", "train.max_steps=8"]) == 0
+    losses = lambda d: [(r["step"], r["loss"]) for r in _records(d) if "loss" in r]
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    a = load_file(str(checkpoint.resolve(tmp_path / "full", "last") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tmp_path / "part", "last") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = checkpoint.resolve(run, "last")
+    # A crash mid-write leaves only a temporary directory behind: "last" still loads.
+    (run / "checkpoints" / ".tmp-step-0000200").mkdir()
+    (run / "checkpoints" / ".tmp-step-0000200" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.resolve(run, "last") == good
+    Translator.from_run(run, "last")
+    cfg = Config.load(run / "config.yaml", ["train.max_steps=610", "train.valid_every=10",
+                                            f"train.run_dir={run}"])
+    state = Trainer(cfg, resume=True, log=lambda *a: None).fit()
+    assert state["step"] == 610
+    assert not (run / "checkpoints" / ".tmp-step-0000200").exists()  # stale leftovers cleaned
+    assert checkpoint.resolve(run, "last").name == "step-0000610"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp(tiny_data, tmp_path):
+    cfg = write_config(tmp_path / "ddp.yaml", tiny_data, tmp_path / "ddp", max_steps=20,
+                       valid_every=10, log_every=5)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         "-m", "encdec.cli", "train", str(cfg)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    records = _records(tmp_path / "ddp")
+    assert [r["step"] for r in records if "valid_loss" in r] == [10, 20]
+    tr = Translator.from_run(tmp_path / "ddp", "last")
+    assert len(tr.translate(["abc", "de"])) == 2
