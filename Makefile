@@ -1,4 +1,5 @@
 # encdec: `make demo` trains and evaluates the default G2P recipe; `make test` runs the tests.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python

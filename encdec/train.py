@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -329,7 +330,9 @@ class Trainer:
                               "loss": window["loss"] / window["tokens"],
                               "nll": window["nll"] / window["tokens"],
                               "lr": lr_at(step - 1, t), "tokens_per_s": rate,
-                              "elapsed_s": self.state["elapsed"]}
+                              "elapsed_s": self.state["elapsed"],
+                              # peak resident memory of this process so far (Linux: KiB)
+                              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{rate:,.0f}",
