@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 # CPU build of PyTorch for this machine. GPU users: see README ("GPU").
 TORCH  ?= torch==2.13.0
 DEMO_MINUTES ?= 12
+NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
 .PHONY: setup demo test bench clean
 
@@ -28,8 +29,9 @@ demo: data/g2p-cmudict/meta.json
 	$(VENV)/bin/encdec train configs/g2p-small.yaml train.run_dir=runs/g2p-demo \
 		train.max_minutes=$(DEMO_MINUTES)
 	$(VENV)/bin/encdec evaluate runs/g2p-demo --split test --beam 5
-	printf 'encdec\nvaswani\ntransformer\nquokka\nbrexit\n' | \
-		$(VENV)/bin/encdec translate runs/g2p-demo --beam 5 | paste <(printf 'encdec\nvaswani\ntransformer\nquokka\nbrexit\n') -
+	@echo "Pronunciations of words that are not in CMUdict:"
+	@printf '%s\n' $(NEW_WORDS) | $(VENV)/bin/encdec translate runs/g2p-demo --beam 5 | \
+		paste <(printf '%s\n' $(NEW_WORDS)) -
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

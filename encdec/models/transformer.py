@@ -19,13 +19,16 @@ class Sublayer(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.pre_norm = pre_norm
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, training=True) if self.training and self.dropout else h
 
     def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.pre_norm:
-            return x + self.dropout(fn(self.norm(x)))
-        return self.norm(x + self.dropout(fn(x)))
+            return x + self._drop(fn(self.norm(x)))
+        return self.norm(x + self._drop(fn(x)))
 
 
 class EncoderLayer(nn.Module):
