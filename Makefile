@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU build of PyTorch for this machine. GPU users: see README ("GPU").
 TORCH  ?= torch==2.13.0
-DEMO_MINUTES ?= 12
+DEMO_MINUTES ?= 15
 NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
 .PHONY: setup demo test bench clean

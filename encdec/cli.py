@@ -69,7 +69,7 @@ def _evaluate(args) -> None:
 
     result = evaluate(args.run, split=args.split, checkpoint_name=args.checkpoint,
                       data_dir=args.data, device=args.device, limit=args.limit,
-                      beam_size=args.beam, method=args.method, nbest=None)
+                      **_decode_overrides(args))
     s = result["scores"]
     d = result["decode"]
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
@@ -86,8 +86,13 @@ def _translate(args) -> None:
     from encdec.translate import run_cli
 
     run_cli(args.run, checkpoint_name=args.checkpoint, input_path=args.input,
-            output_path=args.output, beam=args.beam, nbest=args.nbest, method=args.method,
-            scores=args.scores, device=args.device)
+            output_path=args.output, scores=args.scores, device=args.device,
+            overrides=dict(_decode_overrides(args), nbest=args.nbest))
+
+
+def _decode_overrides(args) -> dict:
+    return {"beam_size": args.beam, "method": args.method, "length_penalty": args.length_penalty,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--beam", type=int, help="beam size (1 = greedy)")
         q.add_argument("--method", choices=["greedy", "beam", "sample"])
         q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+        q.add_argument("--length-penalty", type=float, help="beam: score / length**penalty")
+        q.add_argument("--temperature", type=float, help="sampling temperature")
+        q.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
+        q.add_argument("--top-p", type=float, help="sampling: keep the smallest set with this mass")
 
     ev = sub.add_parser("evaluate", help="decode and score a split")
     decode_args(ev)

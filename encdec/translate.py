@@ -44,10 +44,10 @@ class Translator:
         """The run's decoding defaults with ``overrides`` (None values ignored) applied."""
         values = dataclasses.asdict(self.cfg.decode)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "beam_size" in overrides and overrides["beam_size"] is not None and "method" not in overrides:
+        if overrides.get("beam_size") is not None and overrides.get("method") is None:
             values["method"] = "beam" if overrides["beam_size"] > 1 else "greedy"
         cfg = DecodeConfig(**values)
-        Config(decode=cfg)  # validates the combination
+        Config(decode=cfg)  # validates the combination (raises ConfigError naming the key)
         return cfg
 
     def translate_nbest(self, inputs: list[str], need_attention: bool = False, progress=None,
@@ -62,11 +62,10 @@ class Translator:
 
 
 def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
-            beam: int | None, nbest: int | None, method: str | None, scores: bool,
-            device: str) -> None:
+            scores: bool, device: str, overrides: dict) -> None:
     tr = Translator.from_run(run_dir, checkpoint_name, device)
-    overrides = {"beam_size": beam, "nbest": nbest, "method": method}
-    n = nbest or 1
+    tr.decode_config(**overrides)  # bad settings fail before any input is read
+    n = overrides.get("nbest") or 1
 
     def fmt(results):
         lines = []

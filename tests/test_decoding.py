@@ -111,8 +111,9 @@ class ScriptedModel:
                 out[row, tok] = p
         return out.log(), None
 
-    def reorder_state(self, state, index):
+    def reorder_state(self, state, index, group_size=None):
         state.layers[0] = state.layers[0].index_select(0, index)
+        state.group_size = group_size or state.group_size
         return state
 
 

@@ -143,3 +143,39 @@ def test_two_process_ddp(tiny_data, tmp_path):
     assert [r["step"] for r in records if "valid_loss" in r] == [10, 20]
     tr = Translator.from_run(tmp_path / "ddp", "last")
     assert len(tr.translate(["abc", "de"])) == 2
+
+
+def _trainer(tiny_data, tmp_path, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", **train)
+    cfg = Config.load(cfg_path, ["model.dropout=0.0"])
+    return Trainer(cfg, log=lambda *a: None)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_data, tmp_path):
+    import numpy as np
+
+    from encdec.data.dataset import BinarizedSplit, collate
+
+    split = BinarizedSplit(tiny_data, "train")
+    t1 = _trainer(tiny_data, tmp_path / "a")
+    t2 = _trainer(tiny_data, tmp_path / "b")
+    idx = np.arange(12)
+    for t in (t1, t2):  # keep the gradients to compare them (Adam would amplify rounding noise)
+        t.optimizer.step = lambda: None
+        t.optimizer.zero_grad = lambda set_to_none=True: None
+    loss1 = t1._train_step([collate(split, idx[:5]), collate(split, idx[5:])])[0]
+    loss2 = t2._train_step([collate(split, idx)])[0]
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    for (name, p1), p2 in zip(t1.model.named_parameters(), t2.model.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_early_stopping_and_time_budget(tiny_data, tmp_path):
+    # With a vanishing learning rate the dev metric cannot improve: patience 1 stops at the
+    # second validation.
+    state = _trainer(tiny_data, tmp_path / "p", lr=1e-12, valid_every=3, patience=1,
+                     max_steps=50, valid_max_inputs=5).fit()
+    assert state["step"] == 6 and state["bad_validations"] == 1
+    state = _trainer(tiny_data, tmp_path / "m", max_minutes=1e-6, max_steps=50).fit()
+    assert state["step"] <= 1  # the budget is checked before every step

@@ -24,32 +24,33 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
     encoder_out = model.encode(src_tokens)
     B = src_tokens.size(0)
     limit = max_lengths(encoder_out.memory_mask, max_len_a, max_len_b).to(device)  # (B,)
-    state = model.init_state(encoder_out, K)
+    # The first step decodes one row per input (all beams would be the same BOS row); the
+    # state widens to K rows per input when the first K tokens are chosen.
+    state = model.init_state(encoder_out, 1)
+    width = 1
     alive = torch.arange(B, device=device)  # original index of each input still searching
-    # Only the first beam is live at the start, so the first step does not pick duplicates.
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    tokens = torch.empty((B * K, 0), dtype=torch.long, device=device)  # (rows, t)
+    scores = torch.zeros((B, 1), device=device)
+    tokens = torch.empty((B, 0), dtype=torch.long, device=device)  # (rows, t)
     attn_hist = None  # (rows, t, S)
-    prev = torch.full((B * K,), BOS, dtype=torch.long, device=device)
+    prev = torch.full((B,), BOS, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     t = 0
     while alive.numel():
         Ba = alive.numel()
-        log_probs, weights = model.decode_step(prev, state, need_attention)  # (Ba*K, V)
+        log_probs, weights = model.decode_step(prev, state, need_attention)  # (Ba*width, V)
         V = log_probs.size(-1)
         at_limit = limit[alive] <= t + 1  # (Ba,)
         if bool(at_limit.any()):
             forced = torch.full_like(log_probs, float("-inf"))
             forced[:, EOS] = log_probs[:, EOS]
-            rows = at_limit.repeat_interleave(K)[:, None]
+            rows = at_limit.repeat_interleave(width)[:, None]
             log_probs = torch.where(rows, forced, log_probs)
         if need_attention:
             step_attn = weights[:, None]  # (rows, 1, S)
             attn_hist = step_attn if attn_hist is None else torch.cat([attn_hist, step_attn], 1)
 
-        cand = (scores[:, :, None] + log_probs.view(Ba, K, V)).view(Ba, K * V)
-        top_scores, top_ids = cand.topk(min(2 * K, K * V), dim=1)  # (Ba, 2K)
+        cand = (scores[:, :, None] + log_probs.view(Ba, width, V)).view(Ba, width * V)
+        top_scores, top_ids = cand.topk(min(2 * K, width * V), dim=1)  # (Ba, 2K)
         src_beam = top_ids // V
         top_tok = top_ids % V
         is_eos = top_tok.eq(EOS) & top_scores.isfinite()
@@ -62,17 +63,21 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
                 out_b = int(alive[b])
                 if len(finished[out_b]) >= K:
                     continue
-                row = b * K + int(src_beam[b, j])
+                row = b * width + int(src_beam[b, j])
                 raw = float(top_scores[b, j])
                 att = attn_hist[row].float().cpu() if attn_hist is not None else None
                 finished[out_b].append(Hypothesis(tokens[row].tolist(), raw / norm, att))
 
         # The best K non-EOS candidates continue.
         live_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        scores, pos = live_scores.topk(K, dim=1)  # (Ba, K)
+        scores, pos = live_scores.topk(min(K, live_scores.size(1)), dim=1)  # (Ba, K)
+        if scores.size(1) < K:  # tiny vocabularies: pad with dead beams
+            fill = K - scores.size(1)
+            scores = torch.cat([scores, scores.new_full((Ba, fill), float("-inf"))], 1)
+            pos = torch.cat([pos, pos[:, :1].expand(Ba, fill)], 1)
         next_beam = src_beam.gather(1, pos)
         next_tok = top_tok.gather(1, pos)
-        rows = (torch.arange(Ba, device=device)[:, None] * K + next_beam).view(-1)  # (Ba*K,)
+        rows = (torch.arange(Ba, device=device)[:, None] * width + next_beam).view(-1)  # (Ba*K,)
 
         done = torch.tensor([len(finished[int(o)]) >= K for o in alive.tolist()], device=device)
         done |= ~scores.isfinite().any(dim=1)
@@ -87,7 +92,8 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
         tokens = torch.cat([tokens.index_select(0, rows), next_tok.view(-1, 1)], dim=1)
         if attn_hist is not None:
             attn_hist = attn_hist.index_select(0, rows)
-        state = model.reorder_state(state, rows)
+        state = model.reorder_state(state, rows, K)
+        width = K
         prev = next_tok.view(-1)
         t += 1
 

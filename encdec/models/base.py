@@ -10,9 +10,11 @@ implements them (Transformer, recurrent, speech) gets greedy, beam and sampling 
 * ``decode_step(prev_tokens (N,), state, need_attention=False) -> (log_probs (N, V), attention)``
   consumes one token per row and advances the state in place; ``attention`` is the last
   layer's cross-attention averaged over heads, (N, S), or None.
-* ``reorder_state(state, index) -> state``: keep/reorder rows (``index`` is (N',) row ids).
-  Rows of one group must keep coming from a single input (beam reordering within an input,
-  or dropping whole finished inputs), which lets the model share per-input tensors.
+* ``reorder_state(state, index, group_size=None) -> state``: keep/reorder rows (``index`` is
+  (N',) row ids), optionally changing the rows per input (beam search starts with one row per
+  input and widens to ``beam_size`` after the first step). Rows of one group must come from a
+  single input (beam reordering within an input, or dropping whole finished inputs), which
+  lets the model share per-input tensors such as the projected encoder output.
 """
 
 from __future__ import annotations
