@@ -67,17 +67,11 @@ class ReferenceTransformer(nn.Module):
         sd["tgt_embed.weight"] = model.tgt_embed.tokens.weight
         for i, layer in enumerate(model.encoder):
             p = f"core.encoder.layers.{i}."
-            sd[p + "self_attn.in_proj_weight"] = layer.self_attn.qkv_proj.weight
-            sd[p + "self_attn.in_proj_bias"] = layer.self_attn.qkv_proj.bias
-            sd[p + "self_attn.out_proj.weight"] = layer.self_attn.out_proj.weight
-            sd[p + "self_attn.out_proj.bias"] = layer.self_attn.out_proj.bias
+            _self_attn(sd, p, layer.self_attn)
             _ffn_norms(sd, p, layer.ffn, [layer.attn_sub.norm, layer.ffn_sub.norm])
         for i, layer in enumerate(model.decoder):
             p = f"core.decoder.layers.{i}."
-            sd[p + "self_attn.in_proj_weight"] = layer.self_attn.qkv_proj.weight
-            sd[p + "self_attn.in_proj_bias"] = layer.self_attn.qkv_proj.bias
-            sd[p + "self_attn.out_proj.weight"] = layer.self_attn.out_proj.weight
-            sd[p + "self_attn.out_proj.bias"] = layer.self_attn.out_proj.bias
+            _self_attn(sd, p, layer.self_attn)
             ca = layer.cross_attn
             sd[p + "multihead_attn.in_proj_weight"] = torch.cat([ca.q_proj.weight, ca.kv_proj.weight])
             sd[p + "multihead_attn.in_proj_bias"] = torch.cat([ca.q_proj.bias, ca.kv_proj.bias])
@@ -94,6 +88,13 @@ class ReferenceTransformer(nn.Module):
         sd["output.weight"] = model.output.weight
         self.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
         return self
+
+
+def _self_attn(sd, p, attn):
+    sd[p + "self_attn.in_proj_weight"] = attn.qkv_proj.weight
+    sd[p + "self_attn.in_proj_bias"] = attn.qkv_proj.bias
+    sd[p + "self_attn.out_proj.weight"] = attn.out_proj.weight
+    sd[p + "self_attn.out_proj.bias"] = attn.out_proj.bias
 
 
 def _ffn_norms(sd, p, ffn, norms):
