@@ -61,7 +61,10 @@ class ReferenceTransformer(nn.Module):
         return ys[:, 1:]
 
     def load_encdec(self, model):
-        """Copy an encdec Transformer's weights (pre-LN or post-LN) into this module."""
+        """Copy a pre-LN encdec Transformer's weights into this module (nn.Transformer always
+        ends its stacks with a LayerNorm, which only pre-LN encdec models have)."""
+        if model.cfg.norm != "pre":
+            raise ValueError("the reference can carry the weights of pre-LN models only")
         sd = {}
         sd["src_embed.weight"] = model.src_embed.tokens.weight
         sd["tgt_embed.weight"] = model.tgt_embed.tokens.weight
@@ -79,12 +82,8 @@ class ReferenceTransformer(nn.Module):
             sd[p + "multihead_attn.out_proj.bias"] = ca.out_proj.bias
             _ffn_norms(sd, p, layer.ffn, [layer.self_sub.norm, layer.cross_sub.norm, layer.ffn_sub.norm])
         for side, norm in (("encoder", model.enc_norm), ("decoder", model.dec_norm)):
-            if isinstance(norm, nn.LayerNorm):
-                sd[f"core.{side}.norm.weight"] = norm.weight
-                sd[f"core.{side}.norm.bias"] = norm.bias
-            else:  # post-LN has no final norm: make nn.Transformer's an identity
-                sd[f"core.{side}.norm.weight"] = torch.ones(self.d)
-                sd[f"core.{side}.norm.bias"] = torch.zeros(self.d)
+            sd[f"core.{side}.norm.weight"] = norm.weight
+            sd[f"core.{side}.norm.bias"] = norm.bias
         sd["output.weight"] = model.output.weight
         self.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
         return self
