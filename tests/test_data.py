@@ -158,3 +158,13 @@ def test_collate_adds_bos_and_eos(tiny_data):
         assert (batch.tgt_in[b, 1:n + 1] == batch.tgt_out[b, :n]).all()
         assert (batch.src_tokens[b, len(split.src(b)):] == PAD).all()
     assert batch.num_tgt_tokens == sum(len(split.tgt(b)) + 1 for b in range(3))
+
+
+def test_recipe_preparation_is_cached(tmp_path, capsys):
+    out = tmp_path / "g2p"
+    assert main(["prepare", "g2p-cmudict", "--out", str(out)]) == 0
+    first = (out / "meta.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["prepare", "g2p-cmudict", "--out", str(out)]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert (out / "meta.json").stat().st_mtime_ns == first

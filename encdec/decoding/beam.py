@@ -34,6 +34,7 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
     attn_hist = None  # (rows, t, S)
     prev = torch.full((B,), BOS, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    n_finished = torch.zeros(B, dtype=torch.long, device=device)
     t = 0
     while alive.numel():
         Ba = alive.numel()
@@ -67,6 +68,7 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
                 raw = float(top_scores[b, j])
                 att = attn_hist[row].float().cpu() if attn_hist is not None else None
                 finished[out_b].append(Hypothesis(tokens[row].tolist(), raw / norm, att))
+                n_finished[out_b] += 1
 
         # The best K non-EOS candidates continue.
         live_scores = top_scores.masked_fill(is_eos, float("-inf"))
@@ -79,8 +81,7 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
         next_tok = top_tok.gather(1, pos)
         rows = (torch.arange(Ba, device=device)[:, None] * width + next_beam).view(-1)  # (Ba*K,)
 
-        done = torch.tensor([len(finished[int(o)]) >= K for o in alive.tolist()], device=device)
-        done |= ~scores.isfinite().any(dim=1)
+        done = (n_finished[alive] >= K) | ~scores.isfinite().any(dim=1)
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             alive = alive[keep]
