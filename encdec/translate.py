@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import queue
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +17,13 @@ from encdec.config import Config, DecodeConfig
 from encdec.data.assets import load_assets
 from encdec.decoding.texts import Translation, decode_texts
 from encdec.models import build_model
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a partial output never replaces an earlier one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class Translator:
@@ -50,10 +61,17 @@ class Translator:
         Config(decode=cfg)  # validates the combination (raises ConfigError naming the key)
         return cfg
 
+    @property
+    def max_src_tokens(self) -> int:
+        """Longest input (in source tokens) the model was trained on; longer ones are split."""
+        return int(self.assets.meta.get("max_len") or self.cfg.train.max_len)
+
     def translate_nbest(self, inputs: list[str], need_attention: bool = False, progress=None,
+                        warn=None, long_inputs: str = "split",
                         **decode_overrides) -> list[list[Translation]]:
         return decode_texts(self.model, list(inputs), cfg=self.decode_config(**decode_overrides),
                             device=self.device, need_attention=need_attention, progress=progress,
+                            max_src_tokens=self.max_src_tokens, long_inputs=long_inputs, warn=warn,
                             **self.assets.text_kwargs())
 
     def translate(self, inputs: list[str], **decode_overrides) -> list[str]:
@@ -61,11 +79,47 @@ class Translator:
         return [n[0].text for n in self.translate_nbest(inputs, **decode_overrides)]
 
 
+def _stdin_blocks(stream, max_lines: int, wait: float = 0.05):
+    """Lines of ``stream`` in blocks: as many as are ready (up to ``max_lines``) without waiting
+    more than ``wait`` seconds for the next, so piped files are batched and a line typed or
+    written by another program is answered at once."""
+    lines: queue.Queue = queue.Queue(maxsize=4 * max_lines)
+
+    def reader():
+        try:
+            for line in stream:
+                lines.put(line)
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    while True:
+        first = lines.get()
+        if first is None:
+            return
+        block = [first]
+        done = False
+        while len(block) < max_lines:
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                break
+            if line is None:
+                done = True
+                break
+            block.append(line)
+        yield block
+        if done:
+            return
+
+
 def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
-            scores: bool, device: str, overrides: dict) -> None:
+            scores: bool, device: str, overrides: dict, long_inputs: str = "split",
+            progress: bool | None = None) -> None:
     tr = Translator.from_run(run_dir, checkpoint_name, device)
-    tr.decode_config(**overrides)  # bad settings fail before any input is read
+    cfg = tr.decode_config(**overrides)  # bad settings fail before any input is read
     n = overrides.get("nbest") or 1
+    offset = 0  # line number of the first line of the current block, minus one
 
     def fmt(results):
         lines = []
@@ -75,19 +129,33 @@ def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, outpu
                 lines.append(f"{prefix}{t.text}\t{t.score:.4f}" if scores else f"{prefix}{t.text}")
         return lines
 
+    def warn(index, message):
+        name = input_path or "<stdin>"
+        print(f"encdec: warning: {name}:{offset + index + 1}: {message}", file=sys.stderr)
+
+    def translate(lines, bar=None):
+        return tr.translate_nbest(lines, progress=bar.update if bar else None, warn=warn,
+                                  long_inputs=long_inputs, **overrides)
+
     if input_path is not None:
         from tqdm import tqdm
 
         from encdec.data.corpus import read_lines
 
         lines = read_lines(input_path)
-        with tqdm(total=len(lines), unit="line", file=sys.stderr) as bar:
-            results = tr.translate_nbest(lines, progress=bar.update, **overrides)
+        show = progress if progress is not None else True
+        start = time.perf_counter()
+        with tqdm(total=len(lines), unit="line", file=sys.stderr, disable=not show) as bar:
+            results = translate(lines, bar)
+        seconds = time.perf_counter() - start
         text = "".join(line + "\n" for line in fmt(results))
         if output_path:
-            Path(output_path).write_text(text, encoding="utf-8")
+            atomic_write_text(Path(output_path), text)
         else:
             sys.stdout.write(text)
+            sys.stdout.flush()
+        print(f"encdec: translated {len(lines)} lines in {seconds:.1f} s "
+              f"({len(lines) / max(seconds, 1e-9):.1f} lines/s)", file=sys.stderr)
         return
     if sys.stdin.isatty():  # interactive prompt
         print("encdec: type an input and press Enter (Ctrl-D to quit)", file=sys.stderr)
@@ -97,15 +165,18 @@ def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, outpu
             except EOFError:
                 print(file=sys.stderr)
                 return
-            for out in fmt(tr.translate_nbest([line], **overrides)):
+            for out in fmt(translate([line])):
                 print(out, flush=True)
+            offset += 1
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
-        # Line by line, flushed, so encdec can sit at the end of a pipe.
-        for line in sys.stdin:
-            for text in fmt(tr.translate_nbest([line.rstrip("\n")], **overrides)):
+        # Blocks of whatever stdin has ready, each sorted and batched inside decode_texts;
+        # output in input order, flushed per block, so encdec can sit in a pipe.
+        for block in _stdin_blocks(sys.stdin, max_lines=4 * cfg.batch_size):
+            for text in fmt(translate([line.rstrip("\r\n") for line in block])):
                 out.write(text + "\n")
             out.flush()
+            offset += len(block)
     finally:
         if output_path:
             out.close()

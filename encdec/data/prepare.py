@@ -136,6 +136,7 @@ def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_si
         "src_tokenizer": tokenizers["src"].spec(), "tgt_tokenizer": tokenizers["tgt"].spec(),
         "joint_vocab": joint_vocab, "src_vocab_size": len(vocabs["src"]),
         "tgt_vocab_size": len(vocabs["tgt"]), "max_len": max_len, "splits": stats,
+        "skipped": corpus.skipped,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
