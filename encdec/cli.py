@@ -1,4 +1,4 @@
-"""The `encdec` command: prepare, train, average, evaluate, translate."""
+"""The `encdec` command: prepare, train, average, evaluate, translate, serve."""
 
 from __future__ import annotations
 
@@ -105,6 +105,14 @@ def _translate(args) -> None:
             long_inputs=args.long_inputs, progress=False if args.no_progress else None)
 
 
+def _serve(args) -> None:
+    from encdec.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, checkpoint_name=args.checkpoint,
+          device=args.device, overrides=args.overrides, access_log=args.access_log,
+          threads=args.threads)
+
+
 def _decode_overrides(args) -> dict:
     return {"beam_size": args.beam, "method": args.method, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -181,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "a warning names the line either way")
     tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     tl.set_defaults(func=_translate)
+
+    sv = sub.add_parser("serve", help="HTTP API and web page: encdec serve RUN [serve.key=value ...]")
+    sv.add_argument("run", help="run directory")
+    sv.add_argument("overrides", nargs="*",
+                    help="serve.* settings, e.g. serve.max_batch_size=1 serve.max_inputs=16")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--checkpoint", default="best", help="best, last, avg-lastN or step-NNNNNNN")
+    sv.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    sv.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.set_defaults(func=_serve)
     return p
 
 
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after a flag (`train RUN --resume train.lr=1e-4`)
-        if args.command != "train" or any("=" not in e or e.startswith("-") for e in extra):
+        if args.command not in ("train", "serve") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:

@@ -86,11 +86,25 @@ class DecodeConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`encdec serve`: request limits and dynamic batching."""
+    max_inputs: int = 64  # inputs per request (more: 413)
+    max_input_chars: int = 1000  # characters per input (more: 413)
+    max_body_bytes: int = 1_000_000  # request body (more: 413)
+    max_queue: int = 2048  # inputs waiting to be decoded (more: 503)
+    max_beam: int = 16  # largest beam a request may ask for (more: 422)
+    max_batch_size: int = 64  # inputs decoded together; 1 turns dynamic batching off
+    max_wait_ms: float = 5.0  # how long a batch waits to fill once its first input arrived
+    request_timeout_s: float = 60.0  # a request still queued after this gets 503
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         validate(self)
@@ -108,7 +122,8 @@ class Config:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections data/model/train/decode")
+            raise ConfigError(f"{source}: expected a mapping with sections "
+                              "data/model/train/decode/serve")
         return _build(cls, raw, prefix="", source=source)
 
     @classmethod
@@ -225,8 +240,12 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{section}.{name}={value!r}: choose one of {', '.join(allowed)}")
-    m, t, d = cfg.model, cfg.train, cfg.decode
+    m, t, d, sv = cfg.model, cfg.train, cfg.decode, cfg.serve
     positive = {
+        "serve.max_inputs": sv.max_inputs, "serve.max_input_chars": sv.max_input_chars,
+        "serve.max_body_bytes": sv.max_body_bytes, "serve.max_queue": sv.max_queue,
+        "serve.max_beam": sv.max_beam, "serve.max_batch_size": sv.max_batch_size,
+        "serve.request_timeout_s": sv.request_timeout_s,
         "model.d_model": m.d_model, "model.n_heads": m.n_heads, "model.ffn_dim": m.ffn_dim,
         "model.max_positions": m.max_positions, "train.max_tokens": t.max_tokens,
         "train.accum_steps": t.accum_steps, "train.valid_every": t.valid_every,
@@ -253,6 +272,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.schedule=cosine needs train.max_steps (the length of the cosine)")
     if d.nbest > d.beam_size and d.method == "beam":
         raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.beam_size={d.beam_size}")
+    if sv.max_wait_ms < 0:
+        raise ConfigError(f"serve.max_wait_ms={sv.max_wait_ms}: must be >= 0")
     if d.temperature <= 0:
         raise ConfigError(f"decode.temperature={d.temperature}: must be positive")
     if not 0.0 < d.top_p <= 1.0:
