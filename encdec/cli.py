@@ -1,4 +1,4 @@
-"""The `encdec` command: prepare, train, average, evaluate, translate, serve."""
+"""The `encdec` command: prepare, train, average, evaluate, translate, distill, serve."""
 
 from __future__ import annotations
 
@@ -105,6 +105,13 @@ def _translate(args) -> None:
             long_inputs=args.long_inputs, progress=False if args.no_progress else None)
 
 
+def _distill(args) -> None:
+    from encdec.distill import distill
+
+    distill(args.run, split=args.split, out=args.out, checkpoint_name=args.checkpoint,
+            device=args.device, **_decode_overrides(args))
+
+
 def _serve(args) -> None:
     from encdec.serve import serve
 
@@ -114,8 +121,16 @@ def _serve(args) -> None:
 
 
 def _decode_overrides(args) -> dict:
-    return {"beam_size": args.beam, "method": args.method, "length_penalty": args.length_penalty,
-            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    method = args.method
+    if args.decoder == "nat":
+        if method not in (None, "nat"):
+            from encdec.config import ConfigError
+            raise ConfigError(f"--decoder nat decodes with Mask-Predict, not --method {method}")
+        method = "nat"
+    return {"beam_size": args.beam, "method": method, "length_penalty": args.length_penalty,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "iterations": args.iterations, "length_beam": args.length_beam,
+            "length_scale": args.length_scale}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--temperature", type=float, help="sampling temperature")
         q.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
         q.add_argument("--top-p", type=float, help="sampling: keep the smallest set with this mass")
+        q.add_argument("--decoder", choices=["at", "nat"],
+                       help="at: left to right (greedy/beam/sample); nat: non-autoregressive "
+                            "Mask-Predict (models trained with model.arch=nat)")
+        q.add_argument("--iterations", type=int, help="nat: refinement passes (1 = single pass)")
+        q.add_argument("--length-beam", type=int, help="nat: candidate lengths decoded at once")
+        q.add_argument("--length-scale", type=float,
+                       help="nat: multiply predicted lengths (<1 shorter, >1 longer output)")
 
     ev = sub.add_parser("evaluate", help="decode and score a split")
     decode_args(ev)
@@ -189,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "a warning names the line either way")
     tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     tl.set_defaults(func=_translate)
+
+    ds = sub.add_parser("distill", help="write a teacher run's outputs as a new training target set")
+    decode_args(ds)
+    ds.add_argument("--split", default="train", help="split of the teacher's data to translate")
+    ds.add_argument("--out", help="data directory to write (default: the teacher's + -distilled)")
+    ds.set_defaults(func=_distill)
 
     sv = sub.add_parser("serve", help="HTTP API and web page: encdec serve RUN [serve.key=value ...]")
     sv.add_argument("run", help="run directory")

@@ -25,7 +25,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"  # name in encdec.models.MODELS
+    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
@@ -40,6 +40,11 @@ class ModelConfig:
     max_positions: int = 1024  # learned positions only: longest sequence
     tie_output: bool = True  # decoder input embedding shared with the output projection
     share_embeddings: bool = False  # source and target embeddings shared (joint vocabulary only)
+    # Non-autoregressive (arch: nat) only:
+    nat_objective: str = "cmlm"  # cmlm (random masking) | glat (glancing)
+    glat_ratio: float = 0.5  # glat: reveal this fraction of the first pass's wrong tokens
+    length_offset: int = 64  # length predictor classes: target - source length in [-n, n]
+    length_loss_weight: float = 0.1  # weight of the length loss (per sentence)
 
 
 @dataclass
@@ -83,6 +88,10 @@ class DecodeConfig:
     top_k: int = 0  # sampling only; 0 = off
     top_p: float = 1.0  # sampling only; 1.0 = off
     batch_size: int = 64  # inputs per decoding batch
+    # method nat (non-autoregressive models): Mask-Predict
+    iterations: int = 4  # refinement passes; 1 = single pass
+    length_beam: int = 1  # most likely lengths decoded in parallel; best by mean log-probability
+    length_scale: float = 1.0  # multiplies the predicted length (speed control for speech)
 
 
 @dataclass
@@ -231,7 +240,8 @@ _CHOICES = {
     ("model", "positions"): ("sinusoidal", "learned"),
     ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
-    ("decode", "method"): ("greedy", "beam", "sample"),
+    ("decode", "method"): ("greedy", "beam", "sample", "nat"),
+    ("model", "nat_objective"): ("cmlm", "glat"),
 }
 
 
@@ -251,6 +261,8 @@ def validate(cfg: Config) -> None:
         "train.accum_steps": t.accum_steps, "train.valid_every": t.valid_every,
         "train.log_every": t.log_every, "train.max_len": t.max_len,
         "decode.beam_size": d.beam_size, "decode.nbest": d.nbest, "decode.batch_size": d.batch_size,
+        "decode.iterations": d.iterations, "decode.length_beam": d.length_beam,
+        "decode.length_scale": d.length_scale, "model.length_offset": m.length_offset,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -270,6 +282,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_steps, max_steps, max_epochs, max_minutes must be >= 0")
     if t.schedule == "cosine" and t.max_steps == 0:
         raise ConfigError("train.schedule=cosine needs train.max_steps (the length of the cosine)")
+    if (m.arch == "nat") != (d.method == "nat"):
+        raise ConfigError(f"decode.method={d.method!r} with model.arch={m.arch!r}: a "
+                          "non-autoregressive model (arch nat) decodes with method nat "
+                          "(Mask-Predict), and only it does")
+    if d.method == "nat" and d.nbest > d.length_beam:
+        raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.length_beam="
+                          f"{d.length_beam} (one output per candidate length)")
+    if not 0.0 <= m.glat_ratio <= 1.0:
+        raise ConfigError(f"model.glat_ratio={m.glat_ratio}: must be in [0, 1]")
     if d.nbest > d.beam_size and d.method == "beam":
         raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.beam_size={d.beam_size}")
     if sv.max_wait_ms < 0:

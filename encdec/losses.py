@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from encdec.data.vocab import PAD
+from encdec.data.vocab import EOS, PAD
 
 
 def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
@@ -26,8 +26,54 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 def sequence_loss(model, batch, smoothing: float):
     """(loss_sum, nll_sum) over the target tokens of ``batch`` (EOS included)."""
+    core = getattr(model, "module", model)  # DDP wraps the model
+    if getattr(core, "non_autoregressive", False):
+        return nat_loss(model, batch, smoothing)
     hidden = model(batch.src_tokens, batch.tgt_in)  # (B, T, d)
     keep = batch.tgt_out.ne(PAD)
     # Project only real positions: with large vocabularies the output layer dominates.
     logits = model.module.logits(hidden[keep]) if hasattr(model, "module") else model.logits(hidden[keep])
     return label_smoothed_nll(logits, batch.tgt_out[keep], smoothing)
+
+
+def _random_subset(real: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: ``counts[b]`` positions chosen uniformly among the True ones of ``real[b]``."""
+    noise = torch.rand(real.shape, device=real.device).masked_fill(~real, 2.0)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each position's noise in its row
+    return real & (rank < counts[:, None])
+
+
+def nat_loss(model, batch, smoothing: float):
+    """Non-autoregressive objectives (``model.nat_objective``), with the length loss.
+
+    * cmlm: mask n ~ U{1..L} random target positions; predict them from the rest.
+    * glat: a first pass from all-[MASK] input (no gradient) counts the wrong tokens d; then
+      ``glat_ratio * d`` random reference tokens are revealed and the rest predicted.
+
+    The token loss is the mean over predicted positions, scaled to the batch's target-token
+    count so the trainer's normalization gives that mean. The length loss (cross-entropy of
+    the length class, ``length_loss_weight`` per sentence) is added the same way.
+    """
+    core = getattr(model, "module", model)
+    cfg = core.cfg
+    tgt = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS), PAD)  # (B, T): no EOS in NAT output
+    real = tgt.ne(PAD)
+    lengths = real.sum(dim=1)
+    if cfg.nat_objective == "cmlm":
+        counts = (torch.rand(lengths.shape, device=tgt.device) * lengths).long() + 1  # 1..L
+        predict = _random_subset(real, counts)
+    else:  # glat
+        with torch.no_grad():
+            hidden, _ = core(batch.src_tokens, tgt, torch.zeros_like(real))
+            wrong = (core.logits(hidden).argmax(-1).ne(tgt) & real).sum(dim=1)
+        reveal = _random_subset(real, (wrong.float() * cfg.glat_ratio).long())
+        predict = real & ~reveal
+    hidden, length_logits = model(batch.src_tokens, tgt, real & ~predict)
+    n_predict = predict.sum().clamp(min=1)
+    loss, nll = label_smoothed_nll(core.logits(hidden[predict]), tgt[predict], smoothing)
+    encoder_mask = batch.src_tokens.ne(PAD)
+    n = cfg.length_offset
+    classes = (lengths - encoder_mask.sum(dim=1)).clamp(-n, n) + n
+    length_loss = F.cross_entropy(length_logits.float(), classes, reduction="mean")
+    scale = batch.num_tgt_tokens / n_predict
+    return loss * scale + cfg.length_loss_weight * length_loss * batch.num_tgt_tokens, nll * scale

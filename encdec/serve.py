@@ -213,7 +213,8 @@ async def _send_error(send, status: int, field: str, message: str) -> None:
 
 _REQUEST_TO_DECODE = {"beam": "beam_size", "method": "method", "nbest": "nbest",
                       "length_penalty": "length_penalty", "temperature": "temperature",
-                      "top_k": "top_k", "top_p": "top_p"}
+                      "top_k": "top_k", "top_p": "top_p", "iterations": "iterations",
+                      "length_beam": "length_beam", "length_scale": "length_scale"}
 _DECODE_TO_REQUEST = {v: k for k, v in _REQUEST_TO_DECODE.items()}
 
 
@@ -231,12 +232,18 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         model_config = ConfigDict(extra="forbid")
         inputs: list[StrictStr] = Field(description="texts to translate, one output list each")
         beam: StrictInt | None = Field(None, ge=1, description="beam size; 1 = greedy")
-        method: Literal["greedy", "beam", "sample"] | None = None
+        method: Literal["greedy", "beam", "sample", "nat"] | None = None
         nbest: StrictInt = Field(1, ge=1, description="outputs per input (at most beam)")
         length_penalty: Number | None = Field(None, ge=0)
         temperature: Number | None = Field(None, gt=0)
         top_k: StrictInt | None = Field(None, ge=0)
         top_p: Number | None = Field(None, gt=0, le=1)
+        iterations: StrictInt | None = Field(None, ge=1, le=100,
+                                             description="nat models: Mask-Predict passes")
+        length_beam: StrictInt | None = Field(None, ge=1, le=16,
+                                              description="nat models: candidate lengths")
+        length_scale: Number | None = Field(None, gt=0, le=4,
+                                            description="nat models: length multiplier")
         return_attention: StrictBool = Field(False, description="cross-attention per output")
 
     class Hypothesis(BaseModel):
@@ -380,9 +387,7 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
             raise RequestError(422, field, str(err).replace("decode.", "")) from None
         if decode.method == "greedy" and req.nbest > 1:
             raise RequestError(422, "nbest", "nbest > 1 needs beam search (beam > 1) or sampling")
-        settings = {k: getattr(decode, k) for k in ("method", "beam_size", "nbest",
-                                                    "length_penalty", "temperature", "top_k",
-                                                    "top_p")}
+        settings = {k: getattr(decode, k) for k in _REQUEST_TO_DECODE.values()}
         settings["return_attention"] = req.return_attention
         return settings
 

@@ -240,9 +240,12 @@ class Trainer:
             loss_sum += float(loss)
             nll_sum += float(nll)
             tokens += batch.num_tgt_tokens
-        decode_cfg = DecodeConfig(method="greedy", max_len_a=self.cfg.decode.max_len_a,
-                                  max_len_b=self.cfg.decode.max_len_b,
-                                  batch_size=max(64, self.cfg.decode.batch_size))
+        d = self.cfg.decode
+        # Greedy for autoregressive models; the run's Mask-Predict settings for NAT.
+        decode_cfg = DecodeConfig(method="nat" if d.method == "nat" else "greedy",
+                                  max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+                                  batch_size=max(64, d.batch_size), iterations=d.iterations,
+                                  length_beam=d.length_beam, length_scale=d.length_scale)
         outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
                                device=self.device, **self.assets.text_kwargs())
         scores = score(self.metric, [o[0].text for o in outputs], [e["refs"] for e in self.dev_eval])

@@ -58,7 +58,7 @@ class Translator:
         if overrides.get("beam_size") is not None and overrides.get("method") is None:
             values["method"] = "beam" if overrides["beam_size"] > 1 else "greedy"
         cfg = DecodeConfig(**values)
-        Config(decode=cfg)  # validates the combination (raises ConfigError naming the key)
+        Config(model=self.cfg.model, decode=cfg)  # validates (ConfigError names the key)
         return cfg
 
     @property

@@ -1,4 +1,5 @@
-"""Search over the model contract of ``encdec.models.base``: greedy, beam and sampling."""
+"""Search over the model contract of ``encdec.models.base``: greedy, beam and sampling; and
+Mask-Predict for non-autoregressive models (``method: nat``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import torch
 from encdec.config import DecodeConfig
 from encdec.decoding.beam import beam_search
 from encdec.decoding.greedy import Hypothesis, greedy, sample
+from encdec.decoding.nat import mask_predict
 
 
 def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention: bool = False,
              generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
     """Hypotheses per input (best first) with the method and settings of ``cfg``."""
+    if cfg.method == "nat":
+        longest = int(cfg.max_len_a * src_tokens.size(1) + cfg.max_len_b)
+        return mask_predict(model, src_tokens, iterations=cfg.iterations,
+                            length_beam=cfg.length_beam, length_scale=cfg.length_scale,
+                            nbest=cfg.nbest, max_len=max(longest, 1),
+                            need_attention=need_attention)
     limits = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, need_attention=need_attention)
     if cfg.method == "greedy" or (cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1):
         return greedy(model, src_tokens, **limits)
@@ -22,4 +30,4 @@ def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention:
                   top_p=cfg.top_p, nbest=cfg.nbest, generator=generator, **limits)
 
 
-__all__ = ["Hypothesis", "beam_search", "generate", "greedy", "sample"]
+__all__ = ["Hypothesis", "beam_search", "generate", "greedy", "mask_predict", "sample"]

@@ -1,8 +1,9 @@
 """Model families by name. Each builder takes (ModelConfig, src_vocab_size, tgt_vocab_size)."""
 
+from encdec.models.nat import NATransformer
 from encdec.models.transformer import TransformerSeq2Seq
 
-MODELS = {"transformer": TransformerSeq2Seq}
+MODELS = {"transformer": TransformerSeq2Seq, "nat": NATransformer}
 
 
 def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):

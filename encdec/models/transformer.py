@@ -56,11 +56,17 @@ class DecoderLayer(nn.Module):
         self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
         self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
 
-    def forward(self, x, memory, memory_mask, cache: dict | None = None, need_attention=False):
-        """Teacher-forced (cache None, causal over all of x) or one incremental step (cache)."""
-        causal = cache is None
+    def forward(self, x, memory, memory_mask, cache: dict | None = None, need_attention=False,
+                causal: bool = True, self_mask: torch.Tensor | None = None):
+        """Teacher-forced (cache None, causal over all of x) or one incremental step (cache).
+
+        ``causal=False`` with ``self_mask`` (B, 1, 1, T) lets every position see every real
+        target position: the non-autoregressive decoder.
+        """
+        causal = causal and cache is None
         self_cache = cache["self"] if cache is not None else None
-        x = self.self_sub(x, lambda h: self.self_attn(h, is_causal=causal and h.size(1) > 1,
+        x = self.self_sub(x, lambda h: self.self_attn(h, attn_mask=self_mask,
+                                                      is_causal=causal and h.size(1) > 1,
                                                       cache=self_cache)[0])
         weights = None
 

@@ -1,0 +1,232 @@
+"""Non-autoregressive decoding: the length predictor, CMLM/GLAT losses, Mask-Predict on a
+scripted model, length_scale, distillation, and a NAT run through the ordinary CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_config
+from encdec import checkpoint
+from encdec.cli import main
+from encdec.config import ModelConfig
+from encdec.data.dataset import BinarizedSplit, collate
+from encdec.data.vocab import PAD
+from encdec.decoding.nat import mask_predict, remask_count
+from encdec.losses import nat_loss
+from encdec.models import build_model
+from encdec.models.base import EncoderOut
+from encdec.translate import Translator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_nat(**kw):
+    cfg = ModelConfig(arch="nat", d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
+                      dropout=0.0, length_offset=4, **kw)
+    torch.manual_seed(0)
+    return build_model(cfg, 20, 24).eval()
+
+
+def test_length_predictor_shapes_and_classes():
+    model = tiny_nat()
+    src = torch.tensor([[5, 6, 7, PAD, PAD], [5, 6, 7, 8, 9]])
+    enc = model.encode(src)
+    logits = model.length_logits(enc)
+    assert logits.shape == (2, 9)  # offsets -4..4
+    classes = model.length_classes(enc, torch.tensor([1, 20]))
+    assert classes.tolist() == [4 - 2, 8]  # 1 - 3 = -2 -> class 2; 20 - 5 = 15 clipped to +4
+    lengths = model.lengths_of_classes(enc, torch.tensor([[2, 4], [8, 0]]))
+    assert lengths.tolist() == [[1, 3], [9, 1]]
+    assert torch.allclose(model.length_log_probs(enc).exp().sum(-1), torch.ones(2))
+    # Padding does not change the length prediction (masked mean of the encoder output).
+    enc_short = model.encode(src[:1, :3])
+    torch.testing.assert_close(model.length_logits(enc_short), logits[:1], atol=1e-5, rtol=1e-5)
+
+
+def _batch(tiny_data, n=6):
+    import numpy as np
+    return collate(BinarizedSplit(tiny_data, "train"), np.arange(n))
+
+
+@pytest.mark.parametrize("objective", ["cmlm", "glat"])
+def test_nat_loss_is_token_mean_plus_weighted_length_loss(tiny_data, objective):
+    from encdec.data.assets import load_assets
+    assets = load_assets(tiny_data)
+    cfg = ModelConfig(arch="nat", d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
+                      dropout=0.0, length_offset=4, nat_objective=objective)
+    batch = _batch(tiny_data)
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg.length_loss_weight = weight
+        torch.manual_seed(0)
+        model = build_model(cfg, len(assets.src_vocab), len(assets.tgt_vocab))
+        torch.manual_seed(1)
+        loss, nll = nat_loss(model, batch, 0.0)
+        losses[weight] = loss.item()
+        assert torch.isfinite(loss)
+        if weight == 0:  # no smoothing, no length loss: the loss is the NLL
+            assert nll.item() == pytest.approx(loss.item(), rel=1e-6)
+    loss.backward()
+    assert model.length_head.weight.grad.abs().sum() > 0 and model.mask_embed.grad.abs().sum() > 0
+    enc = model.encode(batch.src_tokens)
+    tgt_len = (batch.tgt_out.ne(PAD).sum(1) - 1)
+    length_ce = torch.nn.functional.cross_entropy(model.length_logits(enc),
+                                                  model.length_classes(enc, tgt_len))
+    assert losses[1.0] - losses[0.0] == pytest.approx(length_ce.item() * batch.num_tgt_tokens,
+                                                      rel=1e-4)
+
+
+class ScriptedNAT:
+    """Mask-Predict's model contract with scripted confidences: pass i predicts token 10 + i at
+    every position, with log-probability ``confidence[i][position]``; records what it saw."""
+
+    def __init__(self, length_probs, confidences, vocab=30):
+        self.length_probs = torch.tensor(length_probs)  # classes = lengths 0..C-1 here
+        self.confidences = confidences
+        self.vocab = vocab
+        self.seen = []
+
+    def encode(self, src):
+        return EncoderOut(torch.zeros(src.size(0), src.size(1), 1), src.ne(PAD))
+
+    def length_log_probs(self, enc):
+        return self.length_probs.log().expand(enc.memory.size(0), -1)
+
+    def lengths_of_classes(self, enc, classes):
+        return classes
+
+    def decode_parallel(self, tokens, observed, enc, need_attention=False):
+        i = len(self.seen)
+        self.seen.append((tokens.clone(), observed.clone()))
+        N, T = tokens.shape
+        conf = torch.tensor((self.confidences[i] + [0.5] * T)[:T])
+        # Other tokens share the rest of the mass; token 10 + i gets probability conf.
+        logits = torch.full((N, T, self.vocab), -30.0)
+        logits[:, :, 10 + i] = conf.log()
+        logits[:, :, 29] = (1 - conf).log()
+        attn = torch.full((N, T, enc.memory.size(1)), 1.0 / enc.memory.size(1)) if need_attention else None
+        return logits, attn
+
+    def logits(self, hidden):
+        return hidden
+
+
+def test_mask_predict_remasks_the_least_confident_positions():
+    confidences = [[0.9, 0.2, 0.6, 0.3, 0.8], [0.5, 0.95, 0.4, 0.7, 0.5], [0.99] * 5]
+    model = ScriptedNAT([0, 0, 0, 0, 0, 1.0], confidences)  # length 5 for sure
+    src = torch.tensor([[5, 6, 7]])
+    out = mask_predict(model, src, iterations=3, need_attention=True)[0][0]
+    assert [remask_count(torch.tensor(5), i, 3).item() for i in range(3)] == [3, 1, 0]
+    first, second, third = [obs[0].tolist() for _, obs in model.seen]
+    assert first == [False] * 5
+    # After pass 1, the 3 least confident (positions 1, 3, 2) are masked again.
+    assert second == [True, False, False, False, True]
+    # Pass 2 re-predicted 1, 2, 3 with confidences 0.95, 0.4, 0.7: the least confident of all
+    # five (0.9, 0.95, 0.4, 0.7, 0.8) is position 2.
+    assert third == [True, True, False, True, True]
+    assert out.tokens == [10, 11, 12, 11, 10]
+    expected = torch.tensor([0.9, 0.95, 0.99, 0.7, 0.8]).log().mean()
+    assert out.score == pytest.approx(float(expected), rel=1e-5)
+    assert out.attention.shape == (6, 3) and out.attention[-1].abs().sum() == 0
+    # Observed positions are fed the tokens predicted before.
+    assert model.seen[2][0][0].tolist()[:2] == [10, 11]
+
+
+def test_single_pass_and_length_beam():
+    # Lengths 3 (p 0.6) and 2 (p 0.4); the length-2 output is more confident.
+    model = ScriptedNAT([0, 0, 0.4, 0.6], [[0.3, 0.3, 0.3]])
+    model.confidences = [[0.3, 0.3, 0.3]]
+    one = mask_predict(model, torch.tensor([[4, 5]]), iterations=1, length_beam=1)[0]
+    assert len(one) == 1 and len(one[0].tokens) == 3
+    model = ScriptedNAT([0, 0, 0.4, 0.6], [[0.9, 0.9, 0.3]])
+    two = mask_predict(model, torch.tensor([[4, 5]]), iterations=1, length_beam=2, nbest=2)[0]
+    assert [len(h.tokens) for h in two] == [2, 3]  # mean log-prob decides, not the length score
+    assert two[0].score > two[1].score
+
+
+@pytest.mark.parametrize("scale, expected", [(1.0, 6), (0.5, 3), (1.5, 9), (0.1, 1), (3.0, 10)])
+def test_length_scale_multiplies_the_predicted_length(scale, expected):
+    model = ScriptedNAT([0] * 6 + [1.0], [[0.5] * 20])
+    out = mask_predict(model, torch.tensor([[4, 5, 6]]), iterations=1, length_scale=scale,
+                       max_len=10)[0][0]
+    assert len(out.tokens) == expected  # round(6 * scale), at least 1, at most max_len
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "data"
+    assert main(["distill", str(tiny_run), "--split", "train", "--out", str(out), "--beam", "2"]) == 0
+    return out
+
+
+def test_distillation_is_aligned_with_the_source(distilled, tiny_run, tiny_data):
+    src = (tiny_data / "train.src.txt").read_text().splitlines()
+    assert (distilled / "train.src.txt").read_text().splitlines() == src
+    tgt = (distilled / "train.tgt.txt").read_text().splitlines()
+    assert len(tgt) == len(src)
+    teacher = Translator.from_run(tiny_run).translate(src, beam_size=2)
+    assert tgt == [t if t else o for t, o in
+                   zip(teacher, (tiny_data / "train.tgt.txt").read_text().splitlines())]
+    split = BinarizedSplit(distilled, "train")
+    from encdec.data.assets import load_assets
+    vocab = load_assets(distilled).tgt_vocab
+    for i in (0, 7, len(src) - 1):
+        assert " ".join(vocab.decode(split.tgt(i).tolist())) == tgt[i]
+    for name in ("dev.tgt.txt", "test.eval.jsonl", "train.eval.jsonl", "tgt.vocab"):
+        assert (distilled / name).read_bytes() == (tiny_data / name).read_bytes()
+    meta = json.loads((distilled / "meta.json").read_text())
+    assert meta["distilled"]["split"] == "train" and meta["distilled"]["decode"]["beam_size"] == 2
+
+
+def test_nat_student_trains_resumes_and_decodes_through_the_cli(distilled, tmp_path):
+    common = dict(max_steps=6, valid_every=3, log_every=1, valid_max_inputs=8)
+
+    def config(name):
+        path = write_config(tmp_path / f"{name}.yaml", distilled, tmp_path / name, **common)
+        text = path.read_text().replace("model:\n", "model:\n  arch: nat\n  nat_objective: glat\n")
+        path.write_text(text.replace("decode:\n", "decode:\n  method: nat\n  iterations: 2\n"))
+        return path
+
+    assert main(["train", str(config("full"))]) == 0
+    assert main(["train", str(config("part")), "train.max_steps=3"]) == 0
+    assert main(["train", str(tmp_path / "part"), "--resume", "train.max_steps=6"]) == 0
+    a = load_file(str(checkpoint.resolve(tmp_path / "full", "last") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tmp_path / "part", "last") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(tmp_path / "full"),
+                         "--decoder", "nat", "--iterations", "4", "--length-beam", "3"],
+                        capture_output=True, text=True, env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert "WER" in ev.stdout
+    tr = Translator.from_run(tmp_path / "full")
+    assert len(tr.translate(["abc", "", "hgfedcba"], iterations=3, length_scale=2.0)) == 3
+    bad = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tmp_path / "full"),
+                          "--beam", "4"], input="abc\n", capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "method nat" in bad.stderr
+
+
+def test_two_process_ddp_nat(distilled, tmp_path):
+    cfg = write_config(tmp_path / "ddp.yaml", distilled, tmp_path / "ddp", max_steps=4,
+                       valid_every=4, log_every=2, valid_max_inputs=8)
+    cfg.write_text(cfg.read_text().replace("model:\n", "model:\n  arch: nat\n")
+                   .replace("decode:\n", "decode:\n  method: nat\n"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "encdec.cli", "train", str(cfg)], capture_output=True, text=True, env=env,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
