@@ -25,7 +25,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat
+    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat | lstm | gru
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
@@ -36,10 +36,14 @@ class ModelConfig:
     activation_dropout: float = 0.0  # inside the feed-forward block, after the activation
     activation: str = "relu"  # relu | gelu
     norm: str = "pre"  # pre (LayerNorm before each sublayer) | post (the original paper)
+    norm_type: str = "layernorm"  # layernorm | rmsnorm | batchnorm (statistics over real positions)
     positions: str = "sinusoidal"  # sinusoidal | learned
     max_positions: int = 1024  # learned positions only: longest sequence
     tie_output: bool = True  # decoder input embedding shared with the output projection
     share_embeddings: bool = False  # source and target embeddings shared (joint vocabulary only)
+    # Recurrent (arch: lstm | gru) only; d_model is the hidden size, n_heads/ffn_dim unused:
+    rnn_attention: str = "luong"  # luong (multiplicative) | bahdanau (additive)
+    rnn_bidirectional: bool = True  # bidirectional encoder (d_model / 2 per direction)
     # Non-autoregressive (arch: nat) only:
     nat_objective: str = "cmlm"  # cmlm (random masking) | glat (glancing)
     glat_ratio: float = 0.5  # glat: reveal this fraction of the first pass's wrong tokens
@@ -74,6 +78,15 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     num_threads: int = 0  # CPU threads for torch; 0 = all cores
     max_len: int = 256  # longer training pairs are skipped when batching
+    # Scheduled sampling (Bengio et al., 2015): with probability p(step) a decoder input is the
+    # model's own prediction. p = min(ss_max_prob, 1 - eps(step)), eps the teacher-forcing
+    # probability: linear max(0, 1 - step / ss_steps), exponential ss_k ** step, or inverse
+    # sigmoid ss_k / (ss_k + exp(step / ss_k)). Recurrent models sample step by step; the
+    # Transformer uses two passes (the second fed with the first's argmax predictions).
+    scheduled_sampling: str = "off"  # off | linear | exponential | inverse_sigmoid
+    ss_max_prob: float = 0.25
+    ss_steps: int = 2000  # linear: steps until eps reaches 0
+    ss_k: float = 500.0  # exponential (use e.g. 0.999) and inverse sigmoid
 
 
 @dataclass
@@ -237,11 +250,14 @@ def _coerce(value, hint, key: str, source: str):
 _CHOICES = {
     ("model", "activation"): ("relu", "gelu"),
     ("model", "norm"): ("pre", "post"),
+    ("model", "norm_type"): ("layernorm", "rmsnorm", "batchnorm"),
     ("model", "positions"): ("sinusoidal", "learned"),
     ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("decode", "method"): ("greedy", "beam", "sample", "nat"),
     ("model", "nat_objective"): ("cmlm", "glat"),
+    ("model", "rnn_attention"): ("luong", "bahdanau"),
+    ("train", "scheduled_sampling"): ("off", "linear", "exponential", "inverse_sigmoid"),
 }
 
 
@@ -289,6 +305,12 @@ def validate(cfg: Config) -> None:
     if d.method == "nat" and d.nbest > d.length_beam:
         raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.length_beam="
                           f"{d.length_beam} (one output per candidate length)")
+    if not 0.0 <= t.ss_max_prob <= 1.0:
+        raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
+    if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:
+        raise ConfigError(f"train.ss_k={t.ss_k}: exponential decay needs 0 < ss_k < 1")
+    if t.scheduled_sampling in ("linear", "inverse_sigmoid") and (t.ss_steps <= 0 or t.ss_k <= 0):
+        raise ConfigError("train.ss_steps and train.ss_k must be positive")
     if not 0.0 <= m.glat_ratio <= 1.0:
         raise ConfigError(f"model.glat_ratio={m.glat_ratio}: must be in [0, 1]")
     if d.nbest > d.beam_size and d.method == "beam":

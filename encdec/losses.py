@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,12 +26,45 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return loss, nll
 
 
-def sequence_loss(model, batch, smoothing: float):
-    """(loss_sum, nll_sum) over the target tokens of ``batch`` (EOS included)."""
+def sampling_prob(step: int, cfg) -> float:
+    """Scheduled sampling: probability that a decoder input is the model's own prediction."""
+    if cfg.scheduled_sampling == "off":
+        return 0.0
+    if cfg.scheduled_sampling == "linear":
+        eps = max(0.0, 1.0 - step / cfg.ss_steps)
+    elif cfg.scheduled_sampling == "exponential":
+        eps = cfg.ss_k ** step
+    else:  # inverse sigmoid
+        eps = cfg.ss_k / (cfg.ss_k + math.exp(min(step / cfg.ss_k, 700.0)))
+    return min(cfg.ss_max_prob, 1.0 - eps)
+
+
+def mix_predictions(tgt_in: torch.Tensor, predicted: torch.Tensor, prob: float) -> torch.Tensor:
+    """Decoder inputs for a second pass: position t > 0 takes, with probability ``prob``, the
+    first pass's prediction for it (made at t - 1) instead of the reference; padding stays."""
+    shifted = torch.cat([tgt_in[:, :1], predicted[:, :-1]], dim=1)
+    use = torch.rand(tgt_in.shape, device=tgt_in.device) < prob
+    use[:, 0] = False  # BOS
+    return torch.where(use & tgt_in.ne(PAD), shifted, tgt_in)
+
+
+def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0):
+    """(loss_sum, nll_sum) over the target tokens of ``batch`` (EOS included).
+
+    ``sampling`` > 0 turns on scheduled sampling with that probability.
+    """
     core = getattr(model, "module", model)  # DDP wraps the model
     if getattr(core, "non_autoregressive", False):
         return nat_loss(model, batch, smoothing)
-    hidden = model(batch.src_tokens, batch.tgt_in)  # (B, T, d)
+    tgt_in = batch.tgt_in
+    if sampling > 0 and getattr(core, "samples_own_inputs", False):
+        hidden = model(batch.src_tokens, tgt_in, sampling_prob=sampling)
+    else:
+        if sampling > 0:  # two passes: the first, teacher-forced, supplies predictions
+            with torch.no_grad():
+                predicted = core.logits(core(batch.src_tokens, tgt_in)).argmax(-1)
+            tgt_in = mix_predictions(tgt_in, predicted, sampling)
+        hidden = model(batch.src_tokens, tgt_in)  # (B, T, d)
     keep = batch.tgt_out.ne(PAD)
     # Project only real positions: with large vocabularies the output layer dominates.
     logits = model.module.logits(hidden[keep]) if hasattr(model, "module") else model.logits(hidden[keep])

@@ -22,7 +22,7 @@ from encdec.config import Config, ConfigError, DecodeConfig
 from encdec.data.assets import copy_assets, load_assets
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
-from encdec.losses import sequence_loss
+from encdec.losses import sampling_prob, sequence_loss
 from encdec.metrics import METRICS, score
 from encdec.models import build_model
 
@@ -214,7 +214,8 @@ class Trainer:
             amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
                 if self.autocast_dtype else contextlib.nullcontext()
             with sync, amp:
-                loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing)
+                loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing,
+                                          sampling=sampling_prob(self.state["step"], t))
             with sync:
                 (loss / total_tokens).backward()
             loss_sum += float(loss.detach())

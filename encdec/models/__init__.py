@@ -1,9 +1,11 @@
 """Model families by name. Each builder takes (ModelConfig, src_vocab_size, tgt_vocab_size)."""
 
 from encdec.models.nat import NATransformer
+from encdec.models.recurrent import RecurrentSeq2Seq
 from encdec.models.transformer import TransformerSeq2Seq
 
-MODELS = {"transformer": TransformerSeq2Seq, "nat": NATransformer}
+MODELS = {"transformer": TransformerSeq2Seq, "nat": NATransformer, "lstm": RecurrentSeq2Seq,
+          "gru": RecurrentSeq2Seq}
 
 
 def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):

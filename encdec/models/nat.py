@@ -71,10 +71,11 @@ class NATransformer(TransformerSeq2Seq):
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
             x, weights = layer(x, encoder_out.memory, memory_mask, causal=False,
-                               self_mask=self_mask, need_attention=need_attention and last)
+                               self_mask=self_mask, need_attention=need_attention and last,
+                               pad_mask=real)
         if weights is not None:
             weights = weights.mean(dim=1)  # (B, T, S)
-        return self.dec_norm(x), weights
+        return self._final_norm(x, real), weights
 
     def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor,
                 observed: torch.Tensor):

@@ -11,24 +11,26 @@ from encdec.data.vocab import PAD
 from encdec.models.base import DecoderState, EncoderOut
 from encdec.nn.attention import MultiHeadAttention
 from encdec.nn.layers import Embedding, FeedForward, Positions
+from encdec.nn.norms import make_norm
 
 
 class Sublayer(nn.Module):
-    """Residual connection around a sublayer, LayerNorm before it (pre) or after the sum (post)."""
+    """Residual connection around a sublayer, normalization before it (pre) or after the sum
+    (post). ``pad_mask`` (B, T) marks real positions (BatchNorm's statistics use only those)."""
 
-    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool, norm_type: str = "layernorm"):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = make_norm(norm_type, d_model)
         self.dropout = dropout
         self.pre_norm = pre_norm
 
     def _drop(self, h: torch.Tensor) -> torch.Tensor:
         return F.dropout(h, self.dropout, training=True) if self.training and self.dropout else h
 
-    def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fn, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
-            return x + self._drop(fn(self.norm(x)))
-        return self.norm(x + self._drop(fn(x)))
+            return x + self._drop(fn(self.norm(x, pad_mask)))
+        return self.norm(x + self._drop(fn(x)), pad_mask)
 
 
 class EncoderLayer(nn.Module):
@@ -37,12 +39,13 @@ class EncoderLayer(nn.Module):
         pre = cfg.norm == "pre"
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
-        self.attn_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
-        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
+        self.attn_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
+        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_sub(x, lambda h: self.self_attn(h, attn_mask=mask)[0])
-        return self.ffn_sub(x, self.ffn)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn_sub(x, lambda h: self.self_attn(h, attn_mask=mask)[0], pad_mask)
+        return self.ffn_sub(x, self.ffn, pad_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -52,12 +55,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, cross=True)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
-        self.self_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
-        self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
-        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre)
+        self.self_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
+        self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
+        self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
 
     def forward(self, x, memory, memory_mask, cache: dict | None = None, need_attention=False,
-                causal: bool = True, self_mask: torch.Tensor | None = None):
+                causal: bool = True, self_mask: torch.Tensor | None = None,
+                pad_mask: torch.Tensor | None = None):
         """Teacher-forced (cache None, causal over all of x) or one incremental step (cache).
 
         ``causal=False`` with ``self_mask`` (B, 1, 1, T) lets every position see every real
@@ -67,7 +71,7 @@ class DecoderLayer(nn.Module):
         self_cache = cache["self"] if cache is not None else None
         x = self.self_sub(x, lambda h: self.self_attn(h, attn_mask=self_mask,
                                                       is_causal=causal and h.size(1) > 1,
-                                                      cache=self_cache)[0])
+                                                      cache=self_cache)[0], pad_mask)
         weights = None
 
         def cross(h):
@@ -79,8 +83,8 @@ class DecoderLayer(nn.Module):
             out, weights = self._cached_cross(h, cache, memory_mask, need_attention)
             return out
 
-        x = self.cross_sub(x, cross)
-        return self.ffn_sub(x, self.ffn), weights
+        x = self.cross_sub(x, cross, pad_mask)
+        return self.ffn_sub(x, self.ffn, pad_mask), weights
 
     def _cached_cross(self, h, cache, memory_mask, need_attention):
         # Rows of one group (e.g. the beams of one input) share the projected memory: fold
@@ -117,8 +121,8 @@ class TransformerSeq2Seq(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         pre = cfg.norm == "pre"
-        self.enc_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
-        self.dec_norm = nn.LayerNorm(cfg.d_model) if pre else nn.Identity()
+        self.enc_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
+        self.dec_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
         self.output = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
         self._init_linear()
         if cfg.tie_output:
@@ -140,21 +144,28 @@ class TransformerSeq2Seq(nn.Module):
         attn_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
         x = self.src_embed(src_tokens)
         for layer in self.encoder:
-            x = layer(x, attn_mask)
-        return EncoderOut(self.enc_norm(x), memory_mask)
+            x = layer(x, attn_mask, memory_mask)
+        if self.enc_norm is not None:
+            x = self.enc_norm(x, memory_mask)
+        return EncoderOut(x, memory_mask)
 
     # ---- teacher-forced decoder (training, uncached scoring) -----------------------------
     def decode(self, tgt_in: torch.Tensor, encoder_out: EncoderOut,
                need_attention: bool = False):
         """Hidden states (B, T, d) for every target position; and last-layer cross-attention."""
         mask = encoder_out.memory_mask[:, None, None, :]
+        pad_mask = tgt_in.ne(PAD)
         x = self.tgt_embed(tgt_in)
         weights = None
         for layer in self.decoder:
-            x, weights = layer(x, encoder_out.memory, mask, need_attention=need_attention)
+            x, weights = layer(x, encoder_out.memory, mask, need_attention=need_attention,
+                               pad_mask=pad_mask)
         if weights is not None:
             weights = weights.mean(dim=1)  # (B, T, S)
-        return self.dec_norm(x), weights
+        return self._final_norm(x, pad_mask), weights
+
+    def _final_norm(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dec_norm(x, pad_mask) if self.dec_norm is not None else x
 
     def forward(self, src_tokens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Decoder hidden states (B, T, d); project with ``logits`` (only where needed)."""
@@ -186,7 +197,7 @@ class TransformerSeq2Seq(nn.Module):
             x, weights = layer(x, None, mask, cache=state.layers[i],
                                need_attention=need_attention and last)
         state.step += 1
-        logits = self.output(self.dec_norm(x[:, 0]))  # (N, V)
+        logits = self.output(self._final_norm(x)[:, 0])  # (N, V)
         attention = weights.mean(dim=1)[:, 0] if weights is not None else None  # (N, S)
         return F.log_softmax(logits.float(), dim=-1), attention
 

@@ -1,0 +1,177 @@
+"""Recurrent baselines through the shared search, scheduled sampling, and normalization choice."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_config
+from encdec.cli import main
+from encdec.config import DecodeConfig, ModelConfig
+from encdec.data.vocab import BOS, EOS, PAD
+from encdec.decoding import generate
+from encdec.losses import mix_predictions, sampling_prob, sequence_loss
+from encdec.models import build_model
+from encdec.nn.norms import MaskedBatchNorm
+from encdec.translate import Translator
+
+SRC = torch.tensor([[5, 6, 7, 8, 9], [7, 5, PAD, PAD, PAD], [9, 8, 7, 6, PAD]])
+TGT_IN = torch.tensor([[BOS, 4, 5, 6, 7], [BOS, 8, 4, PAD, PAD], [BOS, 9, 5, 4, 6]])
+
+
+def rnn(arch="lstm", attention="luong", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, d_model=16, enc_layers=2, dec_layers=2, dropout=0.0,
+                      rnn_attention=attention, **kw)
+    return build_model(cfg, 12, 12).eval()
+
+
+CASES = [("lstm", "luong"), ("lstm", "bahdanau"), ("gru", "luong"), ("gru", "bahdanau")]
+
+
+@pytest.mark.parametrize("arch, attention", CASES)
+def test_step_by_step_equals_teacher_forced(arch, attention):
+    model = rnn(arch, attention)
+    enc = model.encode(SRC)
+    hidden, weights = model.decode(TGT_IN, enc, need_attention=True)
+    full = torch.log_softmax(model.logits(hidden), -1)
+    state = model.init_state(model.encode(SRC))
+    for t in range(TGT_IN.size(1)):
+        lp, att = model.decode_step(TGT_IN[:, t], state, need_attention=True)
+        torch.testing.assert_close(lp, full[:, t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(att, weights[:, t], atol=1e-6, rtol=1e-5)
+    assert weights[1, :, 2:].abs().max() == 0  # padding gets no attention
+
+
+@pytest.mark.parametrize("arch, attention", CASES)
+def test_beam_one_is_greedy_and_batched_beam_is_per_input(arch, attention):
+    model = rnn(arch, attention)
+    greedy = generate(model, SRC, DecodeConfig(method="greedy", max_len_a=1.0, max_len_b=4))
+    beam1 = generate(model, SRC, DecodeConfig(method="beam", beam_size=1, nbest=1,
+                                              max_len_a=1.0, max_len_b=4))
+    assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam1]
+    cfg = DecodeConfig(method="beam", beam_size=4, nbest=3, max_len_a=1.0, max_len_b=4)
+    batched = generate(model, SRC, cfg)
+    for i in range(SRC.size(0)):
+        length = int(SRC[i].ne(PAD).sum())
+        alone = generate(model, SRC[i:i + 1, :length], cfg)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        for a, b in zip(alone, batched[i]):
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_scheduled_sampling_schedules():
+    from encdec.config import TrainConfig
+    off = TrainConfig()
+    assert sampling_prob(10_000, off) == 0.0
+    lin = TrainConfig(scheduled_sampling="linear", ss_steps=100, ss_max_prob=0.25)
+    assert [sampling_prob(s, lin) for s in (0, 10, 100, 500)] == pytest.approx([0, 0.1, 0.25, 0.25])
+    exp = TrainConfig(scheduled_sampling="exponential", ss_k=0.99, ss_max_prob=1.0)
+    assert sampling_prob(100, exp) == pytest.approx(1 - 0.99 ** 100)
+    sig = TrainConfig(scheduled_sampling="inverse_sigmoid", ss_k=10.0, ss_max_prob=1.0)
+    assert sampling_prob(0, sig) == pytest.approx(1 - 10 / 11)
+    assert sampling_prob(10_000, sig) == pytest.approx(1.0)
+
+
+class _Batch:
+    def __init__(self, src, tgt_in):
+        self.src_tokens, self.tgt_in = src, tgt_in
+        self.tgt_out = torch.cat([tgt_in[:, 1:], torch.full((tgt_in.size(0), 1), PAD)], 1)
+        self.tgt_out[self.tgt_out.eq(PAD) & tgt_in.ne(PAD)] = EOS
+        self.tgt_out[:, -1] = torch.where(tgt_in[:, -1].ne(PAD), EOS, PAD)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_sampling_probability_zero_is_teacher_forcing(arch):
+    model = rnn() if arch == "lstm" else build_model(
+        ModelConfig(d_model=16, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=32, dropout=0.0), 12, 12)
+    model.train()
+    batch = _Batch(SRC, TGT_IN)
+    torch.manual_seed(3)
+    a = sequence_loss(model, batch, 0.1)[0]
+    torch.manual_seed(3)
+    b = sequence_loss(model, batch, 0.1, sampling=1e-12)[0]  # the sampling path, never sampling
+    assert a.item() == b.item()
+
+
+def test_rnn_sampling_probability_one_feeds_only_predictions():
+    model = rnn()
+    model.train()  # dropout is 0: training mode changes nothing but the sampling branch
+    tgt_in = torch.tensor([[BOS, 4, 5, 6, 7, 8]] * 3)
+    hidden = model(SRC, tgt_in, sampling_prob=1.0)
+    # Free running: every input after BOS is the previous step's argmax, whatever tgt_in says.
+    state = model.init_state(model.encode(SRC))
+    prev = tgt_in[:, 0]
+    for t in range(tgt_in.size(1)):
+        lp, _ = model.decode_step(prev, state)
+        torch.testing.assert_close(lp, torch.log_softmax(model.logits(hidden[:, t]), -1),
+                                   atol=1e-5, rtol=1e-5)
+        prev = lp.argmax(-1)
+
+
+def test_two_pass_sampling_feeds_first_pass_predictions():
+    tgt_in = TGT_IN
+    predicted = torch.arange(100, 115).view(3, 5)
+    mixed = mix_predictions(tgt_in, predicted, 1.0)
+    assert mixed[:, 0].tolist() == [BOS] * 3
+    assert mixed[0, 1:].tolist() == [100, 101, 102, 103]  # the prediction made one step before
+    assert mixed[1].tolist() == [BOS, 105, 106, PAD, PAD]  # padding stays padding
+    assert torch.equal(mix_predictions(tgt_in, predicted, 0.0), tgt_in)
+    # Through the loss: the second pass sees BOS + the first pass's argmax.
+    model = build_model(ModelConfig(d_model=16, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=32,
+                                    dropout=0.0), 12, 12).train()
+    seen = []
+    handle = model.tgt_embed.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    sequence_loss(model, _Batch(SRC, tgt_in), 0.0, sampling=1.0)
+    handle.remove()
+    first, second = seen
+    assert torch.equal(first, tgt_in)
+    with torch.no_grad():
+        expected = model.logits(model(SRC, tgt_in)).argmax(-1)
+    assert torch.equal(second, mix_predictions(tgt_in, expected, 1.0))
+
+
+def test_batchnorm_statistics_ignore_padding():
+    torch.manual_seed(0)
+    bn = MaskedBatchNorm(8).train()
+    x = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    out = bn(x, mask)
+    ref = nn.BatchNorm1d(8).train()
+    torch.testing.assert_close(out[mask], ref(x[mask]))
+    assert out[~mask].abs().max() == 0
+    y = x.clone()
+    y[~mask] = 1000.0  # whatever sits in the padding
+    torch.testing.assert_close(MaskedBatchNorm(8).train()(y, mask)[mask], out[mask])
+
+
+@pytest.mark.parametrize("norm_type", ["batchnorm", "rmsnorm", "layernorm"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_transformer_norms_ignore_padding(norm_type, norm):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_heads=2, enc_layers=2, dec_layers=2, ffn_dim=32, dropout=0.0,
+                      norm=norm, norm_type=norm_type)
+    model = build_model(cfg, 12, 12).train()  # batch statistics in use
+    padded_src = torch.cat([SRC, torch.full((3, 3), PAD)], 1)
+    padded_tgt = torch.cat([TGT_IN, torch.full((3, 2), PAD)], 1)
+    a = model(SRC, TGT_IN)
+    b = model(padded_src, padded_tgt)[:, :TGT_IN.size(1)]
+    real = TGT_IN.ne(PAD)
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    # Cached decoding (eval: running statistics) equals teacher-forced decoding.
+    model.eval()
+    full = torch.log_softmax(model.logits(model(SRC, TGT_IN)), -1)
+    state = model.init_state(model.encode(SRC))
+    for t in range(TGT_IN.size(1)):
+        lp, _ = model.decode_step(TGT_IN[:, t], state)
+        torch.testing.assert_close(lp[real[:, t]], full[:, t][real[:, t]], atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_run_through_the_cli(tiny_data, tmp_path):
+    cfg = write_config(tmp_path / "lstm.yaml", tiny_data, tmp_path / "run", max_steps=40,
+                       valid_every=20, scheduled_sampling="linear", ss_steps=20)
+    cfg.write_text(cfg.read_text().replace("model:\n", "model:\n  arch: gru\n  rnn_attention: bahdanau\n"))
+    assert main(["train", str(cfg)]) == 0
+    tr = Translator.from_run(tmp_path / "run")
+    out = tr.translate_nbest(["abc", "", "hgfedcba"], beam_size=3, nbest=2, need_attention=True)
+    assert len(out) == 3 and len(out[0]) == 2
+    assert out[0][0].attention.shape == (len(out[0][0].tokens) + 1, 3)
