@@ -87,6 +87,8 @@ def _evaluate(args) -> None:
     s = result["scores"]
     d = result["decode"]
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
+    if d["method"] == "nat":
+        how = f"nat, {d['iterations']} iteration(s), length beam {d['length_beam']}"
     if result["metric"] == "g2p":
         line = f"WER {s['wer']:.2f}%  PER {s['per']:.2f}%"
     else:
@@ -110,6 +112,15 @@ def _distill(args) -> None:
 
     distill(args.run, split=args.split, out=args.out, checkpoint_name=args.checkpoint,
             device=args.device, **_decode_overrides(args))
+
+
+def _experiment(args) -> None:
+    from encdec.experiments import run_experiment
+
+    out = args.out or f"runs/experiment-{args.name}"
+    run_experiment(args.name, out, base_config=args.config, minutes=args.minutes,
+                   overrides=args.overrides)
+    print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
 def _serve(args) -> None:
@@ -218,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", help="data directory to write (default: the teacher's + -distilled)")
     ds.set_defaults(func=_distill)
 
+    from encdec.experiments import EXPERIMENTS
+
+    ex = sub.add_parser("experiment", help="train variants for a fixed budget and compare them")
+    ex.add_argument("name", choices=list(EXPERIMENTS))
+    ex.add_argument("overrides", nargs="*", help="overrides of the base config for every variant")
+    ex.add_argument("--config", default="configs/g2p-small.yaml", help="base config")
+    ex.add_argument("--minutes", type=float,
+                    help="training minutes per variant (default: 50 / number of variants)")
+    ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
+    ex.set_defaults(func=_experiment)
+
     sv = sub.add_parser("serve", help="HTTP API and web page: encdec serve RUN [serve.key=value ...]")
     sv.add_argument("run", help="run directory")
     sv.add_argument("overrides", nargs="*",
@@ -241,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after a flag (`train RUN --resume train.lr=1e-4`)
-        if args.command not in ("train", "serve") or any("=" not in e or e.startswith("-") for e in extra):
+        if args.command not in ("train", "serve", "experiment") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:

@@ -268,7 +268,8 @@ class Trainer:
             self.state["bad_validations"] = 0
         else:
             self.state["bad_validations"] += 1
-        self.metrics.write({"step": self.state["step"], "epoch": self.state["epoch"], **result})
+        self.metrics.write({"step": self.state["step"], "epoch": self.state["epoch"],
+                            "elapsed_s": self.state["elapsed"], **result})
         self.log(f"step {self.state['step']}: dev loss {result['valid_loss']:.3f}, "
                  f"{self.metric_key} {value:.2f}" + (" (best)" if improved else ""))
         self._save(is_best=improved)

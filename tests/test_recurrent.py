@@ -175,3 +175,29 @@ def test_lstm_run_through_the_cli(tiny_data, tmp_path):
     out = tr.translate_nbest(["abc", "", "hgfedcba"], beam_size=3, nbest=2, need_attention=True)
     assert len(out) == 3 and len(out[0]) == 2
     assert out[0][0].attention.shape == (len(out[0][0].tokens) + 1, 3)
+
+
+@pytest.mark.parametrize("name", ["depth", "sampling", "rnn", "norm"])
+def test_experiments_write_tables_and_plots(name, tiny_data, tmp_path):
+    import csv
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
+    out = tmp_path / name
+    assert main(["experiment", name, "--config", str(cfg), "--out", str(out), "--minutes", "5",
+                 "train.max_steps=6", "train.valid_every=3", "train.valid_max_inputs=8"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    from encdec.experiments import EXPERIMENTS
+    assert len(rows) == EXPERIMENTS[name]
+    assert all(float(r["test_wer"]) >= 0 and int(r["steps"]) == 6 for r in rows)
+    assert (out / "plot.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    if name == "sampling":
+        assert "by output position" in md
+    if name in ("depth", "rnn"):  # parameter counts matched within 10 %
+        counts = [int(r["parameters"]) for r in rows]
+        assert max(counts) / min(counts) < 1.1, counts
+
+
+def test_error_by_position():
+    from encdec.experiments import error_by_position
+    errs = error_by_position(["A B C", "A X", "A B C D"], [["A B C"], ["A B C"], ["A B C E"]], 4)
+    assert errs[:4] == pytest.approx([0.0, 100 / 3, 100 / 3, 100.0])

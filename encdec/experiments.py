@@ -1,0 +1,200 @@
+"""`encdec experiment NAME`: claims about sequence models, checked on real data in one command.
+
+Each experiment trains a few variants of a base config (``configs/g2p-small.yaml`` on the
+``g2p-cmudict`` recipe by default) for the same number of minutes with the same seed, evaluates
+each on the test split, and writes ``results.csv``, ``results.md`` and ``plot.png`` (dev metric
+against training time; for ``sampling`` also the error rate by output position):
+
+* ``depth``    deep-thin (2L layers) vs shallow-wide (2L/3 layers) at the base's parameter count
+* ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
+* ``sampling`` teacher forcing vs scheduled sampling (inverse-sigmoid, two-pass)
+* ``rnn``      the Transformer vs an LSTM with attention of the same parameter count
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from encdec.config import Config, apply_override
+
+
+def count_parameters(cfg: Config, src_vocab: int, tgt_vocab: int) -> int:
+    from encdec.models import build_model
+
+    model = build_model(cfg.model, src_vocab, tgt_vocab)
+    return sum(p.numel() for p in model.parameters())
+
+
+def match_width(raw: dict, target: int, src_vocab: int, tgt_vocab: int, step: int) -> dict:
+    """``raw`` with the d_model (and ffn_dim = 4 d_model) whose parameter count is closest to
+    ``target``; d_model runs over multiples of ``step``."""
+    best = None
+    for d in range(step, 2049, step):
+        trial = json.loads(json.dumps(raw))
+        trial["model"].update(d_model=d, ffn_dim=4 * d)
+        n = count_parameters(Config.from_dict(trial), src_vocab, tgt_vocab)
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (trial, n)
+        if n > target:
+            break
+    return best[0]
+
+
+def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int) -> dict[str, dict]:
+    m = base["model"]
+    base_params = count_parameters(Config.from_dict(base), src_vocab, tgt_vocab)
+    layers = max(m.get("enc_layers", 3), 1)
+    heads = m.get("n_heads", 4)
+
+    def variant(**sections) -> dict:
+        raw = json.loads(json.dumps(base))
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+
+    if name == "depth":
+        deep, wide = 2 * layers, max(1, (2 * layers) // 3)
+        return {
+            f"deep-thin {deep}+{deep}": match_width(
+                variant(model={"enc_layers": deep, "dec_layers": deep}), base_params,
+                src_vocab, tgt_vocab, 2 * heads),
+            f"shallow-wide {wide}+{wide}": match_width(
+                variant(model={"enc_layers": wide, "dec_layers": wide}), base_params,
+                src_vocab, tgt_vocab, 2 * heads),
+        }
+    if name == "norm":
+        return {"post-LN": variant(model={"norm": "post", "norm_type": "layernorm"}),
+                "pre-LN": variant(model={"norm": "pre", "norm_type": "layernorm"}),
+                "pre-BatchNorm": variant(model={"norm": "pre", "norm_type": "batchnorm"})}
+    if name == "sampling":
+        return {"teacher forcing": variant(train={"scheduled_sampling": "off"}),
+                "scheduled sampling": variant(train={"scheduled_sampling": "inverse_sigmoid",
+                                                     "ss_k": 300.0, "ss_max_prob": 0.25})}
+    if name == "rnn":
+        lstm = variant(model={"arch": "lstm", "enc_layers": 2, "dec_layers": 2,
+                              "rnn_attention": "luong"})
+        return {"transformer": variant(),
+                "lstm": match_width(lstm, base_params, src_vocab, tgt_vocab, 2)}
+    raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+
+
+EXPERIMENTS = {"depth": 2, "norm": 3, "sampling": 2, "rnn": 2}  # name -> number of variants
+
+
+def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20) -> list[float]:
+    """Per output position i: the share of outputs whose token i differs from token i of the
+    closest reference (a missing token counts as wrong), over outputs whose reference has one."""
+    from encdec.metrics import edit_distance
+
+    wrong = [0] * max_pos
+    total = [0] * max_pos
+    for hyp, ref_list in zip(hyps, refs):
+        h = hyp.split()
+        ref = min((r.split() for r in ref_list), key=lambda r: edit_distance(h, r))
+        for i in range(min(len(ref), max_pos)):
+            total[i] += 1
+            wrong[i] += i >= len(h) or h[i] != ref[i]
+    return [100.0 * w / t if t else float("nan") for w, t in zip(wrong, total)]
+
+
+def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
+                   minutes: float | None = None, overrides: list[str] | None = None,
+                   log=print) -> list[dict]:
+    import yaml
+
+    from encdec.data.prepare import load_meta
+    from encdec.evaluate import evaluate
+    from encdec.train import train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load(Path(base_config).read_text(encoding="utf-8"))
+    for item in overrides or []:
+        apply_override(base, item)
+    minutes = minutes if minutes is not None else 50.0 / EXPERIMENTS[name]
+    meta = load_meta(Config.from_dict(base).data.dir)
+    variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"])
+    rows = []
+    for label, raw in variants.items():
+        slug = label.replace(" ", "-").replace("+", "x")
+        raw.setdefault("train", {}).update(run_dir=str(out / slug), max_minutes=minutes)
+        cfg = Config.from_dict(raw, source=f"{name}/{label}")
+        params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
+        log(f"== {name}: {label} ({params / 1e6:.2f}M parameters, {minutes:g} min)")
+        state = train(cfg, log=lambda *a: None)
+        result = evaluate(cfg.train.run_dir, split="test", method="greedy")
+        records = [json.loads(line) for line in
+                   (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        hyps = (Path(result["written_to"]).with_suffix(".hyp")).read_text(encoding="utf-8")
+        row = {"variant": label, "parameters": params,
+               "layers": f"{cfg.model.enc_layers}+{cfg.model.dec_layers}",
+               "d_model": cfg.model.d_model, "steps": state["step"],
+               "train_tok_s": round(statistics.median(speeds)) if speeds else None,
+               **{f"test_{k}": round(v, 2) for k, v in result["scores"].items()
+                  if isinstance(v, float)},
+               "_curve": [(r["elapsed_s"] / 60, r.get(f"valid_{_key(result['metric'])}"))
+                          for r in records if "valid_loss" in r],
+               "_hyps": hyps.splitlines()}
+        rows.append(row)
+        log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
+    refs = [json.loads(line)["refs"] for line in
+            (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
+    _write(name, out, rows, refs, minutes)
+    return rows
+
+
+def _key(metric: str) -> str:
+    return "wer" if metric == "g2p" else "bleu"
+
+
+def _write(name: str, out: Path, rows: list[dict], refs, minutes: float) -> None:
+    fields = [k for k in rows[0] if not k.startswith("_")]
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in fields} for r in rows)
+    lines = [f"# experiment `{name}` ({minutes:g} min per variant, test split, greedy)", "",
+             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(str(r[k]) for k in fields) + " |" for r in rows]
+    positions = None
+    if name == "sampling":
+        positions = {r["variant"]: error_by_position(r["_hyps"], refs) for r in rows}
+        lines += ["", "Error rate (%) by output position (1-based):", "",
+                  "| variant | " + " | ".join(str(i + 1) for i in range(10)) + " |",
+                  "|---|" + "---|" * 10]
+        lines += [f"| {v} | " + " | ".join(f"{e:.1f}" for e in errs[:10]) + " |"
+                  for v, errs in positions.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if positions else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for r in rows:
+        pts = [(t, v) for t, v in r["_curve"] if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["variant"])
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("dev metric (greedy)")
+    ax.set_title(f"{name}: dev metric during training")
+    ax.legend()
+    if positions:
+        ax = axes[0][1]
+        for v, errs in positions.items():
+            ax.plot(range(1, len(errs) + 1), errs, marker=".", label=v)
+        ax.set_xlabel("output position")
+        ax.set_ylabel("error rate (%)")
+        ax.set_title("test errors by output position")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=100)
+    plt.close(fig)
+
+
