@@ -9,7 +9,8 @@ the reference). Every client keeps one HTTP/1.1 connection open and sends one in
 (words or sentences from the run's test split, in turn), using the run's decoding defaults.
 Printed per mode: requests/s, p50/p90/p99 latency, errors, and the ratio of requests/s against
 the single mode. ``--hostile K`` adds K clients that send malformed JSON, wrong types, too many
-inputs and oversized bodies as fast as they can, to show what bad traffic costs the others.
+inputs and oversized bodies (``--hostile-rate`` per second each; 0 = as fast as they can), to
+show what bad traffic costs the others.
 """
 
 from __future__ import annotations
@@ -78,9 +79,14 @@ async def request(reader, writer, body: bytes) -> tuple[int, bytes]:
 
 
 async def client(port: int, bodies, stop_at: float, latencies: list, errors: list,
-                 timeout: float) -> None:
+                 timeout: float, rate: float = 0.0) -> None:
+    """Requests back to back, or at most ``rate`` per second when rate > 0."""
     reader = writer = None
+    next_at = time.perf_counter()
     while time.perf_counter() < stop_at:
+        if rate > 0:
+            next_at += 1.0 / rate
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
         body = next(bodies)
         try:
             if writer is None:
@@ -110,7 +116,7 @@ def hostile_bodies():
 
 
 async def load(port: int, texts: list[str], clients: int, hostile: int, seconds: float,
-               timeout: float) -> dict:
+               timeout: float, hostile_rate: float = 0.0) -> dict:
     bodies = itertools.cycle([json.dumps({"inputs": [t]}).encode() for t in texts])
     latencies: list[float] = []
     errors: list[str] = []
@@ -119,7 +125,7 @@ async def load(port: int, texts: list[str], clients: int, hostile: int, seconds:
     start = time.perf_counter()
     stop_at = start + seconds
     tasks = [client(port, bodies, stop_at, latencies, errors, timeout) for _ in range(clients)]
-    tasks += [client(port, hostile_bodies(), stop_at, junk, refused, timeout)
+    tasks += [client(port, hostile_bodies(), stop_at, junk, refused, timeout, hostile_rate)
               for _ in range(hostile)]
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
@@ -145,6 +151,8 @@ def main() -> None:
     ap.add_argument("--modes", default="batched,single",
                     help="comma-separated: batched (dynamic batching), single (batch size 1)")
     ap.add_argument("--hostile", type=int, default=0, help="clients sending bad requests")
+    ap.add_argument("--hostile-rate", type=float, default=10.0,
+                    help="bad requests per second per hostile client (0: as fast as possible)")
     ap.add_argument("--threads", type=int, default=2, help="server CPU threads")
     ap.add_argument("--timeout", type=float, default=120, help="client timeout per request (s)")
     ap.add_argument("--serve", nargs="*", default=[], help="extra serve.* overrides for all modes")
@@ -172,7 +180,7 @@ def main() -> None:
         try:
             asyncio.run(load(port, texts, min(8, args.clients), 0, 3, args.timeout))  # warm up
             res = asyncio.run(load(port, texts, args.clients, args.hostile, args.seconds,
-                                   args.timeout))
+                                   args.timeout, args.hostile_rate))
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as r:
                 health = json.loads(r.read())
             res["server_alive_after"] = health["status"] == "ok"
