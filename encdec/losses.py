@@ -13,17 +13,21 @@ from encdec.data.vocab import EOS, PAD
 def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
     """Summed loss and summed NLL over ``target`` (N,) given ``logits`` (N, V).
 
-    The smoothed loss spreads ``smoothing`` uniformly over the vocabulary (Szegedy et al.);
-    the plain NLL is returned as well because it is what perplexity is made of.
+    The smoothed loss spreads ``smoothing`` uniformly over the vocabulary (Szegedy et al.):
+    (1 - smoothing) * NLL + smoothing * mean over the vocabulary of -log p, as in
+    ``F.cross_entropy(label_smoothing=...)``. The plain NLL, what perplexity is made of, comes
+    from the same log-softmax: with large vocabularies a second pass over the logits costs
+    several percent of a training step. PAD targets are ignored.
     """
-    logits = logits.float()
-    loss = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="sum",
-                           ignore_index=PAD)
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    keep = target.ne(PAD)
+    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (N,)
     if smoothing == 0.0:
+        loss = nll.sum()
         return loss, loss.detach()
-    with torch.no_grad():
-        nll = F.cross_entropy(logits, target, reduction="sum", ignore_index=PAD)
-    return loss, nll
+    smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (N,)
+    loss = ((1.0 - smoothing) * nll + smoothing * smooth).sum()
+    return loss, nll.sum().detach()
 
 
 def sampling_prob(step: int, cfg) -> float:

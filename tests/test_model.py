@@ -37,3 +37,23 @@ def test_tied_output_and_parameter_count():
     assert model.output.weight is model.tgt_embed.tokens.weight
     n = sum(p.numel() for p in model.parameters())
     assert 5.5e6 < n < 5.6e6  # g2p-small, as in the peer table
+
+
+def test_label_smoothed_nll_equals_cross_entropy():
+    import torch.nn.functional as F
+
+    from encdec.losses import label_smoothed_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, requires_grad=True)
+    target = torch.tensor([3, 0, 5, 10, 4, 0, 1])  # 0 is PAD: ignored
+    for smoothing in (0.0, 0.1):
+        loss, nll = label_smoothed_nll(logits, target, smoothing)
+        ref = F.cross_entropy(logits, target, label_smoothing=smoothing, ignore_index=0,
+                              reduction="sum")
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(nll, F.cross_entropy(logits, target, ignore_index=0,
+                                                        reduction="sum"))
+        g1, = torch.autograd.grad(loss, logits)
+        g2, = torch.autograd.grad(ref, logits)
+        torch.testing.assert_close(g1, g2)
