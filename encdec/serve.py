@@ -375,6 +375,9 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
             except UnicodeEncodeError:
                 raise RequestError(422, f"inputs[{i}]", "not valid Unicode text (a lone "
                                                         "surrogate code point)") from None
+        if req.nbest > cfg.max_beam:
+            raise RequestError(422, "nbest", f"nbest {req.nbest} is over this server's limit "
+                                             f"of {cfg.max_beam}")
         if req.beam is not None and req.beam > cfg.max_beam:
             raise RequestError(422, "beam", f"beam {req.beam} is over this server's limit "
                                             f"of {cfg.max_beam}")

@@ -132,6 +132,7 @@ def test_limits(server):
     ({"inputs": ["a"], "beam": 2.5}, "beam"),
     ({"inputs": ["a"], "nbest": 3, "beam": 2}, "nbest"),
     ({"inputs": ["a"], "nbest": 2, "beam": 1}, "nbest"),
+    ({"inputs": ["a"], "nbest": 7, "method": "sample"}, "nbest"),
     ({"inputs": ["a"], "return_attention": "yes"}, "return_attention"),
     ({"inputs": ["a"], "method": "best"}, "method"),
     ({"inputs": ["a"], "temperature": -1}, "temperature"),
