@@ -354,10 +354,9 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
                     for h in nbest[: req.nbest]]
             out.append(Result(src_tokens=nbest[0].src_tokens if nbest else [], hypotheses=hyps,
                               warnings=[m for j, m in warnings if j == i]))
-        decode = {k: v for k, v in settings.items()}
         return TranslateResponse(outputs=[r.hypotheses[0].text if r.hypotheses else ""
                                           for r in out],
-                                 results=out, decode=decode, batch_inputs=batch_inputs,
+                                 results=out, decode=settings, batch_inputs=batch_inputs,
                                  time_ms=round((time.perf_counter() - t0) * 1000, 2))
 
     def _check(req) -> dict:
