@@ -119,7 +119,7 @@ def _experiment(args) -> None:
 
     out = args.out or f"runs/experiment-{args.name}"
     run_experiment(args.name, out, base_config=args.config, minutes=args.minutes,
-                   overrides=args.overrides)
+                   steps=args.steps, overrides=args.overrides)
     print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
@@ -141,7 +141,7 @@ def _decode_overrides(args) -> dict:
     return {"beam_size": args.beam, "method": method, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "iterations": args.iterations, "length_beam": args.length_beam,
-            "length_scale": args.length_scale}
+            "length_scale": args.length_scale, "batch_size": args.batch_size}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--beam", type=int, help="beam size (1 = greedy)")
         q.add_argument("--method", choices=["greedy", "beam", "sample"])
         q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+        q.add_argument("--batch-size", type=int,
+                       help="inputs decoded together (default: the run's decode.batch_size)")
         q.add_argument("--length-penalty", type=float, help="beam: score / length**penalty")
         q.add_argument("--temperature", type=float, help="sampling temperature")
         q.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
@@ -236,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("overrides", nargs="*", help="overrides of the base config for every variant")
     ex.add_argument("--config", default="configs/g2p-small.yaml", help="base config")
     ex.add_argument("--minutes", type=float,
-                    help="training minutes per variant (default: 50 / number of variants)")
+                    help="training minutes per variant (default, when --steps is not given: "
+                         "50 / number of variants)")
+    ex.add_argument("--steps", type=int,
+                    help="optimizer steps per variant: the same work for each, reproducible")
     ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
     ex.set_defaults(func=_experiment)
 

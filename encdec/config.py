@@ -45,7 +45,7 @@ class ModelConfig:
     rnn_attention: str = "luong"  # luong (multiplicative) | bahdanau (additive)
     rnn_bidirectional: bool = True  # bidirectional encoder (d_model / 2 per direction)
     # Non-autoregressive (arch: nat) only:
-    nat_objective: str = "cmlm"  # cmlm (random masking) | glat (glancing)
+    nat_objective: str = "cmlm"  # cmlm (random masking) | glat (glancing) | glat_cmlm (half each)
     glat_ratio: float = 0.5  # glat: reveal this fraction of the first pass's wrong tokens
     length_offset: int = 64  # length predictor classes: target - source length in [-n, n]
     length_loss_weight: float = 0.1  # weight of the length loss (per sentence)
@@ -255,7 +255,7 @@ _CHOICES = {
     ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("decode", "method"): ("greedy", "beam", "sample", "nat"),
-    ("model", "nat_objective"): ("cmlm", "glat"),
+    ("model", "nat_objective"): ("cmlm", "glat", "glat_cmlm"),
     ("model", "rnn_attention"): ("luong", "bahdanau"),
     ("train", "scheduled_sampling"): ("off", "linear", "exponential", "inverse_sigmoid"),
 }

@@ -1,9 +1,12 @@
 """`encdec experiment NAME`: claims about sequence models, checked on real data in one command.
 
 Each experiment trains a few variants of a base config (``configs/g2p-small.yaml`` on the
-``g2p-cmudict`` recipe by default) for the same number of minutes with the same seed, evaluates
-each on the test split, and writes ``results.csv``, ``results.md`` and ``plot.png`` (dev metric
-against training time; for ``sampling`` also the error rate by output position):
+``g2p-cmudict`` recipe by default) for the same budget with the same seed, evaluates each on
+the test split, and writes ``results.csv``, ``results.md`` and ``plot.png`` (dev metric against
+training time or steps; for ``sampling`` also the error rate by output position). The budget is
+either wall-clock minutes per variant (``--minutes``: what a user with this machine gets, but
+it moves with the machine's load) or optimizer steps (``--steps``: the same work for each
+variant, and a rerun on the same machine and thread count gives the same numbers).
 
 * ``depth``    deep-thin (2L layers) vs shallow-wide (2L/3 layers) at the base's parameter count
 * ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
@@ -101,8 +104,8 @@ def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20)
 
 
 def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
-                   minutes: float | None = None, overrides: list[str] | None = None,
-                   log=print) -> list[dict]:
+                   minutes: float | None = None, steps: int | None = None,
+                   overrides: list[str] | None = None, log=print) -> list[dict]:
     import yaml
 
     from encdec.data.prepare import load_meta
@@ -114,17 +117,28 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
     base = yaml.safe_load(Path(base_config).read_text(encoding="utf-8"))
     for item in overrides or []:
         apply_override(base, item)
-    minutes = minutes if minutes is not None else 50.0 / EXPERIMENTS[name]
+    if minutes is None and steps is None:
+        minutes = 50.0 / EXPERIMENTS[name]
+    budget = " and ".join(([f"{minutes:g} min"] if minutes else []) +
+                          ([f"{steps} steps"] if steps else []))
     meta = load_meta(Config.from_dict(base).data.dir)
     variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"])
     rows = []
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")
-        raw.setdefault("train", {}).update(run_dir=str(out / slug), max_minutes=minutes)
+        t = raw.setdefault("train", {})
+        t["run_dir"] = str(out / slug)
+        if minutes:
+            t["max_minutes"] = minutes
+        if steps:
+            t["max_steps"] = steps
+            t["valid_every"] = max(25, steps // 8)  # about eight points on the dev curve
+            if not minutes:
+                t["max_minutes"] = 0
         cfg = Config.from_dict(raw, source=f"{name}/{label}")
         params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
-        log(f"== {name}: {label} ({params / 1e6:.2f}M parameters, {minutes:g} min)")
-        state = train(cfg, log=lambda *a: None)
+        log(f"== {name}: {label} ({params / 1e6:.2f}M parameters, {budget})")
+        state = train(cfg, log=lambda *a: None, progress=False)
         result = evaluate(cfg.train.run_dir, split="test", method="greedy")
         records = [json.loads(line) for line in
                    (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -133,17 +147,19 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         row = {"variant": label, "parameters": params,
                "layers": f"{cfg.model.enc_layers}+{cfg.model.dec_layers}",
                "d_model": cfg.model.d_model, "steps": state["step"],
+               "train_min": round(state["elapsed"] / 60, 1),
                "train_tok_s": round(statistics.median(speeds)) if speeds else None,
                **{f"test_{k}": round(v, 2) for k, v in result["scores"].items()
                   if isinstance(v, float)},
-               "_curve": [(r["elapsed_s"] / 60, r.get(f"valid_{_key(result['metric'])}"))
+               "_curve": [(r["step"] if steps else r["elapsed_s"] / 60,
+                           r.get(f"valid_{_key(result['metric'])}"))
                           for r in records if "valid_loss" in r],
                "_hyps": hyps.splitlines()}
         rows.append(row)
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
     refs = [json.loads(line)["refs"] for line in
             (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
-    _write(name, out, rows, refs, minutes)
+    _write(name, out, rows, refs, budget, "steps" if steps else "training minutes")
     return rows
 
 
@@ -151,13 +167,13 @@ def _key(metric: str) -> str:
     return "wer" if metric == "g2p" else "bleu"
 
 
-def _write(name: str, out: Path, rows: list[dict], refs, minutes: float) -> None:
+def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: str) -> None:
     fields = [k for k in rows[0] if not k.startswith("_")]
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: r[k] for k in fields} for r in rows)
-    lines = [f"# experiment `{name}` ({minutes:g} min per variant, test split, greedy)", "",
+    lines = [f"# experiment `{name}` ({budget} per variant, test split, greedy)", "",
              "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(str(r[k]) for k in fields) + " |" for r in rows]
     positions = None
@@ -181,7 +197,7 @@ def _write(name: str, out: Path, rows: list[dict], refs, minutes: float) -> None
     for r in rows:
         pts = [(t, v) for t, v in r["_curve"] if v is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["variant"])
-    ax.set_xlabel("training minutes")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("dev metric (greedy)")
     ax.set_title(f"{name}: dev metric during training")
     ax.legend()

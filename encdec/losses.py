@@ -88,6 +88,9 @@ def nat_loss(model, batch, smoothing: float):
     * cmlm: mask n ~ U{1..L} random target positions; predict them from the rest.
     * glat: a first pass from all-[MASK] input (no gradient) counts the wrong tokens d; then
       ``glat_ratio * d`` random reference tokens are revealed and the rest predicted.
+    * glat_cmlm: each sentence one way or the other, with equal chance. Glancing alone, late
+      in training, reveals few tokens, so the model rarely sees the partly observed inputs that
+      Mask-Predict's later passes give it; the CMLM half keeps those in the training mix.
 
     The token loss is the mean over predicted positions, scaled to the batch's target-token
     count so the trainer's normalization gives that mean. The length loss (cross-entropy of
@@ -98,15 +101,20 @@ def nat_loss(model, batch, smoothing: float):
     tgt = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS), PAD)  # (B, T): no EOS in NAT output
     real = tgt.ne(PAD)
     lengths = real.sum(dim=1)
-    if cfg.nat_objective == "cmlm":
+    predict = None
+    if cfg.nat_objective in ("cmlm", "glat_cmlm"):
         counts = (torch.rand(lengths.shape, device=tgt.device) * lengths).long() + 1  # 1..L
         predict = _random_subset(real, counts)
-    else:  # glat
+    if cfg.nat_objective in ("glat", "glat_cmlm"):
         with torch.no_grad():
             hidden, _ = core(batch.src_tokens, tgt, torch.zeros_like(real))
             wrong = (core.logits(hidden).argmax(-1).ne(tgt) & real).sum(dim=1)
-        reveal = _random_subset(real, (wrong.float() * cfg.glat_ratio).long())
-        predict = real & ~reveal
+        glancing = real & ~_random_subset(real, (wrong.float() * cfg.glat_ratio).long())
+        if predict is None:
+            predict = glancing
+        else:  # glat_cmlm: each sentence is trained one way or the other, half and half
+            use_glat = torch.rand(lengths.shape, device=tgt.device) < 0.5
+            predict = torch.where(use_glat[:, None], glancing, predict)
     hidden, length_logits = model(batch.src_tokens, tgt, real & ~predict)
     n_predict = predict.sum().clamp(min=1)
     loss, nll = label_smoothed_nll(core.logits(hidden[predict]), tgt[predict], smoothing)

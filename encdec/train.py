@@ -95,6 +95,8 @@ class MetricsLog:
 
 
 class Trainer:
+    progress = True  # the tqdm bar (on the main process)
+
     def __init__(self, cfg: Config, resume: bool = False, log=print):
         self.cfg = cfg
         t = cfg.train
@@ -308,7 +310,7 @@ class Trainer:
                  f"{len(self._batches)} batches/epoch/process, {self.dist.world_size} process(es), "
                  f"device {self.device}")
         bar = tqdm(total=t.max_steps or None, initial=self.state["step"], unit="step",
-                   disable=not self.dist.is_main, dynamic_ncols=True, mininterval=1.0)
+                   disable=not (self.dist.is_main and self.progress), dynamic_ncols=True, mininterval=1.0)
         start = time.perf_counter() - self.state["elapsed"]
         window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
         reason = ""
@@ -360,8 +362,9 @@ class Trainer:
         return dict(self.state)
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> dict:
+def train(cfg: Config, resume: bool = False, log=print, progress: bool = True) -> dict:
     trainer = Trainer(cfg, resume=resume, log=log)
+    trainer.progress = progress
     try:
         return trainer.fit()
     finally:

@@ -2,6 +2,7 @@
 scripted model, length_scale, distillation, and a NAT run through the ordinary CLI."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -55,7 +56,7 @@ def _batch(tiny_data, n=6):
     return collate(BinarizedSplit(tiny_data, "train"), np.arange(n))
 
 
-@pytest.mark.parametrize("objective", ["cmlm", "glat"])
+@pytest.mark.parametrize("objective", ["cmlm", "glat", "glat_cmlm"])
 def test_nat_loss_is_token_mean_plus_weighted_length_loss(tiny_data, objective):
     from encdec.data.assets import load_assets
     assets = load_assets(tiny_data)
@@ -102,7 +103,10 @@ class ScriptedNAT:
     def lengths_of_classes(self, enc, classes):
         return classes
 
-    def decode_parallel(self, tokens, observed, enc, need_attention=False):
+    def project_memory(self, enc):
+        return None
+
+    def decode_parallel(self, tokens, observed, enc, need_attention=False, memory=None):
         i = len(self.seen)
         self.seen.append((tokens.clone(), observed.clone()))
         N, T = tokens.shape
@@ -116,6 +120,34 @@ class ScriptedNAT:
 
     def logits(self, hidden):
         return hidden
+
+
+def test_shared_memory_equals_replicated_encoder_output(tiny_data):
+    """decode_parallel with the memory projected once for groups of rows gives the hidden
+    states and attention of the plain path on a row-replicated encoder output."""
+    from encdec.data.assets import load_assets
+    from encdec.models.base import EncoderOut
+    assets = load_assets(tiny_data)
+    cfg = ModelConfig(arch="nat", d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64,
+                      dropout=0.0, length_offset=4)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(assets.src_vocab), len(assets.tgt_vocab)).eval()
+    src = torch.tensor([[5, 6, 7, 8], [9, 5, PAD, PAD]])
+    enc = model.encode(src)
+    L = 3
+    lengths = torch.tensor([4, 3, 5, 2, 1, 3])  # L candidate lengths per input
+    tokens = torch.full((6, 5), PAD)
+    for r, n in enumerate(lengths.tolist()):
+        tokens[r, :n] = torch.randint(4, len(assets.tgt_vocab), (n,))
+    observed = tokens.ne(PAD) & (torch.rand(6, 5) < 0.5)
+    rows = torch.arange(2).repeat_interleave(L)
+    plain = EncoderOut(enc.memory[rows], enc.memory_mask[rows])
+    h1, w1 = model.decode_parallel(tokens, observed, plain, need_attention=True)
+    h2, w2 = model.decode_parallel(tokens, observed, enc, need_attention=True,
+                                   memory=model.project_memory(enc))
+    real = tokens.ne(PAD)
+    torch.testing.assert_close(h1[real], h2[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1[real], w2[real], rtol=1e-5, atol=1e-6)
 
 
 def test_mask_predict_remasks_the_least_confident_positions():
@@ -145,10 +177,14 @@ def test_single_pass_and_length_beam():
     model.confidences = [[0.3, 0.3, 0.3]]
     one = mask_predict(model, torch.tensor([[4, 5]]), iterations=1, length_beam=1)[0]
     assert len(one) == 1 and len(one[0].tokens) == 3
-    model = ScriptedNAT([0, 0, 0.4, 0.6], [[0.9, 0.9, 0.3]])
-    two = mask_predict(model, torch.tensor([[4, 5]]), iterations=1, length_beam=2, nbest=2)[0]
-    assert [len(h.tokens) for h in two] == [2, 3]  # mean log-prob decides, not the length score
-    assert two[0].score > two[1].score
+    # Candidates rank by mean token log-prob + length log-prob.
+    for conf, order in (([0.99, 0.99, 0.5], [2, 3]), ([0.99, 0.99, 0.9], [3, 2])):
+        model = ScriptedNAT([0, 0, 0.45, 0.55], [conf])
+        two = mask_predict(model, torch.tensor([[4, 5]]), iterations=1, length_beam=2, nbest=2)[0]
+        assert [len(h.tokens) for h in two] == order
+        expected = {n: math.log(p) + sum(math.log(c) for c in conf[:n]) / n
+                    for n, p in ((2, 0.45), (3, 0.55))}
+        assert [h.score for h in two] == pytest.approx([expected[n] for n in order], rel=1e-5)
 
 
 @pytest.mark.parametrize("scale, expected", [(1.0, 6), (0.5, 3), (1.5, 9), (0.1, 1), (3.0, 10)])

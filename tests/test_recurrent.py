@@ -1,5 +1,7 @@
 """Recurrent baselines through the shared search, scheduled sampling, and normalization choice."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -195,6 +197,24 @@ def test_experiments_write_tables_and_plots(name, tiny_data, tmp_path):
     if name in ("depth", "rnn"):  # parameter counts matched within 10 %
         counts = [int(r["parameters"]) for r in rows]
         assert max(counts) / min(counts) < 1.1, counts
+
+
+def test_step_budgeted_experiments_are_reproducible(tiny_data, tmp_path):
+    import csv
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
+    tables = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["experiment", "norm", "--config", str(cfg), "--out", str(out), "--steps", "5",
+                     "train.valid_max_inputs=8"]) == 0
+        rows = list(csv.DictReader(open(out / "results.csv")))
+        assert [int(r["steps"]) for r in rows] == [5, 5, 5]
+        losses = [json.loads(line).get("valid_loss") for line in
+                  (out / "pre-BatchNorm" / "metrics.jsonl").read_text().splitlines()]
+        tables.append(([{k: v for k, v in r.items() if k not in ("train_tok_s", "train_min")}
+                        for r in rows], [x for x in losses if x is not None]))
+    assert tables[0][1] and tables[0] == tables[1]  # bit-identical dev losses too
+    assert "5 steps per variant" in (tmp_path / "b" / "results.md").read_text()
 
 
 def test_error_by_position():

@@ -52,29 +52,40 @@ class NATransformer(TransformerSeq2Seq):
         return src_lengths + classes - self.length_offset
 
     # ---- parallel decoder ----------------------------------------------------------------
-    def decode_parallel(self, tgt_tokens: torch.Tensor, observed: torch.Tensor,
-                        encoder_out: EncoderOut, need_attention: bool = False):
-        """Hidden states (B, T, d) for all positions at once, and last-layer cross-attention.
+    def project_memory(self, encoder_out: EncoderOut) -> list[dict]:
+        """Each decoder layer's cross-attention keys and values of the encoder output: computed
+        once per input and reused by every Mask-Predict pass and every candidate length."""
+        return [dict(zip(("cross_k", "cross_v"), layer.cross_attn.project_memory(encoder_out.memory)))
+                for layer in self.decoder]
 
-        tgt_tokens (B, T): PAD beyond each row's length; elsewhere the token, read only where
-        ``observed`` (B, T) is True — other positions get the [MASK] vector.
+    def decode_parallel(self, tgt_tokens: torch.Tensor, observed: torch.Tensor,
+                        encoder_out: EncoderOut, need_attention: bool = False,
+                        memory: list[dict] | None = None):
+        """Hidden states (N, T, d) for all positions at once, and last-layer cross-attention.
+
+        tgt_tokens (N, T): PAD beyond each row's length; elsewhere the token, read only where
+        ``observed`` (N, T) is True — other positions get the [MASK] vector.
+        Without ``memory``, encoder_out has N rows. With ``memory`` (``project_memory`` of an
+        encoder output of G rows), encoder_out is that output and rows come in G groups of
+        N / G consecutive rows (e.g. the candidate lengths of one input) sharing its memory.
         """
-        real = tgt_tokens.ne(PAD)  # (B, T)
+        real = tgt_tokens.ne(PAD)  # (N, T)
         shown = tgt_tokens.masked_fill(~observed, PAD)  # PAD's embedding is zero
         emb = self.tgt_embed
         x = emb.tokens(shown) * emb.scale + emb.positions(tgt_tokens.size(1))
         x = x + (real & ~observed).unsqueeze(-1).to(x.dtype) * self.mask_embed
         x = emb.dropout(x)
-        self_mask = real[:, None, None, :]  # (B, 1, 1, T): padding is never attended to
+        self_mask = real[:, None, None, :]  # (N, 1, 1, T): padding is never attended to
         memory_mask = encoder_out.memory_mask[:, None, None, :]
         weights = None
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
-            x, weights = layer(x, encoder_out.memory, memory_mask, causal=False,
+            cache = None if memory is None else {"self": None, **memory[i]}
+            x, weights = layer(x, encoder_out.memory, memory_mask, cache=cache, causal=False,
                                self_mask=self_mask, need_attention=need_attention and last,
                                pad_mask=real)
         if weights is not None:
-            weights = weights.mean(dim=1)  # (B, T, S)
+            weights = weights.mean(dim=1)  # (N, T, S)
         return self._final_norm(x, real), weights
 
     def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor,
