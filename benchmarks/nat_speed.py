@@ -2,7 +2,7 @@
 
     python benchmarks/nat_speed.py --at RUN --nat NAME=RUN [NAME=RUN ...] [--split test]
                                    [--iterations 1,4,10] [--length-beam 1,3] [--repeats 2]
-                                   [--batch-size 64] [--device cpu|cuda]
+                                   [--batch-size 64] [--device cpu|cuda] [--limit N]
 
 Rows: AT greedy, AT beam 5, and each NAT run at each number of Mask-Predict iterations. Each row
 decodes the whole split with batch 64 by default (tokenization and detokenization included); rows run in
@@ -36,12 +36,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N inputs of the split")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     at = Translator.from_run(args.at, device=args.device)
     entries = read_eval(at.cfg.data.dir, args.split)
+    entries = entries[:args.limit] if args.limit else entries
     texts, refs = [e["src"] for e in entries], [e["refs"] for e in entries]
     metric = at.assets.meta["metric"]
     key = "wer" if metric == "g2p" else "bleu"

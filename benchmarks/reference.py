@@ -29,7 +29,8 @@ class ReferenceTransformer(nn.Module):
 
     def forward(self, src, tgt_in):
         T = tgt_in.size(1)
-        causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float32)
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=src.device,
+                                                                dtype=torch.float32)
         h = self.core(self.embed(self.src_embed, src), self.embed(self.tgt_embed, tgt_in),
                       tgt_mask=causal, src_key_padding_mask=src.eq(PAD),
                       tgt_key_padding_mask=tgt_in.eq(PAD), memory_key_padding_mask=src.eq(PAD),
@@ -49,7 +50,8 @@ class ReferenceTransformer(nn.Module):
         done = torch.zeros(src.size(0), dtype=torch.bool)
         for _ in range(max_len):
             T = ys.size(1)
-            causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float32)
+            causal = nn.Transformer.generate_square_subsequent_mask(T, device=src.device,
+                                                                dtype=torch.float32)
             h = self.core.decoder(self.embed(self.tgt_embed, ys), memory, tgt_mask=causal,
                                   memory_key_padding_mask=src.eq(PAD), tgt_is_causal=True)
             nxt = self.output(h[:, -1]).argmax(-1)
