@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -46,7 +47,22 @@ def match_width(raw: dict, target: int, src_vocab: int, tgt_vocab: int, step: in
     return best[0]
 
 
-def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int) -> dict[str, dict]:
+SS_MAX_PROB = 0.25
+
+
+def inverse_sigmoid_k(step: float, max_prob: float) -> float:
+    """The inverse-sigmoid ``k`` whose sampling probability 1 - k / (k + exp(step / k)) reaches
+    ``max_prob`` at ``step``: the root of step = k ln(k p / (1 - p)), by bisection."""
+    ratio = max_prob / (1.0 - max_prob)
+    lo, hi = max(2.0, 1.0 / ratio), 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid * math.log(mid * ratio) < step else (lo, mid)
+    return lo
+
+
+def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int,
+              steps: int | None = None) -> dict[str, dict]:
     m = base["model"]
     base_params = count_parameters(Config.from_dict(base), src_vocab, tgt_vocab)
     layers = max(m.get("enc_layers", 3), 1)
@@ -73,9 +89,12 @@ def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int) -> dict[str
                 "pre-LN": variant(model={"norm": "pre", "norm_type": "layernorm"}),
                 "pre-BatchNorm": variant(model={"norm": "pre", "norm_type": "batchnorm"})}
     if name == "sampling":
+        # With a step budget the schedule is scaled to it: sampling reaches its cap 40 % in.
+        k = inverse_sigmoid_k(0.4 * steps, SS_MAX_PROB) if steps else 300.0
         return {"teacher forcing": variant(train={"scheduled_sampling": "off"}),
                 "scheduled sampling": variant(train={"scheduled_sampling": "inverse_sigmoid",
-                                                     "ss_k": 300.0, "ss_max_prob": 0.25})}
+                                                     "ss_k": round(k, 1),
+                                                     "ss_max_prob": SS_MAX_PROB})}
     if name == "rnn":
         lstm = variant(model={"arch": "lstm", "enc_layers": 2, "dec_layers": 2,
                               "rnn_attention": "luong"})
@@ -122,7 +141,7 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) +
                           ([f"{steps} steps"] if steps else []))
     meta = load_meta(Config.from_dict(base).data.dir)
-    variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"])
+    variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"], steps)
     rows = []
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")

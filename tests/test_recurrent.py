@@ -217,6 +217,18 @@ def test_step_budgeted_experiments_are_reproducible(tiny_data, tmp_path):
     assert "5 steps per variant" in (tmp_path / "b" / "results.md").read_text()
 
 
+@pytest.mark.parametrize("step, cap", [(160, 0.25), (1000, 0.25), (50, 0.5)])
+def test_inverse_sigmoid_k_reaches_the_cap_at_the_step(step, cap):
+    from types import SimpleNamespace
+
+    from encdec.experiments import inverse_sigmoid_k
+    from encdec.losses import sampling_prob
+    cfg = SimpleNamespace(scheduled_sampling="inverse_sigmoid", ss_max_prob=1.0,
+                          ss_k=inverse_sigmoid_k(step, cap))
+    assert sampling_prob(step, cfg) == pytest.approx(cap, abs=1e-6)
+    assert sampling_prob(step // 2, cfg) < cap
+
+
 def test_error_by_position():
     from encdec.experiments import error_by_position
     errs = error_by_position(["A B C", "A X", "A B C D"], [["A B C"], ["A B C"], ["A B C E"]], 4)
