@@ -283,7 +283,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be positive")
-    if m.d_model % m.n_heads:
+    if m.arch in ("transformer", "nat") and m.d_model % m.n_heads:  # recurrent models have no heads
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     if m.enc_layers < 1 or m.dec_layers < 1:
         raise ConfigError("model.enc_layers and model.dec_layers must be at least 1")
