@@ -178,7 +178,8 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
     refs = [json.loads(line)["refs"] for line in
             (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
-    _write(name, out, rows, refs, budget, "steps" if steps else "training minutes")
+    metric = _key(meta["metric"]).upper()
+    _write(name, out, rows, refs, budget, "steps" if steps else "training minutes", metric)
     return rows
 
 
@@ -186,7 +187,8 @@ def _key(metric: str) -> str:
     return "wer" if metric == "g2p" else "bleu"
 
 
-def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: str) -> None:
+def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: str,
+           metric: str) -> None:
     fields = [k for k in rows[0] if not k.startswith("_")]
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -217,8 +219,8 @@ def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: s
         pts = [(t, v) for t, v in r["_curve"] if v is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["variant"])
     ax.set_xlabel(x_label)
-    ax.set_ylabel("dev metric (greedy)")
-    ax.set_title(f"{name}: dev metric during training")
+    ax.set_ylabel(f"dev {metric} (greedy)")
+    ax.set_title(f"{name}: dev {metric} during training")
     ax.legend()
     if positions:
         ax = axes[0][1]
