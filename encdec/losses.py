@@ -101,20 +101,21 @@ def nat_loss(model, batch, smoothing: float):
     tgt = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS), PAD)  # (B, T): no EOS in NAT output
     real = tgt.ne(PAD)
     lengths = real.sum(dim=1)
-    predict = None
-    if cfg.nat_objective in ("cmlm", "glat_cmlm"):
-        counts = (torch.rand(lengths.shape, device=tgt.device) * lengths).long() + 1  # 1..L
-        predict = _random_subset(real, counts)
-    if cfg.nat_objective in ("glat", "glat_cmlm"):
+    if cfg.nat_objective == "cmlm":
+        use_glat = torch.zeros_like(lengths, dtype=torch.bool)
+    elif cfg.nat_objective == "glat":
+        use_glat = torch.ones_like(lengths, dtype=torch.bool)
+    else:  # glat_cmlm: each sentence is trained one way or the other, half and half
+        use_glat = torch.rand(lengths.shape, device=tgt.device) < 0.5
+    counts = (torch.rand(lengths.shape, device=tgt.device) * lengths).long() + 1  # 1..L
+    predict = _random_subset(real, counts)  # CMLM: a random subset of the target positions
+    rows = use_glat.nonzero().squeeze(1)
+    if rows.numel():  # glancing: the first pass runs only on the sentences that use it
+        g_src, g_tgt, g_real = batch.src_tokens[rows], tgt[rows], real[rows]
         with torch.no_grad():
-            hidden, _ = core(batch.src_tokens, tgt, torch.zeros_like(real))
-            wrong = (core.logits(hidden).argmax(-1).ne(tgt) & real).sum(dim=1)
-        glancing = real & ~_random_subset(real, (wrong.float() * cfg.glat_ratio).long())
-        if predict is None:
-            predict = glancing
-        else:  # glat_cmlm: each sentence is trained one way or the other, half and half
-            use_glat = torch.rand(lengths.shape, device=tgt.device) < 0.5
-            predict = torch.where(use_glat[:, None], glancing, predict)
+            hidden, _ = core(g_src, g_tgt, torch.zeros_like(g_real))
+            wrong = (core.logits(hidden).argmax(-1).ne(g_tgt) & g_real).sum(dim=1)
+        predict[rows] = g_real & ~_random_subset(g_real, (wrong.float() * cfg.glat_ratio).long())
     hidden, length_logits = model(batch.src_tokens, tgt, real & ~predict)
     n_predict = predict.sum().clamp(min=1)
     loss, nll = label_smoothed_nll(core.logits(hidden[predict]), tgt[predict], smoothing)

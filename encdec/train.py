@@ -95,10 +95,9 @@ class MetricsLog:
 
 
 class Trainer:
-    progress = True  # the tqdm bar (on the main process)
-
-    def __init__(self, cfg: Config, resume: bool = False, log=print):
+    def __init__(self, cfg: Config, resume: bool = False, log=print, progress: bool = True):
         self.cfg = cfg
+        self.progress = progress  # the tqdm bar (on the main process)
         t = cfg.train
         self.device = pick_device(t.device)
         self.dist = dist.init(self.device.type)
@@ -310,7 +309,8 @@ class Trainer:
                  f"{len(self._batches)} batches/epoch/process, {self.dist.world_size} process(es), "
                  f"device {self.device}")
         bar = tqdm(total=t.max_steps or None, initial=self.state["step"], unit="step",
-                   disable=not (self.dist.is_main and self.progress), dynamic_ncols=True, mininterval=1.0)
+                   disable=not (self.dist.is_main and self.progress), dynamic_ncols=True,
+                   mininterval=1.0)
         start = time.perf_counter() - self.state["elapsed"]
         window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
         reason = ""
@@ -363,8 +363,7 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False, log=print, progress: bool = True) -> dict:
-    trainer = Trainer(cfg, resume=resume, log=log)
-    trainer.progress = progress
+    trainer = Trainer(cfg, resume=resume, log=log, progress=progress)
     try:
         return trainer.fit()
     finally:

@@ -84,6 +84,31 @@ def test_nat_loss_is_token_mean_plus_weighted_length_loss(tiny_data, objective):
                                                       rel=1e-4)
 
 
+@pytest.mark.parametrize("objective, first_pass", [("cmlm", None), ("glat", "all"),
+                                                      ("glat_cmlm", "some")])
+def test_glancing_pass_runs_only_on_glancing_sentences(tiny_data, objective, first_pass):
+    from encdec.data.assets import load_assets
+    assets = load_assets(tiny_data)
+    cfg = ModelConfig(arch="nat", d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
+                      dropout=0.0, length_offset=4, nat_objective=objective)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(assets.src_vocab), len(assets.tgt_vocab))
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append((args[0].size(0),
+                                                                  torch.is_grad_enabled())))
+    batch = _batch(tiny_data, n=16)
+    torch.manual_seed(3)
+    nat_loss(model, batch, 0.1)
+    first = [n for n, grad in calls if not grad]
+    assert calls[-1] == (16, True)  # the trained pass sees the whole batch
+    if first_pass is None:
+        assert first == []
+    elif first_pass == "all":
+        assert first == [16]
+    else:
+        assert len(first) == 1 and 0 < first[0] < 16
+
+
 class ScriptedNAT:
     """Mask-Predict's model contract with scripted confidences: pass i predicts token 10 + i at
     every position, with log-probability ``confidence[i][position]``; records what it saw."""

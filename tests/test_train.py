@@ -27,11 +27,13 @@ def test_end_to_end_cli(tiny_run, tiny_data, tmp_path):
     """prepare -> train (fixture) -> evaluate -> translate, each through the real CLI."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(tiny_run),
-                         "--split", "test", "--beam", "3"], capture_output=True, text=True, env=env)
+                         "--split", "test", "--beam", "3", "--batch-size", "7"],
+                        capture_output=True, text=True, env=env)
     assert ev.returncode == 0, ev.stderr
     assert "WER" in ev.stdout and "PER" in ev.stdout
     result = json.loads((tiny_run / "eval" / "test-beam3.json").read_text())
     assert result["decode"]["beam_size"] == 3 and result["inputs"] == 40
+    assert result["decode"]["batch_size"] == 7
     assert result["scores"]["wer"] < 100.0  # it learned something in 600 tiny steps
     tr = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tiny_run),
                          "--beam", "2", "--nbest", "2", "--scores"], input="abc\n\ncab\n",

@@ -4,8 +4,9 @@ Mask-Predict (Ghazvininejad et al., 2019): the first pass predicts every positio
 inputs. Each later pass t = 1 .. K-1 re-masks the n = L * (K - t) / K least confident tokens
 (linear decay) and predicts those again, seeing the others. With ``length_beam`` l, the l most
 likely lengths are decoded in parallel and the output with the highest score wins: the mean
-token log-probability plus the length's log-probability. ``length_scale`` multiplies each predicted length before decoding: below 1 shorter,
-above 1 longer output (for speech output, faster or slower speech).
+token log-probability plus the length's log-probability. ``length_scale`` multiplies each
+predicted length before decoding: below 1 shorter, above 1 longer output (for speech output,
+faster or slower speech).
 
 The model contract used here (``models/nat.py``): ``encode``, ``length_log_probs``,
 ``lengths_of_classes``, ``project_memory``, ``decode_parallel`` and ``logits``. The encoder
@@ -70,10 +71,10 @@ def mask_predict(model, src_tokens: torch.Tensor, *, iterations: int = 4, length
     # Candidates rank by log p(length) + the mean token log-probability: the mean alone
     # favours lengths the length predictor thinks unlikely (measured on G2P dev: worse WER
     # with a length beam of 3 than with 1).
-    mean_lp = (scores * real).sum(1) / lengths + top_lp.reshape(-1).float()  # (N,)
+    score = (scores * real).sum(1) / lengths + top_lp.reshape(-1).float()  # (N,)
     results: list[list[Hypothesis]] = []
     for b in range(B):
-        cands = sorted(range(b * L, (b + 1) * L), key=lambda r: -float(mean_lp[r]))[:nbest]
+        cands = sorted(range(b * L, (b + 1) * L), key=lambda r: -float(score[r]))[:nbest]
         hyps = []
         for r in cands:
             n = int(lengths[r])
@@ -81,6 +82,6 @@ def mask_predict(model, src_tokens: torch.Tensor, *, iterations: int = 4, length
             if attention is not None:
                 # One row per token, plus a zero row where autoregressive output has </s>.
                 attn = torch.cat([attention[r, :n], attention.new_zeros(1, attention.size(-1))])
-            hyps.append(Hypothesis(tokens[r, :n].tolist(), float(mean_lp[r]), attn))
+            hyps.append(Hypothesis(tokens[r, :n].tolist(), float(score[r]), attn))
         results.append(hyps)
     return results
