@@ -3,6 +3,7 @@
     python benchmarks/nat_speed.py --at RUN --nat NAME=RUN [NAME=RUN ...] [--split test]
                                    [--iterations 1,4,10] [--length-beam 1,3] [--repeats 2]
                                    [--batch-size 64] [--device cpu|cuda] [--limit N]
+                                   [--early-exit on,off]
 
 Rows: AT greedy, AT beam 5, and each NAT run at each number of Mask-Predict iterations. Each row
 decodes the whole split with batch 64 by default (tokenization and detokenization included); rows run in
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--limit", type=int, default=0, help="only the first N inputs of the split")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--early-exit", default="on",
+                    help="on, off or on,off: Mask-Predict stops refining an output a pass left "
+                         "unchanged (on) or always runs every pass (off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -53,8 +57,13 @@ def main() -> None:
         tr = Translator.from_run(run, device=args.device)
         for lb in (int(x) for x in args.length_beam.split(",")):
             for k in (int(x) for x in args.iterations.split(",")):
-                rows.append((f"NAT {name}, {k} iter, length beam {lb}", tr,
-                             {"method": "nat", "iterations": k, "length_beam": lb}))
+                for ee in args.early_exit.split(","):
+                    if k == 1 and ee == "off" and "on" in args.early_exit:
+                        continue  # one pass: nothing to exit early from
+                    label = f"NAT {name}, {k} iter, length beam {lb}"
+                    label += ", every pass" if ee == "off" and k > 1 else ""
+                    rows.append((label, tr, {"method": "nat", "iterations": k, "length_beam": lb,
+                                             "early_exit": ee == "on"}))
     speeds: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     quality: dict[str, float] = {}
     for _, tr, settings in rows:  # warm-up (allocator, kernels) outside the timings

@@ -89,6 +89,7 @@ def _evaluate(args) -> None:
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
     if d["method"] == "nat":
         how = f"nat, {d['iterations']} iteration(s), length beam {d['length_beam']}"
+        how += ", every pass" if not d["early_exit"] and d["iterations"] > 1 else ""
     if result["metric"] == "g2p":
         line = f"WER {s['wer']:.2f}%  PER {s['per']:.2f}%"
     else:
@@ -141,7 +142,8 @@ def _decode_overrides(args) -> dict:
     return {"beam_size": args.beam, "method": method, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "iterations": args.iterations, "length_beam": args.length_beam,
-            "length_scale": args.length_scale, "batch_size": args.batch_size}
+            "length_scale": args.length_scale, "batch_size": args.batch_size,
+            "early_exit": args.early_exit}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--length-beam", type=int, help="nat: candidate lengths decoded at once")
         q.add_argument("--length-scale", type=float,
                        help="nat: multiply predicted lengths (<1 shorter, >1 longer output)")
+        q.add_argument("--early-exit", action=argparse.BooleanOptionalAction,
+                       help="nat: stop refining an output once a pass leaves it unchanged "
+                            "(default: the run's decode.early_exit, normally on); "
+                            "--no-early-exit always runs every pass")
 
     ev = sub.add_parser("evaluate", help="decode and score a split")
     decode_args(ev)

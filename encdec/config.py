@@ -105,6 +105,7 @@ class DecodeConfig:
     iterations: int = 4  # refinement passes; 1 = single pass
     length_beam: int = 1  # most likely lengths decoded in parallel; best by mean log-probability
     length_scale: float = 1.0  # multiplies the predicted length (speed control for speech)
+    early_exit: bool = True  # stop refining an output once a pass leaves it unchanged
 
 
 @dataclass

@@ -44,6 +44,7 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         tag = f"{split}-nat{decode_cfg.iterations}"
         tag += f"-lb{decode_cfg.length_beam}" if decode_cfg.length_beam > 1 else ""
         tag += f"-ls{decode_cfg.length_scale:g}" if decode_cfg.length_scale != 1 else ""
+        tag += "-every-pass" if not decode_cfg.early_exit and decode_cfg.iterations > 1 else ""
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result["written_to"] = str(out_dir / f"{tag}.json")

@@ -214,7 +214,8 @@ async def _send_error(send, status: int, field: str, message: str) -> None:
 _REQUEST_TO_DECODE = {"beam": "beam_size", "method": "method", "nbest": "nbest",
                       "length_penalty": "length_penalty", "temperature": "temperature",
                       "top_k": "top_k", "top_p": "top_p", "iterations": "iterations",
-                      "length_beam": "length_beam", "length_scale": "length_scale"}
+                      "length_beam": "length_beam", "length_scale": "length_scale",
+                      "early_exit": "early_exit"}
 _DECODE_TO_REQUEST = {v: k for k, v in _REQUEST_TO_DECODE.items()}
 
 
@@ -244,6 +245,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
                                               description="nat models: candidate lengths")
         length_scale: Number | None = Field(None, gt=0, le=4,
                                             description="nat models: length multiplier")
+        early_exit: StrictBool | None = Field(
+            None, description="nat models: stop refining an output once a pass leaves it unchanged")
         return_attention: StrictBool = Field(False, description="cross-attention per output")
 
     class Hypothesis(BaseModel):

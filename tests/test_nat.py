@@ -113,9 +113,10 @@ class ScriptedNAT:
     """Mask-Predict's model contract with scripted confidences: pass i predicts token 10 + i at
     every position, with log-probability ``confidence[i][position]``; records what it saw."""
 
-    def __init__(self, length_probs, confidences, vocab=30):
+    def __init__(self, length_probs, confidences, vocab=30, tokens=None):
         self.length_probs = torch.tensor(length_probs)  # classes = lengths 0..C-1 here
         self.confidences = confidences
+        self.tokens = tokens  # token of pass i: tokens[i] (default 10 + i)
         self.vocab = vocab
         self.seen = []
 
@@ -138,7 +139,7 @@ class ScriptedNAT:
         conf = torch.tensor((self.confidences[i] + [0.5] * T)[:T])
         # Other tokens share the rest of the mass; token 10 + i gets probability conf.
         logits = torch.full((N, T, self.vocab), -30.0)
-        logits[:, :, 10 + i] = conf.log()
+        logits[:, :, self.tokens[i] if self.tokens else 10 + i] = conf.log()
         logits[:, :, 29] = (1 - conf).log()
         attn = torch.full((N, T, enc.memory.size(1)), 1.0 / enc.memory.size(1)) if need_attention else None
         return logits, attn
@@ -194,6 +195,52 @@ def test_mask_predict_remasks_the_least_confident_positions():
     assert out.attention.shape == (6, 3) and out.attention[-1].abs().sum() == 0
     # Observed positions are fed the tokens predicted before.
     assert model.seen[2][0][0].tolist()[:2] == [10, 11]
+
+
+@pytest.mark.parametrize("early_exit, passes", [(True, 2), (False, 3)])
+def test_early_exit_stops_once_a_pass_changes_nothing(early_exit, passes):
+    confidences = [[0.9, 0.6, 0.7, 0.65, 0.8], [0.55, 0.95, 0.9, 0.7, 0.6], [0.99] * 5]
+    model = ScriptedNAT([0, 0, 0, 0, 0, 1.0], confidences, tokens=[10, 10, 10])
+    out = mask_predict(model, torch.tensor([[5, 6, 7]]), iterations=3,
+                       early_exit=early_exit)[0][0]
+    # Pass 2 re-predicts positions 1, 3, 2 as the same tokens: with early exit, pass 3 never
+    # runs; without, it re-predicts the least confident (position 3, 0.7).
+    assert len(model.seen) == passes
+    assert out.tokens == [10] * 5
+    final = [0.9, 0.95, 0.9, 0.7, 0.8] if early_exit else [0.9, 0.95, 0.9, 0.99, 0.8]
+    assert out.score == pytest.approx(float(torch.tensor(final).log().mean()), rel=1e-5)
+
+
+def test_rows_with_nothing_to_remask_are_not_decoded_again():
+    # Candidate lengths 4 and 1: with 3 passes a length-1 row has nothing to re-mask after the
+    # first pass (1 * 2 // 3 = 0), so only the length-4 row (and only its width) goes on.
+    model = ScriptedNAT([0, 0.45, 0, 0, 0.55], [[0.5] * 4] * 3)
+    hyps = mask_predict(model, torch.tensor([[5, 6]]), iterations=3, length_beam=2, nbest=2,
+                        early_exit=False)[0]
+    assert [tuple(t.shape) for t, _ in model.seen] == [(2, 4), (1, 4), (1, 4)]
+    assert sorted(len(h.tokens) for h in hyps) == [1, 4]
+    assert {tuple(h.tokens) for h in hyps} == {(10,), (12, 11, 10, 10)}
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_batched_mask_predict_equals_one_input_at_a_time(early_exit):
+    """Rows leave the batch at different passes (early exit, nothing left to re-mask); the
+    rows still refined must decode exactly as they would alone."""
+    model = tiny_nat()
+    torch.manual_seed(1)
+    src = torch.randint(4, 20, (6, 7))
+    for r, n in enumerate([7, 2, 5, 1, 6, 3]):
+        src[r, n:] = PAD
+    settings = dict(iterations=5, length_beam=3, nbest=3, need_attention=True,
+                    early_exit=early_exit, max_len=12)
+    batched = mask_predict(model, src, **settings)
+    for r in range(6):
+        n = int(src[r].ne(PAD).sum())
+        alone = mask_predict(model, src[r:r + 1, :n], **settings)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[r]]
+        for a, b in zip(alone, batched[r]):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            torch.testing.assert_close(a.attention, b.attention[:, :n], atol=1e-5, rtol=1e-4)
 
 
 def test_single_pass_and_length_beam():
@@ -264,10 +311,13 @@ def test_nat_student_trains_resumes_and_decodes_through_the_cli(distilled, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(tmp_path / "full"),
-                         "--decoder", "nat", "--iterations", "4", "--length-beam", "3"],
+                         "--decoder", "nat", "--iterations", "4", "--length-beam", "3",
+                         "--no-early-exit"],
                         capture_output=True, text=True, env=env)
     assert ev.returncode == 0, ev.stderr
     assert "WER" in ev.stdout
+    written = json.loads(Path(ev.stdout.strip().rsplit("-> ", 1)[1]).read_text())
+    assert written["decode"]["early_exit"] is False and written["decode"]["iterations"] == 4
     tr = Translator.from_run(tmp_path / "full")
     assert len(tr.translate(["abc", "", "hgfedcba"], iterations=3, length_scale=2.0)) == 3
     bad = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tmp_path / "full"),

@@ -19,7 +19,7 @@ def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention:
         return mask_predict(model, src_tokens, iterations=cfg.iterations,
                             length_beam=cfg.length_beam, length_scale=cfg.length_scale,
                             nbest=cfg.nbest, max_len=max(longest, 1),
-                            need_attention=need_attention)
+                            need_attention=need_attention, early_exit=cfg.early_exit)
     limits = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, need_attention=need_attention)
     if cfg.method == "greedy" or (cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1):
         return greedy(model, src_tokens, **limits)
