@@ -54,7 +54,9 @@ class ReferenceTransformer(nn.Module):
                                                                 dtype=torch.float32)
             h = self.core.decoder(self.embed(self.tgt_embed, ys), memory, tgt_mask=causal,
                                   memory_key_padding_mask=src.eq(PAD), tgt_is_causal=True)
-            nxt = self.output(h[:, -1]).argmax(-1)
+            logits = self.output(h[:, -1])
+            logits[:, [PAD, BOS]] = float("-inf")  # never output tokens
+            nxt = logits.argmax(-1)
             nxt = nxt.masked_fill(done, PAD)
             ys = torch.cat([ys, nxt[:, None]], dim=1)
             done |= nxt.eq(EOS)

@@ -83,13 +83,14 @@ def _evaluate(args) -> None:
 
     result = evaluate(args.run, split=args.split, checkpoint_name=args.checkpoint,
                       data_dir=args.data, device=args.device, limit=args.limit,
-                      **_decode_overrides(args))
+                      rerank=args.rerank, **_decode_overrides(args))
     s = result["scores"]
     d = result["decode"]
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
     if d["method"] == "nat":
         how = f"nat, {d['iterations']} iteration(s), length beam {d['length_beam']}"
         how += ", every pass" if not d["early_exit"] and d["iterations"] > 1 else ""
+    how += f", reranked by {result['rerank']}" if result["rerank"] else ""
     if result["metric"] == "g2p":
         line = f"WER {s['wer']:.2f}%  PER {s['per']:.2f}%"
     else:
@@ -105,7 +106,8 @@ def _translate(args) -> None:
     run_cli(args.run, checkpoint_name=args.checkpoint, input_path=args.input,
             output_path=args.output, scores=args.scores, device=args.device,
             overrides=dict(_decode_overrides(args), nbest=args.nbest),
-            long_inputs=args.long_inputs, progress=False if args.no_progress else None)
+            long_inputs=args.long_inputs, progress=False if args.no_progress else None,
+            rerank=args.rerank)
 
 
 def _distill(args) -> None:
@@ -144,6 +146,11 @@ def _decode_overrides(args) -> dict:
             "iterations": args.iterations, "length_beam": args.length_beam,
             "length_scale": args.length_scale, "batch_size": args.batch_size,
             "early_exit": args.early_exit}
+
+
+RERANK_HELP = ("an autoregressive run that re-orders the candidates (every candidate length "
+               "with --decoder nat --length-beam L, every beam with --beam N) by its own "
+               "teacher-forced score; its vocabulary may differ")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--data", help="data directory (default: the run's)")
     ev.add_argument("--limit", type=int, default=0, help="only the first N inputs")
+    ev.add_argument("--rerank", metavar="RUN", help=RERANK_HELP)
     ev.set_defaults(func=_evaluate)
 
     tl = sub.add_parser("translate", help="decode stdin, a file, or an interactive prompt")
@@ -229,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "segments cut at sentence or clause ends (split), or cut them (truncate); "
                          "a warning names the line either way")
     tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
+    tl.add_argument("--rerank", metavar="RUN", help=RERANK_HELP)
     tl.set_defaults(func=_translate)
 
     ds = sub.add_parser("distill", help="write a teacher run's outputs as a new training target set")

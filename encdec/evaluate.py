@@ -16,9 +16,11 @@ from encdec.translate import Translator
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best",
              data_dir: str | None = None, device: str = "cpu", limit: int = 0,
-             **decode_overrides) -> dict:
+             rerank: str | Path | None = None, **decode_overrides) -> dict:
+    """Decode and score a split; ``rerank`` is a run whose model re-orders the candidates."""
     run_dir = Path(run_dir)
     tr = Translator.from_run(run_dir, checkpoint_name, device)
+    reranker = Translator.from_run(rerank, device=device) if rerank else None
     data_dir = data_dir or tr.cfg.data.dir
     entries = read_eval(data_dir, split)
     if limit:
@@ -27,13 +29,14 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
     start = time.perf_counter()
     with tqdm(total=len(entries), unit="input", file=sys.stderr, mininterval=1.0) as bar:
         outputs = tr.translate_nbest([e["src"] for e in entries], progress=bar.update,
-                                     **decode_overrides)
+                                     rerank=reranker, **decode_overrides)
     seconds = time.perf_counter() - start
     hyps = [o[0].text for o in outputs]
     result = {
         "run": str(run_dir), "checkpoint": tr.checkpoint_dir.name, "split": split,
         "data": str(data_dir), "metric": tr.assets.meta["metric"],
-        "decode": decode_cfg.__dict__, "inputs": len(entries), "seconds": seconds,
+        "decode": decode_cfg.__dict__, "rerank": str(rerank) if rerank else None,
+        "inputs": len(entries), "seconds": seconds,
         "inputs_per_s": len(entries) / max(seconds, 1e-9),
         "scores": score(tr.assets.meta["metric"], hyps, [e["refs"] for e in entries]),
     }
@@ -45,6 +48,7 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         tag += f"-lb{decode_cfg.length_beam}" if decode_cfg.length_beam > 1 else ""
         tag += f"-ls{decode_cfg.length_scale:g}" if decode_cfg.length_scale != 1 else ""
         tag += "-every-pass" if not decode_cfg.early_exit and decode_cfg.iterations > 1 else ""
+    tag += "-rerank" if rerank else ""
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result["written_to"] = str(out_dir / f"{tag}.json")

@@ -15,8 +15,10 @@ import torch
 from encdec import checkpoint
 from encdec.config import Config, DecodeConfig
 from encdec.data.assets import load_assets
+from encdec.data.vocab import BOS, EOS, PAD
 from encdec.decoding.texts import Translation, decode_texts
 from encdec.models import build_model
+from encdec.models.base import EncoderOut
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,12 +69,100 @@ class Translator:
         return int(self.assets.meta.get("max_len") or self.cfg.train.max_len)
 
     def translate_nbest(self, inputs: list[str], need_attention: bool = False, progress=None,
-                        warn=None, long_inputs: str = "split",
+                        warn=None, long_inputs: str = "split", rerank: "Translator | None" = None,
                         **decode_overrides) -> list[list[Translation]]:
-        return decode_texts(self.model, list(inputs), cfg=self.decode_config(**decode_overrides),
-                            device=self.device, need_attention=need_attention, progress=progress,
-                            max_src_tokens=self.max_src_tokens, long_inputs=long_inputs, warn=warn,
-                            **self.assets.text_kwargs())
+        """n-best translations per input, best first.
+
+        ``rerank``: another (autoregressive) model that re-orders the candidates by its own
+        score (``score_candidates``), which becomes each output's score. The candidates are
+        all beams (beam search) or all candidate lengths (nat), so this is the noisy parallel
+        decoding of Gu et al. (2018) for non-autoregressive models.
+        """
+        cfg = self.decode_config(**decode_overrides)
+        wanted = cfg.nbest
+        if rerank is not None:
+            if cfg.method == "nat" and cfg.length_beam > 1:
+                cfg = dataclasses.replace(cfg, nbest=cfg.length_beam)
+            elif cfg.method == "beam" and cfg.beam_size > 1:
+                cfg = dataclasses.replace(cfg, nbest=cfg.beam_size)
+            else:
+                from encdec.config import ConfigError
+                raise ConfigError("reranking needs several candidates per input: a length beam "
+                                  "above 1 (nat) or a beam above 1")
+            rerank._check_reranker()
+        results = decode_texts(self.model, list(inputs), cfg=cfg, device=self.device,
+                               need_attention=need_attention, progress=progress,
+                               max_src_tokens=self.max_src_tokens, long_inputs=long_inputs,
+                               warn=warn, **self.assets.text_kwargs())
+        if rerank is None:
+            return results
+        scores = rerank.score_candidates(list(inputs), [[t.text for t in nb] for nb in results],
+                                         batch_size=cfg.batch_size)
+        reranked = []
+        for nb, sc in zip(results, scores):
+            order = sorted(range(len(nb)), key=lambda i: -sc[i])[:wanted]  # stable on ties
+            reranked.append([dataclasses.replace(nb[i], score=sc[i]) for i in order])
+        return reranked
+
+    def _check_reranker(self) -> None:
+        if getattr(self.model, "non_autoregressive", False):
+            from encdec.config import ConfigError
+            raise ConfigError("a reranking model must be autoregressive (model.arch transformer "
+                              "or a recurrent one), not nat")
+
+    @torch.no_grad()
+    def score_candidates(self, sources: list[str], candidates: list[list[str]],
+                         batch_size: int | None = None) -> list[list[float]]:
+        """This model's score of each candidate output given its source, teacher-forced:
+        the log-probability of its tokens and </s>, divided by (tokens + 1) **
+        decode.length_penalty, as beam search scores its hypotheses. Each source is encoded
+        once for all of its candidates. Inputs that tokenize to nothing score 0."""
+        self._check_reranker()
+        if len(sources) != len(candidates):
+            raise ValueError(f"{len(sources)} sources but {len(candidates)} candidate lists")
+        a = self.assets
+        src_ids = [a.src_vocab.encode(a.src_tokenizer.encode(s)) for s in sources]
+        tgt_ids = [[a.tgt_vocab.encode(a.tgt_tokenizer.encode(c)) for c in cands]
+                   for cands in candidates]
+        alpha = self.cfg.decode.length_penalty
+        scores = [[0.0] * len(c) for c in candidates]
+        todo = sorted((i for i, s in enumerate(src_ids) if s and candidates[i]),
+                      key=lambda i: -len(src_ids[i]))
+        step = batch_size or self.cfg.decode.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                src = torch.full((len(chunk), max(len(src_ids[i]) for i in chunk)), PAD,
+                                 dtype=torch.long)
+                for r, i in enumerate(chunk):
+                    src[r, :len(src_ids[i])] = torch.tensor(src_ids[i])
+                rows = [(r, i, j) for r, i in enumerate(chunk) for j in range(len(tgt_ids[i]))]
+                width = max(len(tgt_ids[i][j]) for _, i, j in rows) + 1
+                tgt_in = torch.full((len(rows), width), PAD, dtype=torch.long)
+                tgt_out = torch.full((len(rows), width), PAD, dtype=torch.long)
+                for n, (_, i, j) in enumerate(rows):
+                    t = tgt_ids[i][j]
+                    tgt_in[n, :len(t) + 1] = torch.tensor([BOS] + t)
+                    tgt_out[n, :len(t) + 1] = torch.tensor(t + [EOS])
+                enc = self.model.encode(src.to(self.device))
+                which = torch.tensor([r for r, _, _ in rows], device=self.device)
+                enc = EncoderOut(enc.memory.index_select(0, which),
+                                 enc.memory_mask.index_select(0, which))
+                hidden, _ = self.model.decode(tgt_in.to(self.device), enc)
+                tgt_out = tgt_out.to(self.device)
+                real = tgt_out.ne(PAD)
+                log_probs = torch.log_softmax(self.model.logits(hidden[real]).float(), dim=-1)
+                token_lp = torch.zeros(real.shape, device=self.device)
+                token_lp[real] = log_probs.gather(1, tgt_out[real][:, None])[:, 0]
+                lengths = real.sum(1)
+                total = (token_lp.sum(1) / lengths.float() ** alpha).tolist()
+                for n, (_, i, j) in enumerate(rows):
+                    scores[i][j] = total[n]
+        finally:
+            self.model.train(was_training)
+        return scores
 
     def translate(self, inputs: list[str], **decode_overrides) -> list[str]:
         """The best output string for each input, in input order."""
@@ -115,9 +205,12 @@ def _stdin_blocks(stream, max_lines: int, wait: float = 0.05):
 
 def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
             scores: bool, device: str, overrides: dict, long_inputs: str = "split",
-            progress: bool | None = None) -> None:
+            progress: bool | None = None, rerank: str | None = None) -> None:
     tr = Translator.from_run(run_dir, checkpoint_name, device)
     cfg = tr.decode_config(**overrides)  # bad settings fail before any input is read
+    reranker = Translator.from_run(rerank, device=device) if rerank else None
+    if reranker is not None:
+        tr.translate_nbest([], rerank=reranker, **overrides)  # fails now if it cannot rerank
     n = overrides.get("nbest") or 1
     offset = 0  # line number of the first line of the current block, minus one
 
@@ -135,7 +228,7 @@ def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, outpu
 
     def translate(lines, bar=None):
         return tr.translate_nbest(lines, progress=bar.update if bar else None, warn=warn,
-                                  long_inputs=long_inputs, **overrides)
+                                  long_inputs=long_inputs, rerank=reranker, **overrides)
 
     if input_path is not None:
         from tqdm import tqdm

@@ -70,8 +70,12 @@ def test_greedy_equals_argmax_of_full_forward():
         for b, h in enumerate(hyps):
             tgt_in = torch.tensor([[BOS] + h[0].tokens])
             lp = torch.log_softmax(model.logits(model(src[b:b + 1, : int(src[b].ne(PAD).sum())], tgt_in)), -1)
+            lp[..., [PAD, BOS]] = float("-inf")  # never output tokens
             expected = lp[0].argmax(-1).tolist()
             assert expected[: len(h[0].tokens)] == h[0].tokens
+            assert not {PAD, BOS} & set(h[0].tokens)
+    for hyps in beam_search(model, src, beam_size=4, nbest=4, max_len_a=1.0, max_len_b=4):
+        assert all(not {PAD, BOS} & set(h.tokens) for h in hyps)
 
 
 def test_max_length_is_a_times_src_plus_b():

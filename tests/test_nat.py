@@ -17,7 +17,7 @@ from conftest import write_config
 from encdec import checkpoint
 from encdec.cli import main
 from encdec.config import ModelConfig
-from encdec.data.dataset import BinarizedSplit, collate
+from encdec.data.dataset import BinarizedSplit, collate, read_eval
 from encdec.data.vocab import PAD
 from encdec.decoding.nat import mask_predict, remask_count
 from encdec.losses import nat_loss
@@ -341,3 +341,88 @@ def test_two_process_ddp_nat(distilled, tmp_path):
         timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def nat_run(distilled, tmp_path_factory):
+    root = tmp_path_factory.mktemp("natrun")
+    path = write_config(root / "nat.yaml", distilled, root / "run", max_steps=6, valid_every=6,
+                        log_every=3, valid_max_inputs=8)
+    path.write_text(path.read_text().replace("model:\n", "model:\n  arch: nat\n")
+                    .replace("decode:\n", "decode:\n  method: nat\n"))
+    assert main(["train", str(path)]) == 0
+    return root / "run"
+
+
+def test_teacher_forced_scores_equal_beam_search_scores(tiny_run, tiny_data):
+    """score_candidates (one teacher-forced pass) gives each beam output the score beam search
+    (incremental, cached) gave it."""
+    from encdec.data.vocab import UNK
+    from encdec.decoding.beam import beam_search
+    tr = Translator.from_run(tiny_run)
+    a = tr.assets
+    src = [e["src"] for e in read_eval(tiny_data, "test")[:12]]
+    texts, expected = [], []
+    for s in src:
+        ids = torch.tensor([a.src_vocab.encode(a.src_tokenizer.encode(s))])
+        # Outputs with <unk> do not survive detokenization; the others are scored again.
+        hyps = [h for h in beam_search(tr.model, ids, beam_size=4, nbest=4)[0]
+                if UNK not in h.tokens]
+        texts.append([a.tgt_tokenizer.decode(a.tgt_vocab.decode(h.tokens)) for h in hyps])
+        expected.append([h.score for h in hyps])
+    assert sum(map(len, texts)) > 30
+    scores = tr.score_candidates(src, texts, batch_size=5)
+    for sc, ex in zip(scores, expected):
+        assert sc == pytest.approx(ex, abs=1e-4)
+
+
+def test_rerank_orders_the_candidates_by_the_reranker(nat_run, tiny_run, tiny_data):
+    nat, at = Translator.from_run(nat_run), Translator.from_run(tiny_run)
+    src = [e["src"] for e in read_eval(tiny_data, "test")[:10]] + [""]
+    plain = nat.translate_nbest(src, iterations=2, length_beam=3, nbest=3)
+    best = nat.translate_nbest(src, iterations=2, length_beam=3, rerank=at)
+    both = nat.translate_nbest(src, iterations=2, length_beam=3, nbest=2, rerank=at)
+    assert [len(b) for b in best] == [1] * len(src) and [len(b) for b in both] == [2] * len(src)
+    for p, b, two, s in zip(plain, best, both, src):
+        if not s:
+            assert b[0].text == "" and b[0].score == 0.0
+            continue
+        texts = [t.text for t in p]
+        at_scores = at.score_candidates([s], [texts])[0]
+        order = sorted(range(3), key=lambda i: -at_scores[i])
+        assert [t.text for t in two] == [texts[i] for i in order[:2]]
+        assert [t.score for t in two] == pytest.approx([at_scores[i] for i in order[:2]])
+        assert b[0].text == two[0].text
+    # An autoregressive model reranking its own beams keeps their order and scores.
+    own = at.translate_nbest(src[:5], beam_size=3, nbest=3)
+    again = at.translate_nbest(src[:5], beam_size=3, nbest=3, rerank=at)
+    for o, a in zip(own, again):
+        assert [t.text for t in o] == [t.text for t in a]
+        assert [t.score for t in o] == pytest.approx([t.score for t in a], abs=1e-4)
+
+
+def test_rerank_errors_and_cli(nat_run, tiny_run, tiny_data):
+    from encdec.config import ConfigError
+    nat, at = Translator.from_run(nat_run), Translator.from_run(tiny_run)
+    with pytest.raises(ConfigError, match="several candidates"):
+        nat.translate_nbest(["abc"], length_beam=1, rerank=at)
+    with pytest.raises(ConfigError, match="several candidates"):
+        at.translate_nbest(["abc"], method="greedy", rerank=at)
+    with pytest.raises(ConfigError, match="must be autoregressive"):
+        at.translate_nbest(["abc"], beam_size=2, rerank=nat)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(nat_run),
+                         "--length-beam", "3", "--rerank", str(tiny_run), "--limit", "8"],
+                        capture_output=True, text=True, env=env)
+    assert ev.returncode == 0, ev.stderr
+    written = Path(ev.stdout.strip().rsplit("-> ", 1)[1])
+    assert written.name == "test-nat4-lb3-rerank.json"
+    assert json.loads(written.read_text())["rerank"] == str(tiny_run)
+    tl = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(nat_run),
+                         "--length-beam", "2", "--rerank", str(tiny_run)],
+                        input="abc\n", capture_output=True, text=True, env=env)
+    assert tl.returncode == 0 and len(tl.stdout.splitlines()) == 1, tl.stderr
+    bad = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(nat_run),
+                          "--rerank", str(tiny_run)], input="abc\n", capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "several candidates" in bad.stderr and not bad.stdout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from encdec.data.vocab import BOS, EOS
-from encdec.decoding.greedy import Hypothesis, max_lengths
+from encdec.decoding.greedy import Hypothesis, max_lengths, never_emit
 
 
 @torch.inference_mode()
@@ -39,6 +39,7 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
     while alive.numel():
         Ba = alive.numel()
         log_probs, weights = model.decode_step(prev, state, need_attention)  # (Ba*width, V)
+        log_probs = never_emit(log_probs)
         V = log_probs.size(-1)
         at_limit = limit[alive] <= t + 1  # (Ba,)
         if bool(at_limit.any()):

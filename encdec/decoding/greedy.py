@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from encdec.data.vocab import BOS, EOS
+from encdec.data.vocab import BOS, EOS, PAD
 
 
 @dataclass
@@ -14,6 +14,13 @@ class Hypothesis:
     tokens: list[int]  # output ids, without EOS
     score: float  # sum of log-probabilities, EOS included (normalized by length in beam search)
     attention: torch.Tensor | None = None  # (len(tokens) + 1, S) cross-attention, when asked
+
+
+def never_emit(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities with <pad> and <s> ruled out: they are never output tokens (and
+    would vanish from the detokenized text while still counting in the score)."""
+    return log_probs.index_fill(1, torch.tensor([PAD, BOS], device=log_probs.device),
+                                float("-inf"))
 
 
 def max_lengths(memory_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
@@ -37,6 +44,7 @@ def _rowwise(model, src_tokens, choose, max_len_a, max_len_b, need_attention):
     prev = torch.full((B,), BOS, dtype=torch.long, device=src_tokens.device)
     for t in range(steps):
         log_probs, weights = model.decode_step(prev, state, need_attention)  # (N, V)
+        log_probs = never_emit(log_probs)
         token = choose(log_probs)
         # Inputs at their length limit end here, as if EOS had been chosen.
         at_limit = (limit[alive] <= t + 1).to(token.device)
