@@ -3,12 +3,14 @@
     python benchmarks/nat_speed.py --at RUN --nat NAME=RUN [NAME=RUN ...] [--split test]
                                    [--iterations 1,4,10] [--length-beam 1,3] [--repeats 2]
                                    [--batch-size 64] [--device cpu|cuda] [--limit N]
-                                   [--early-exit on,off]
+                                   [--early-exit on,off] [--rerank]
 
 Rows: AT greedy, AT beam 5, and each NAT run at each number of Mask-Predict iterations. Each row
 decodes the whole split with batch 64 by default (tokenization and detokenization included); rows run in
 turn, ``--repeats`` times, and the median inputs/s is reported with its ratio to AT beam 5
 (the reference, measured in the same process). Quality is the task metric on the split.
+With ``--rerank``, each NAT row with a length beam above 1 is also run with the AT model
+re-scoring its candidates (noisy parallel decoding); the reranking time counts.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--early-exit", default="on",
                     help="on, off or on,off: Mask-Predict stops refining an output a pass left "
                          "unchanged (on) or always runs every pass (off)")
+    ap.add_argument("--rerank", action="store_true",
+                    help="also rerank the NAT length-beam candidates with the AT model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,8 +66,11 @@ def main() -> None:
                         continue  # one pass: nothing to exit early from
                     label = f"NAT {name}, {k} iter, length beam {lb}"
                     label += ", every pass" if ee == "off" and k > 1 else ""
-                    rows.append((label, tr, {"method": "nat", "iterations": k, "length_beam": lb,
-                                             "early_exit": ee == "on"}))
+                    settings = {"method": "nat", "iterations": k, "length_beam": lb,
+                                "early_exit": ee == "on"}
+                    rows.append((label, tr, settings))
+                    if args.rerank and lb > 1:
+                        rows.append((label + ", AT rerank", tr, dict(settings, rerank=at)))
     speeds: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     quality: dict[str, float] = {}
     for _, tr, settings in rows:  # warm-up (allocator, kernels) outside the timings

@@ -267,6 +267,19 @@ def test_length_scale_multiplies_the_predicted_length(scale, expected):
     assert len(out.tokens) == expected  # round(6 * scale), at least 1, at most max_len
 
 
+def test_given_lengths_replace_the_predicted_ones():
+    model = tiny_nat()
+    src = torch.tensor([[5, 6, 7, PAD], [8, 9, 10, 11]])
+    out = mask_predict(model, src, iterations=2, lengths=torch.tensor([2, 6]))
+    assert [len(h[0].tokens) for h in out] == [2, 6]
+    # The score's length term is the predictor's log-probability of the given length.
+    predicted = mask_predict(model, src, iterations=2)
+    again = mask_predict(model, src, iterations=2,
+                         lengths=torch.tensor([len(h[0].tokens) for h in predicted]))
+    for p, a in zip(predicted, again):
+        assert p[0].tokens == a[0].tokens and p[0].score == pytest.approx(a[0].score, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def distilled(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "data"
