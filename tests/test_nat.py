@@ -439,3 +439,14 @@ def test_rerank_errors_and_cli(nat_run, tiny_run, tiny_data):
                           "--rerank", str(tiny_run)], input="abc\n", capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and "several candidates" in bad.stderr and not bad.stdout
+
+
+def test_serve_takes_early_exit(nat_run):
+    from fastapi.testclient import TestClient
+
+    from encdec.serve import create_app
+    client = TestClient(create_app(Translator.from_run(nat_run)))
+    ok = client.post("/v1/translate", json={"inputs": ["abc"], "early_exit": False})
+    assert ok.status_code == 200 and ok.json()["decode"]["early_exit"] is False
+    bad = client.post("/v1/translate", json={"inputs": ["abc"], "early_exit": "no"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "early_exit"
