@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encdec.data.dataset import read_eval  # noqa: E402
-from encdec.data.vocab import PAD  # noqa: E402
+from encdec.data.dataset import pad, read_eval  # noqa: E402
 from encdec.decoding.nat import mask_predict  # noqa: E402
 from encdec.metrics import score  # noqa: E402
 from encdec.translate import Translator  # noqa: E402
@@ -48,9 +47,7 @@ def main() -> None:
     with torch.no_grad():
         for start in range(0, len(order), args.batch_size):
             chunk = order[start:start + args.batch_size]
-            src = torch.full((len(chunk), max(len(src_ids[i]) for i in chunk)), PAD)
-            for r, i in enumerate(chunk):
-                src[r, :len(src_ids[i])] = torch.tensor(src_ids[i])
+            src = pad([src_ids[i] for i in chunk])
             enc = model.encode(src)
             top = model.lengths_of_classes(enc, model.length_log_probs(enc).topk(5, -1)[1])
             for r, i in enumerate(chunk):
@@ -70,7 +67,7 @@ def main() -> None:
     metric = a.meta["metric"]
     key = "wer" if metric == "g2p" else "bleu"
     refs = [e["refs"] for e in entries]
-    print(f"| passes | predicted length | reference length |\n|---|---|---|")
+    print("| passes | predicted length | reference length |\n|---|---|---|")
     for k in iterations:
         q = [score(metric, outputs[(k, g)], refs)[key] for g in (False, True)]
         print(f"| {k} | {key.upper()} {q[0]:.2f} | {key.upper()} {q[1]:.2f} |")

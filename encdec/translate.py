@@ -15,7 +15,8 @@ import torch
 from encdec import checkpoint
 from encdec.config import Config, DecodeConfig
 from encdec.data.assets import load_assets
-from encdec.data.vocab import BOS, EOS, PAD
+from encdec.data.dataset import pad, teacher_forcing
+from encdec.data.vocab import PAD
 from encdec.decoding.texts import Translation, decode_texts
 from encdec.models import build_model
 from encdec.models.base import EncoderOut
@@ -134,19 +135,9 @@ class Translator:
         try:
             for start in range(0, len(todo), step):
                 chunk = todo[start:start + step]
-                src = torch.full((len(chunk), max(len(src_ids[i]) for i in chunk)), PAD,
-                                 dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    src[r, :len(src_ids[i])] = torch.tensor(src_ids[i])
                 rows = [(r, i, j) for r, i in enumerate(chunk) for j in range(len(tgt_ids[i]))]
-                width = max(len(tgt_ids[i][j]) for _, i, j in rows) + 1
-                tgt_in = torch.full((len(rows), width), PAD, dtype=torch.long)
-                tgt_out = torch.full((len(rows), width), PAD, dtype=torch.long)
-                for n, (_, i, j) in enumerate(rows):
-                    t = tgt_ids[i][j]
-                    tgt_in[n, :len(t) + 1] = torch.tensor([BOS] + t)
-                    tgt_out[n, :len(t) + 1] = torch.tensor(t + [EOS])
-                enc = self.model.encode(src.to(self.device))
+                tgt_in, tgt_out = teacher_forcing([tgt_ids[i][j] for _, i, j in rows])
+                enc = self.model.encode(pad([src_ids[i] for i in chunk]).to(self.device))
                 which = torch.tensor([r for r, _, _ in rows], device=self.device)
                 enc = EncoderOut(enc.memory.index_select(0, which),
                                  enc.memory_mask.index_select(0, which))

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_pairs, write_config, write_tsv
-from encdec import checkpoint
 from encdec.cli import main
 from encdec.data.prepare import prepare
 from encdec.data.recipes import (SWORD_PACKAGES, Corpus, bible_en_es, bible_kjv_web, bible_split,

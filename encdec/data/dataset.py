@@ -99,20 +99,29 @@ class Batch:
                      self.tgt_out.to(device, non_blocking=True), self.num_tgt_tokens)
 
 
-def collate(split: BinarizedSplit, indices: np.ndarray) -> Batch:
-    srcs = [split.src(i) for i in indices]
-    tgts = [split.tgt(i) for i in indices]
-    B = len(indices)
-    S = max(len(s) for s in srcs)
+def pad(seqs) -> torch.Tensor:
+    """Token id sequences as one (len(seqs), longest) tensor, PAD after each."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = s
+    return torch.from_numpy(out)
+
+
+def teacher_forcing(tgts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs (BOS + target) and outputs (target + EOS), each (len(tgts), longest + 1)."""
     T = max(len(t) for t in tgts) + 1
-    src = np.full((B, S), PAD, dtype=np.int64)
-    tgt_in = np.full((B, T), PAD, dtype=np.int64)
-    tgt_out = np.full((B, T), PAD, dtype=np.int64)
+    tgt_in = np.full((len(tgts), T), PAD, dtype=np.int64)
+    tgt_out = np.full((len(tgts), T), PAD, dtype=np.int64)
     tgt_in[:, 0] = BOS
-    for b, (s, t) in enumerate(zip(srcs, tgts)):
-        src[b, : len(s)] = s
+    for b, t in enumerate(tgts):
         tgt_in[b, 1: len(t) + 1] = t
         tgt_out[b, : len(t)] = t
         tgt_out[b, len(t)] = EOS
-    ntok = int(sum(len(t) for t in tgts)) + B
-    return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), ntok)
+    return torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
+
+
+def collate(split: BinarizedSplit, indices: np.ndarray) -> Batch:
+    srcs = [split.src(i) for i in indices]
+    tgts = [split.tgt(i) for i in indices]
+    ntok = int(sum(len(t) for t in tgts)) + len(indices)
+    return Batch(pad(srcs), *teacher_forcing(tgts), ntok)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from encdec.config import DecodeConfig
-from encdec.data.vocab import PAD, UNK
+from encdec.data.dataset import pad
+from encdec.data.vocab import UNK
 from encdec.decoding import generate
 
 
@@ -119,10 +120,7 @@ def decode_texts(model, texts: list[str], *, src_tokenizer, src_vocab, tgt_token
     try:
         for start in range(0, len(order), cfg.batch_size):
             chunk = order[start:start + cfg.batch_size]
-            width = max(len(seg_ids[k]) for k in chunk)
-            src = torch.full((len(chunk), width), PAD, dtype=torch.long)
-            for row, k in enumerate(chunk):
-                src[row, : len(seg_ids[k])] = torch.tensor(seg_ids[k])
+            src = pad([seg_ids[k] for k in chunk])
             hyps = generate(model, src.to(device), cfg, need_attention=need_attention,
                             generator=generator)
             for k, nbest in zip(chunk, hyps):
