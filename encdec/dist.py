@@ -39,6 +39,15 @@ def any_true(flag: bool, info: DistInfo, device="cpu") -> bool:
     return bool(t.item())
 
 
+def sum_int(value: int, info: DistInfo, device="cpu") -> int:
+    """The sum of ``value`` over all ranks (the same on every rank)."""
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def broadcast(obj, info: DistInfo):
     if info.world_size == 1:
         return obj

@@ -206,19 +206,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_tokens = sum(b.num_tgt_tokens for b in batches)
+        # The gradient is the loss summed over every process's batches divided by their total
+        # target tokens, as one process would compute it over the same global batch. DDP
+        # averages gradients over processes, hence the factor world_size.
+        global_tokens = dist.sum_int(total_tokens, self.dist, self.device)
+        scale = self.dist.world_size / global_tokens
         loss_sum = nll_sum = 0.0
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             last = i == len(batches) - 1
+            # Gradients are all-reduced once, after the last batch. A no_sync() context is a
+            # generator and cannot be entered twice: one context spans forward and backward.
             sync = contextlib.nullcontext() if last or self.dist.world_size == 1 \
                 else self.ddp_model.no_sync()
-            amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
-                if self.autocast_dtype else contextlib.nullcontext()
-            with sync, amp:
-                loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing,
-                                          sampling=sampling_prob(self.state["step"], t))
             with sync:
-                (loss / total_tokens).backward()
+                amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
+                    if self.autocast_dtype else contextlib.nullcontext()
+                with amp:
+                    loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing,
+                                              sampling=sampling_prob(self.state["step"], t))
+                (loss * scale).backward()
             loss_sum += float(loss.detach())
             nll_sum += float(nll)
         if t.clip_norm > 0:
@@ -226,7 +233,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
-        self.state["tokens_seen"] += total_tokens
+        self.state["tokens_seen"] += global_tokens
         return loss_sum, nll_sum, total_tokens
 
     # ---- validation ---------------------------------------------------------------------

@@ -147,6 +147,34 @@ def test_two_process_ddp(tiny_data, tmp_path):
     assert len(tr.translate(["abc", "de"])) == 2
 
 
+def test_ddp_with_accumulation_equals_one_process(tiny_data, tmp_path):
+    """2 processes x 2 accumulated batches = 1 process x 4 batches over the same global batches
+    (rank r takes batches r, r + 2, ... of the epoch; one process takes them in order)."""
+    # Attention key biases get gradients that are zero but for rounding, which Adam with a tiny
+    # eps would turn into full-size steps; eps 1e-6 keeps rounding noise from deciding them.
+    common = dict(max_steps=5, valid_every=5, log_every=1, valid_max_inputs=4, max_tokens=150,
+                  eps=1e-6)
+    one = write_config(tmp_path / "one.yaml", tiny_data, tmp_path / "one", accum_steps=4, **common)
+    assert main(["train", str(one)]) == 0
+    two = write_config(tmp_path / "two.yaml", tiny_data, tmp_path / "two", accum_steps=2, **common)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         "-m", "encdec.cli", "train", str(two)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    a = load_file(str(checkpoint.resolve(tmp_path / "one", "last") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tmp_path / "two", "last") / "model.safetensors"))
+    assert checkpoint.resolve(tmp_path / "two", "last").name == "step-0000005"
+    differ = {k: float((a[k] - b[k]).abs().max()) for k in a
+              if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5)}  # summation order only
+    assert not differ, differ
+    info_one = json.loads((checkpoint.resolve(tmp_path / "one", "last") / "trainer.json").read_text())
+    info_two = json.loads((checkpoint.resolve(tmp_path / "two", "last") / "trainer.json").read_text())
+    assert info_one["tokens_seen"] == info_two["tokens_seen"]
+
+
 def _trainer(tiny_data, tmp_path, **train):
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", **train)
