@@ -18,18 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from encdec.files import atomic_write_text, fsync_dir, fsync_file, write_error
+
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -59,30 +52,62 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dic
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
-                    trainer_state: dict, rng_states: list[torch.Tensor], *, is_best: bool,
+                    trainer_state: dict, rng_states: dict[str, torch.Tensor], *, is_best: bool,
                     keep: int) -> Path:
+    """Write ``step-NNNNNNN`` (weights, optimizer, ``rng_states`` by name, trainer state) and
+    point ``last`` (and ``best``) at it. Every file and directory is flushed to disk before the
+    rename that makes it count; on a write error (a full disk) the partial directory is removed,
+    the previous checkpoint stays current, and CheckpointError says where and how much space
+    is left."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = ckpt_root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, info = optimizer_tensors(optimizer)
-    for rank, rng in enumerate(rng_states):
-        tensors[f"rng.{rank}"] = rng.cpu().contiguous()
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    info.update(trainer_state)
-    (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-    final = ckpt_root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(ckpt_root / "last", name + "\n")
-    if is_best:
-        _atomic_write_text(ckpt_root / "best", name + "\n")
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, info = optimizer_tensors(optimizer)
+        tensors.update({k: v.cpu().contiguous() for k, v in rng_states.items()})
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        info.update(trainer_state)
+        (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+    final = _write_dir(ckpt_root, name, write)
+    try:
+        atomic_write_text(ckpt_root / "last", name + "\n")
+        if is_best:
+            atomic_write_text(ckpt_root / "best", name + "\n")
+    except OSError as err:
+        raise CheckpointError(write_error("the checkpoint pointer", ckpt_root / "last", err)) from None
     _prune(ckpt_root, keep)
+    return final
+
+
+def _write_dir(ckpt_root: Path, name: str, write) -> Path:
+    """Build ``ckpt_root/name`` with ``write(tmp_dir)`` under a temporary name, flush it to
+    disk, then rename it into place (replacing an older directory of that name only after the
+    new one is complete)."""
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}"
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        for path in tmp.iterdir():
+            fsync_file(path)
+        fsync_dir(tmp)
+        if final.exists():  # the same step written again: swap, then drop the old copy
+            old = ckpt_root / f".tmp-old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(ckpt_root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(write_error("checkpoint", final, err)) from None
     return final
 
 
@@ -129,12 +154,28 @@ def load_trainer_state(ckpt_dir: str | Path) -> tuple[dict, dict]:
     return tensors, info
 
 
-def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None) -> Path:
+def check_average_name(ckpt_root: Path, name: str, force: bool = False) -> None:
+    """An averaged checkpoint gets a plain name of its own: never a step directory's (training
+    would prune it or resume from it), a pointer's, a path, or an existing checkpoint that is
+    not an average (unless ``force``)."""
+    if not name or name in ("last", "best", ".", "..") or "/" in name or "\\" in name \
+            or name.startswith(("step-", ".")):
+        raise CheckpointError(f"--name {name!r}: give a plain directory name that does not start "
+                              "with 'step-' or '.', and is not 'last' or 'best' (e.g. avg-last5)")
+    target = ckpt_root / name
+    if target.exists() and not force and not (target / "averaged.json").exists():
+        raise CheckpointError(f"{target} exists and is not an averaged checkpoint; choose "
+                              "another --name, or pass --force to replace it")
+
+
+def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None,
+                        force: bool = False) -> Path:
     """Average the weights of the run's ``last`` newest step checkpoints into a new checkpoint
     directory (default ``avg-last{N}``), usable as ``--checkpoint avg-lastN``.
 
     The mean is taken in float64 and stored in each tensor's own dtype. The result is written
-    under a temporary name and renamed, like every checkpoint.
+    under a temporary name and renamed, like every checkpoint. An existing directory of that
+    name is replaced only if it is an earlier average, or with ``force``.
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     if last < 1:
@@ -145,6 +186,8 @@ def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None)
             f"{run_dir}: {len(steps)} step checkpoint(s) kept, cannot average the last {last}; "
             "train with train.keep_checkpoints >= N to keep enough")
     chosen = steps[-last:]
+    name = name or f"avg-last{last}"
+    check_average_name(ckpt_root, name, force)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in chosen:
@@ -162,17 +205,11 @@ def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None)
                 total[key] = value.double()
                 dtypes[key] = value.dtype
     averaged = {k: (v / len(chosen)).to(dtypes[k]).contiguous() for k, v in total.items()}
-    name = name or f"avg-last{last}"
-    final = ckpt_root / name
-    tmp = ckpt_root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(averaged, str(tmp / "model.safetensors"),
-              metadata={"averaged": ",".join(p.name for p in chosen)})
-    (tmp / "averaged.json").write_text(json.dumps({"checkpoints": [p.name for p in chosen]}) + "\n",
-                                       encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+
+    def write(tmp: Path) -> None:
+        save_file(averaged, str(tmp / "model.safetensors"),
+                  metadata={"averaged": ",".join(p.name for p in chosen)})
+        (tmp / "averaged.json").write_text(
+            json.dumps({"checkpoints": [p.name for p in chosen]}) + "\n", encoding="utf-8")
+
+    return _write_dir(ckpt_root, name, write)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _prepare(args) -> None:
     from encdec.data.corpus import DataError, read_pairs
-    from encdec.data.prepare import load_meta, prepare, split_by_hash
+    from encdec.data.prepare import check_replaceable, load_meta, prepare, split_by_hash
     from encdec.data.recipes import RECIPES, Corpus
 
     given = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
@@ -29,6 +29,7 @@ def _prepare(args) -> None:
             if meta.get("name") == args.recipe and meta.get("options") == options:
                 print(f"{out}: already prepared ({args.recipe}); --force to redo")
                 return
+        check_replaceable(out, args.force)  # before the (slow) corpus is built
         corpus = recipe.build()
         name = args.recipe
     else:
@@ -38,6 +39,7 @@ def _prepare(args) -> None:
         if not args.out:
             raise DataError("--out DIR is required for a user corpus")
         out = Path(args.out)
+        check_replaceable(out, args.force)
         splits = {"train": read_pairs(*args.train)}
         if args.dev or args.test:
             if not (args.dev and args.test):
@@ -49,13 +51,11 @@ def _prepare(args) -> None:
             splits = split_by_hash(splits["train"])
         src_spec = {"kind": args.src_tokenizer, "lowercase": args.lowercase}
         tgt_spec = {"kind": args.tgt_tokenizer or args.src_tokenizer, "lowercase": args.lowercase}
-        corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric, group_refs=args.group_refs)
+        corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric, group_refs=args.group_refs,
+                        split_by_hash=not args.dev)
         name = "custom"
         options = {k: given[k] if given[k] is not None else defaults[k] for k in defaults}
-    meta = prepare(corpus, out, name=name, **options)
-    meta["options"] = options
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
+    prepare(corpus, out, name=name, options=options, force=args.force, **options)
 
 
 def _train(args) -> None:
@@ -72,7 +72,7 @@ def _train(args) -> None:
 def _average(args) -> None:
     from encdec.checkpoint import average_checkpoints
 
-    path = average_checkpoints(args.run, args.last, args.name)
+    path = average_checkpoints(args.run, args.last, args.name, force=args.force)
     chosen = json.loads((path / "averaged.json").read_text(encoding="utf-8"))["checkpoints"]
     print(f"averaged {', '.join(chosen)} -> {path}\n"
           f"use it with: encdec evaluate {args.run} --checkpoint {path.name}")
@@ -114,7 +114,7 @@ def _distill(args) -> None:
     from encdec.distill import distill
 
     distill(args.run, split=args.split, out=args.out, checkpoint_name=args.checkpoint,
-            device=args.device, **_decode_overrides(args))
+            device=args.device, force=args.force, **_decode_overrides(args))
 
 
 def _experiment(args) -> None:
@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--metric", default="text", choices=["text", "g2p"])
     pr.add_argument("--group-refs", action="store_true",
                     help="score against all targets of the same source (multi-reference)")
-    pr.add_argument("--force", action="store_true", help="prepare a recipe again")
+    pr.add_argument("--force", action="store_true",
+                    help="prepare a recipe again; replace an --out directory that is not an "
+                         "encdec data directory")
     pr.set_defaults(func=_prepare)
 
     tr = sub.add_parser("train", help="train a model: encdec train CONFIG [section.key=value ...]")
@@ -192,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("run", help="run directory")
     av.add_argument("--last", type=int, required=True, help="how many of the newest checkpoints")
     av.add_argument("--name", help="checkpoint directory to write (default avg-lastN)")
+    av.add_argument("--force", action="store_true",
+                    help="replace an existing checkpoint directory of that name that is not an "
+                         "earlier average")
     av.set_defaults(func=_average)
 
     def decode_args(q):
@@ -244,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode_args(ds)
     ds.add_argument("--split", default="train", help="split of the teacher's data to translate")
     ds.add_argument("--out", help="data directory to write (default: the teacher's + -distilled)")
+    ds.add_argument("--force", action="store_true",
+                    help="replace an --out directory that is not an encdec data directory")
     ds.set_defaults(func=_distill)
 
     from encdec.experiments import EXPERIMENTS
@@ -286,11 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "serve", "experiment") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    from encdec.train import TrainingInterrupted
+
     try:
         args.func(args)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"encdec: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"encdec: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("encdec: interrupted", file=sys.stderr)
         return 130

@@ -30,13 +30,13 @@ def init(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def any_true(flag: bool, info: DistInfo, device="cpu") -> bool:
-    """True on every rank if it is true on any rank (keeps stop decisions in lock-step)."""
+def max_int(value: int, info: DistInfo, device="cpu") -> int:
+    """The largest ``value`` over all ranks, on every rank (keeps stop decisions in lock-step)."""
     if info.world_size == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def sum_int(value: int, info: DistInfo, device="cpu") -> int:

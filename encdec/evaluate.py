@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from encdec.data.corpus import DataError
 from encdec.data.dataset import read_eval
 from encdec.metrics import score
 from encdec.translate import Translator
@@ -25,6 +26,8 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
     entries = read_eval(data_dir, split)
     if limit:
         entries = entries[:limit]
+    if not entries:
+        raise DataError(f"{data_dir}: split {split!r} has no inputs; there is nothing to evaluate")
     decode_cfg = tr.decode_config(**decode_overrides)
     start = time.perf_counter()
     with tqdm(total=len(entries), unit="input", file=sys.stderr, mininterval=1.0) as bar:

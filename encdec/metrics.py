@@ -27,7 +27,9 @@ def g2p_scores(hyps: list[str], refs: list[list[str]]) -> dict:
         best = min(((edit_distance(h, r.split()), len(r.split())) for r in ref_list))
         edits += best[0]
         ref_len += best[1]
-    n = max(len(hyps), 1)
+    if not hyps:
+        raise ValueError("nothing to score: no outputs")
+    n = len(hyps)
     return {"wer": 100.0 * wrong / n, "per": 100.0 * edits / max(ref_len, 1), "n": len(hyps)}
 
 
@@ -57,6 +59,10 @@ METRICS = {
 
 
 def score(metric: str, hyps: list[str], refs: list[list[str]]) -> dict:
+    if not hyps:  # an error rate of nothing would read as perfect
+        raise ValueError("nothing to score: no outputs")
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} outputs but {len(refs)} reference lists")
     scorer, _, _ = METRICS[metric]
     result = scorer(hyps, refs)
     result["exact_match"] = exact_match(hyps, refs)

@@ -11,6 +11,9 @@ import contextlib
 import json
 import math
 import resource
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +23,10 @@ from tqdm import tqdm
 from encdec import checkpoint, dist
 from encdec.config import Config, ConfigError, DecodeConfig
 from encdec.data.assets import copy_assets, load_assets
+from encdec.data.corpus import DataError
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
+from encdec.files import atomic_write_text
 from encdec.losses import sampling_prob, sequence_loss
 from encdec.metrics import METRICS, score
 from encdec.models import build_model
@@ -113,6 +118,12 @@ class Trainer:
         self.train_split = BinarizedSplit(cfg.data.dir, "train")
         self.dev_split = BinarizedSplit(cfg.data.dir, "dev")
         self.dev_eval = read_eval(cfg.data.dir, "dev")
+        if not self.dev_eval or not len(self.dev_split):
+            raise DataError(f"{cfg.data.dir}: the dev split is empty, so validation would score "
+                            "nothing and keep the first checkpoint as best; prepare the data "
+                            "again with a --dev file (encdec prepare now refuses an empty split)")
+        if not len(self.train_split):
+            raise DataError(f"{cfg.data.dir}: the train split is empty")
         if t.valid_max_inputs:
             self.dev_eval = self.dev_eval[: t.valid_max_inputs]
         self.metric = meta["metric"]
@@ -133,7 +144,11 @@ class Trainer:
         torch.manual_seed(t.seed * 1000 + self.dist.rank)  # dropout differs between ranks
 
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
-                      "best": None, "bad_validations": 0, "tokens_seen": 0}
+                      "best": None, "bad_validations": 0, "tokens_seen": 0,
+                      # sums since the last metrics line, so a resumed run logs the same lines
+                      "window": {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0}}
+        self._saved_step = -1  # the step of the newest checkpoint this process wrote or loaded
+        self._signal = 0  # the signal (SIGINT, SIGTERM) that asked training to stop
         self._prepare_run_dir(resume)
 
     # ---- run directory / resume ---------------------------------------------------------
@@ -154,29 +169,75 @@ class Trainer:
             copy_assets(self.cfg.data.dir, self.run_dir / "data")
             if not resume and (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
+            if resume:
+                self._drop_records_after(self.state["step"])
         dist.barrier(self.dist)
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main)
+
+    def _drop_records_after(self, step: int) -> None:
+        """Forget metrics lines written after the checkpoint being resumed (a crash or a kill
+        after it): the resumed run writes them again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] > step:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+            kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
 
     def _load(self, ckpt_dir: Path) -> None:
         checkpoint.load_weights(self.model, ckpt_dir)
         tensors, info = checkpoint.load_trainer_state(ckpt_dir)
         checkpoint.restore_optimizer(self.optimizer, tensors, info)
         for key in self.state:
-            self.state[key] = info[key]
-        rng = tensors.get(f"rng.{self.dist.rank}")
-        if rng is not None:
-            torch.set_rng_state(rng)
-        cuda_rng = tensors.get(f"cuda_rng.{self.dist.rank}")
-        if cuda_rng is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng, self.device)
+            if key in info:  # checkpoints of older versions lack the newer keys
+                self.state[key] = info[key]
+        self._saved_step = self.state["step"]
+        rank = self.dist.rank
+        if f"rng.{rank}" not in tensors:
+            self.log(f"warning: {ckpt_dir} has no random state for process {rank} (saved with "
+                     "fewer processes); dropout and masking will differ from an uninterrupted run")
+            return
+        torch.set_rng_state(tensors[f"rng.{rank}"])
+        if self.device.type == "cuda":
+            if f"cuda_rng.{rank}" not in tensors:
+                self.log(f"warning: {ckpt_dir} has no CUDA random state for process {rank} "
+                         "(saved on CPU)")
+            else:
+                torch.cuda.set_rng_state(tensors[f"cuda_rng.{rank}"], self.device)
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every generator training draws from (dropout, masks, sampling), on this process."""
+        states = {"rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return states
 
     def _save(self, is_best: bool) -> None:
-        rng = dist.gather(torch.get_rng_state(), self.dist)
+        """Checkpoint the current step, with every process's random state. A failed write ends
+        training on every process with CheckpointError; the previous checkpoint stays current."""
+        gathered = dist.gather(self._rng_states(), self.dist)
+        rng = {f"{name}.{rank}": state for rank, states in enumerate(gathered)
+               for name, state in states.items()}
+        error = None
         if self.dist.is_main:
-            checkpoint.save_checkpoint(self.run_dir, self.state["step"], self.model, self.optimizer,
-                                       dict(self.state), rng, is_best=is_best,
-                                       keep=self.cfg.train.keep_checkpoints)
-        dist.barrier(self.dist)
+            try:
+                checkpoint.save_checkpoint(self.run_dir, self.state["step"], self.model,
+                                           self.optimizer, json.loads(json.dumps(self.state)), rng,
+                                           is_best=is_best, keep=self.cfg.train.keep_checkpoints)
+            except checkpoint.CheckpointError as err:
+                error = str(err)
+        error = dist.broadcast(error, self.dist)
+        if error:
+            raise checkpoint.CheckpointError(error)
+        self._saved_step = self.state["step"]
 
     # ---- batches ------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list:
@@ -291,8 +352,11 @@ class Trainer:
             return "max_steps"
         if t.max_minutes and elapsed >= t.max_minutes * 60:
             return "max_minutes"
-        if t.max_epochs and self.state["epoch"] >= t.max_epochs:
-            return "max_epochs"
+        if t.max_epochs:
+            # The epoch counter moves on lazily, when the next batch is taken.
+            done = self.state["epoch"] + (self.state["batch_in_epoch"] >= len(self._batches))
+            if done >= t.max_epochs:
+                return "max_epochs"
         return ""
 
     def _eta(self, elapsed: float, rate_steps: float) -> str:
@@ -308,6 +372,8 @@ class Trainer:
         return f"{secs // 60}:{secs % 60:02d}"
 
     def fit(self) -> dict:
+        """Train until a stop condition; on SIGINT/SIGTERM save a resumable checkpoint at the
+        current step and raise TrainingInterrupted."""
         t = self.cfg.train
         self.model.train()
         self._batches = self._epoch_batches(self.state["epoch"])
@@ -319,15 +385,20 @@ class Trainer:
                    disable=not (self.dist.is_main and self.progress), dynamic_ncols=True,
                    mininterval=1.0)
         start = time.perf_counter() - self.state["elapsed"]
-        window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+        window_start = time.perf_counter()
+        window = self.state["window"]
         reason = ""
         last_validated = self.state["step"] if self.state["step"] else -1
+        previous = self._catch_signals()
         try:
             while True:
                 elapsed = time.perf_counter() - start
                 reason = self._should_stop(elapsed)
-                if dist.any_true(bool(reason), self.dist, self.device):
-                    reason = reason or "another process stopped"
+                # 0 go on, 1 a normal stop, 2 a signal: every process takes the same decision
+                code = dist.max_int(2 if self._signal else (1 if reason else 0), self.dist,
+                                    self.device)
+                if code:
+                    reason = "interrupted" if code == 2 else (reason or "another process stopped")
                     break
                 loss, nll, ntok = self._train_step(self._next_batches())
                 self.state["elapsed"] = time.perf_counter() - start
@@ -338,21 +409,9 @@ class Trainer:
                 step = self.state["step"]
                 if step % t.log_every == 0 or step == 1:
                     now = time.perf_counter()
-                    dt = now - window["time"]
-                    rate = window["tokens"] * self.dist.world_size / max(dt, 1e-9)
-                    record = {"step": step, "epoch": self.state["epoch"],
-                              "loss": window["loss"] / window["tokens"],
-                              "nll": window["nll"] / window["tokens"],
-                              "lr": lr_at(step - 1, t), "tokens_per_s": rate,
-                              "elapsed_s": self.state["elapsed"],
-                              # peak resident memory of this process so far (Linux: KiB)
-                              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{rate:,.0f}",
-                                    eta=self._eta(self.state["elapsed"], window["steps"] / max(dt, 1e-9)),
-                                    refresh=False)
-                    window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0, "time": now}
+                    self._log_window(window, now - window_start, bar)
+                    window.update(loss=0.0, nll=0.0, tokens=0, steps=0)
+                    window_start = now
                 bar.update(1)
                 if step % t.valid_every == 0:
                     last_validated = step
@@ -361,12 +420,68 @@ class Trainer:
                         break
         finally:
             bar.close()
+            self._restore_signals(previous)
+        if reason == "interrupted":
+            if self._saved_step != self.state["step"]:
+                self._save(is_best=False)
+            self.metrics.close()
+            raise TrainingInterrupted(self.run_dir, self.state["step"], self._signal or
+                                      signal.SIGINT)
         if last_validated != self.state["step"]:
             self._validate_and_save()
         self.log(f"stopped ({reason}) at step {self.state['step']}, epoch {self.state['epoch']}, "
                  f"{self.state['elapsed'] / 60:.1f} min; best dev {self.metric_key} {self.state['best']:.2f}")
         self.metrics.close()
         return dict(self.state)
+
+    def _log_window(self, window: dict, seconds: float, bar) -> None:
+        t = self.cfg.train
+        step = self.state["step"]
+        rate = window["tokens"] * self.dist.world_size / max(seconds, 1e-9)
+        record = {"step": step, "epoch": self.state["epoch"],
+                  "loss": window["loss"] / window["tokens"],
+                  "nll": window["nll"] / window["tokens"],
+                  "lr": lr_at(step - 1, t), "tokens_per_s": rate,
+                  "elapsed_s": self.state["elapsed"],
+                  # peak resident memory of this process so far (Linux: KiB)
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{rate:,.0f}",
+                        eta=self._eta(self.state["elapsed"], window["steps"] / max(seconds, 1e-9)),
+                        refresh=False)
+
+    def _catch_signals(self) -> dict:
+        """SIGINT/SIGTERM ask for a stop after the current step (the handler only records it);
+        a second signal acts at once, as it would without us."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def ask_to_stop(signum, frame):
+            self._signal = signum
+            signal.signal(signum, previous[signum])
+            if self.dist.is_main:
+                print(f"\nencdec: {signal.Signals(signum).name}: saving a checkpoint after this "
+                      "step (send it again to quit at once)", file=sys.stderr, flush=True)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, ask_to_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a resumable checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int, signum: int):
+        self.exit_code = 128 + int(signum)  # what the shell reports for a death by that signal
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved a checkpoint in "
+                         f"{run_dir}; continue with: encdec train {run_dir} --resume")
 
 
 def train(cfg: Config, resume: bool = False, log=print, progress: bool = True) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
 import sys
 import threading
@@ -18,15 +17,9 @@ from encdec.data.assets import load_assets
 from encdec.data.dataset import pad, teacher_forcing
 from encdec.data.vocab import PAD
 from encdec.decoding.texts import Translation, decode_texts
+from encdec.files import atomic_write_text
 from encdec.models import build_model
 from encdec.models.base import EncoderOut
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a partial output never replaces an earlier one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Translator:

@@ -168,3 +168,115 @@ def test_recipe_preparation_is_cached(tmp_path, capsys):
     assert main(["prepare", "g2p-cmudict", "--out", str(out)]) == 0
     assert "already prepared" in capsys.readouterr().out
     assert (out / "meta.json").stat().st_mtime_ns == first
+
+
+def _prepare_tsv(tmp_path, name, lines, *extra):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return main(["prepare", "--train", str(path), "--out", str(tmp_path / "d"),
+                 "--src-tokenizer", "char", "--tgt-tokenizer", "whitespace", *extra])
+
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old")))
+
+
+@pytest.mark.parametrize("case", ["too_long", "blank"])
+def test_prepare_refuses_a_corpus_with_no_pairs_left(tmp_path, capsys, case):
+    if case == "too_long":
+        lines, extra = [f"{'abcdefgh' * 2}{i}\tA B" for i in range(300)], ["--max-len", "5"]
+        expected = "no train pairs left: 2\\d\\d read, 0 dropped as empty, 2\\d\\d dropped as over 5"
+    else:
+        lines, extra = ["\t", "  \t ", "x\t", "\ty"] * 50, []
+        expected = "no train pairs left: 1\\d\\d read, 1\\d\\d dropped as empty, 0 dropped"
+    assert _prepare_tsv(tmp_path, "t.tsv", lines, *extra) == 2
+    import re
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "d").exists() and _leftovers(tmp_path) == []
+
+
+def test_prepare_refuses_an_empty_dev_split(tmp_path, capsys):
+    # 12 pairs: the 5 % hash split gives this corpus no dev pair.
+    words = [f"w{i}" for i in range(40)]
+    words = [w for w in words if hash_split(w) == "train"][:10] + \
+            [w for w in words if hash_split(w) == "test"][:2]
+    assert _prepare_tsv(tmp_path, "t.tsv", [f"{w}\tW" for w in words]) == 2
+    err = capsys.readouterr().err
+    assert "no dev pairs left: 0 read" in err and "give --dev and --test" in err
+    assert not (tmp_path / "d").exists() and _leftovers(tmp_path) == []
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    assert main(["prepare", "--train", str(tmp_path / "t.tsv"), "--dev", str(empty), "--test",
+                 str(tmp_path / "t.tsv"), "--out", str(tmp_path / "d"),
+                 "--src-tokenizer", "char"]) == 2
+    assert "no dev pairs left" in capsys.readouterr().err
+
+
+def test_empty_outputs_are_not_scored_as_perfect():
+    from encdec.metrics import g2p_scores, score
+
+    with pytest.raises(ValueError, match="nothing to score"):
+        g2p_scores([], [])
+    for metric in ("g2p", "text"):
+        with pytest.raises(ValueError, match="nothing to score"):
+            score(metric, [], [])
+
+
+def test_training_and_evaluation_refuse_an_empty_split(tiny_data, tiny_run, tmp_path, capsys):
+    import shutil
+
+    from conftest import write_config
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "dev.eval.jsonl").write_text("")  # a data directory from before the check
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run")
+    assert main(["train", str(cfg)]) == 2
+    assert "the dev split is empty" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--split", "dev", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "split 'dev' has no inputs" in err and "WER" not in err
+
+
+def test_out_never_replaces_a_directory_that_is_not_a_data_directory(tmp_path, capsys):
+    mine = tmp_path / "d"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    lines = [f"w{i}\tW {i}" for i in range(400)]
+    assert _prepare_tsv(tmp_path, "t.tsv", lines) == 2
+    assert "is not an encdec data directory" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert _prepare_tsv(tmp_path, "t.tsv", lines) == 2  # still refused
+    # A data directory is replaced; an empty directory is used.
+    (mine / "thesis.tex").unlink()
+    assert _prepare_tsv(tmp_path, "t.tsv", lines) == 0
+    assert _prepare_tsv(tmp_path, "t.tsv", lines[:300]) == 0
+    assert json.loads((mine / "meta.json").read_text())["splits"]["train"]["input_pairs"] < 300
+    assert json.loads((mine / "meta.json").read_text())["options"]["max_len"] == 256
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert main(["prepare", "--train", str(tmp_path / "t.tsv"), "--out", str(other),
+                 "--src-tokenizer", "char", "--force"]) == 0  # --force replaces it
+    assert not (other / "keep.txt").exists() and _leftovers(tmp_path) == []
+
+
+def test_sentencepiece_failures_are_data_errors_naming_the_model(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import sentencepiece as spm
+
+    with pytest.raises(DataError, match=r"nowhere/spm\.model failed .*No such file"):
+        SentencePieceTokenizer.train(["a b c"] * 10, tmp_path / "nowhere" / "spm", 50)
+
+    def disk_full(**kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", disk_full)
+    lines = [f"w{i}\tW {i}" for i in range(400)]
+    (tmp_path / "t.tsv").write_text("".join(line + "\n" for line in lines))
+    assert main(["prepare", "--train", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the SentencePiece model" in err and "No space left" in err
+    assert "MiB free" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists() and _leftovers(tmp_path) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -35,18 +36,86 @@ def split_by_hash(pairs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str
     return splits
 
 
+def is_data_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``encdec prepare`` (or ``encdec distill``)."""
+    meta = Path(path) / "meta.json"
+    try:
+        return "format" in json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_replaceable(out: str | Path, force: bool = False) -> None:
+    """Refuse to replace ``out`` unless it is missing, empty, an encdec data directory, or
+    ``force`` is given: a mistyped ``--out`` must not delete a user's directory."""
+    out = Path(out)
+    if not out.exists() or force:
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a data directory; choose another path")
+    if any(out.iterdir()) and not is_data_dir(out):
+        raise DataError(f"--out {out} exists and is not an encdec data directory (no meta.json "
+                        "from `encdec prepare`); it would be replaced. Choose another path, or "
+                        "pass --force to replace it")
+
+
+def new_tmp_dir(out: Path) -> Path:
+    """A fresh directory beside ``out`` to build it in; its name never collides with a user's."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp``, so a crash never leaves half a directory."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_size: int = 8000,
             spm_type: str = "bpe", joint_vocab: bool = False, min_freq: int = 1,
-            name: str = "custom", log=print) -> dict:
-    """Write a prepared data directory for ``corpus``; returns its meta dict."""
+            name: str = "custom", options: dict | None = None, force: bool = False,
+            log=print) -> dict:
+    """Write a prepared data directory for ``corpus``; returns its meta dict.
+
+    Refuses (DataError) a corpus left with no training, dev or test pairs after cleaning, and an
+    ``out_dir`` that is not a data directory (unless ``force``). Nothing is left behind on error.
+    """
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    check_replaceable(out, force)
     if "train" not in corpus.splits or not corpus.splits["train"]:
         raise DataError("the corpus has no training pairs")
+    tmp = new_tmp_dir(out)
+    try:
+        meta, summary = _build(corpus, tmp, max_len=max_len, vocab_size=vocab_size,
+                               spm_type=spm_type, joint_vocab=joint_vocab, min_freq=min_freq,
+                               name=name)
+        meta["options"] = options if options is not None else {
+            "max_len": max_len, "vocab_size": vocab_size, "spm_type": spm_type,
+            "joint_vocab": joint_vocab}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for line in summary:
+        log(line)
+    log(f"vocab: {meta['src_vocab_size']} src / {meta['tgt_vocab_size']} tgt -> {out}")
+    return meta
 
+
+def _dropped(st: dict, max_len: int) -> str:
+    return (f"{st['input_pairs']} read, {st['dropped_empty']} dropped as empty, "
+            f"{st['dropped_too_long']} dropped as over {max_len} tokens (--max-len)")
+
+
+def _build(corpus: Corpus, tmp: Path, *, max_len: int, vocab_size: int, spm_type: str,
+           joint_vocab: bool, min_freq: int, name: str) -> tuple[dict, list[str]]:
     # 1. Clean: strip whitespace, drop empty pairs (counted).
     stats: dict[str, dict] = {}
     cleaned: dict[str, list[tuple[str, str]]] = {}
@@ -88,6 +157,15 @@ def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_si
                 rows.append((s_tok, t_tok, i))
         stats[split].setdefault("dropped_too_long", 0)
         tokenized[split] = rows
+    for split in ("train", "dev", "test"):
+        if split in tokenized and not tokenized[split]:
+            hint = {"train": "nothing to train on",
+                    "dev": "validation would score nothing (and call it perfect)",
+                    "test": "evaluation would score nothing"}[split]
+            if split != "train" and corpus.split_by_hash:
+                hint += (f"; the {split} split is 5% of the pairs by a hash of the source, too "
+                         "few for this corpus: give --dev and --test files")
+            raise DataError(f"no {split} pairs left: {_dropped(stats[split], max_len)}; {hint}")
 
     # 4. Vocabularies from the training split.
     src_counts = Counter(tok for s, _, _ in tokenized["train"] for tok in s)
@@ -138,24 +216,11 @@ def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_si
         "tgt_vocab_size": len(vocabs["tgt"]), "max_len": max_len, "splits": stats,
         "skipped": corpus.skipped,
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
-    # Swap the finished directory into place so a crash never leaves half a data directory.
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    for split, st in stats.items():
-        log(f"{split:>6}: {st['pairs']:>7} pairs ({st['eval_inputs']} eval inputs), "
-            f"{st['src_tokens']} src / {st['tgt_tokens']} tgt tokens; dropped "
-            f"{st['dropped_empty']} empty, {st['dropped_too_long']} over {max_len} tokens")
-    log(f"vocab: {len(vocabs['src'])} src / {len(vocabs['tgt'])} tgt -> {out}")
-    return meta
+    summary = [f"{split:>6}: {st['pairs']:>7} pairs ({st['eval_inputs']} eval inputs), "
+               f"{st['src_tokens']} src / {st['tgt_tokens']} tgt tokens; dropped "
+               f"{st['dropped_empty']} empty, {st['dropped_too_long']} over {max_len} tokens"
+               for split, st in stats.items()]
+    return meta, summary
 
 
 def _write_binarized(directory: Path, split: str, side: str, ids: list[list[int]]) -> None:

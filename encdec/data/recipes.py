@@ -23,6 +23,7 @@ class Corpus:
     metric: str = "text"  # g2p | text
     group_refs: bool = False  # evaluation groups all targets of the same source as references
     skipped: dict = field(default_factory=dict)  # pairs the recipe could not build, by reason
+    split_by_hash: bool = False  # dev/test were split off the training pairs (5 % + 5 %)
 
 
 def hash_split(key: str, dev_percent: int = 5, test_percent: int = 5) -> str:

@@ -71,16 +71,27 @@ class SentencePieceTokenizer:
               model_type: str = "bpe", lowercase: bool = False) -> "SentencePieceTokenizer":
         import sentencepiece as spm
 
+        from encdec.data.corpus import DataError
+        from encdec.files import free_space, write_error
+
         sentences = [_normalize(t, lowercase) for t in lines]
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
-            vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
-            # Our vocabulary adds its own specials; SentencePiece's ids are not used.
-            pad_id=-1, bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            num_threads=2, minloglevel=2,
-        )
-        return cls(f"{model_prefix}.model", lowercase=lowercase)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
+                vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+                # Our vocabulary adds its own specials; SentencePiece's ids are not used.
+                pad_id=-1, bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
+                input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                num_threads=2, minloglevel=2,
+            )
+            return cls(f"{model_prefix}.model", lowercase=lowercase)
+        except OSError as err:
+            raise DataError(write_error("the SentencePiece model", f"{model_prefix}.model",
+                                        err)) from None
+        except RuntimeError as err:  # SentencePiece reports its own failures this way
+            raise DataError(f"SentencePiece training for {model_prefix}.model failed "
+                            f"({len(sentences)} sentences, vocab size {vocab_size}, "
+                            f"{model_type}; {free_space(model_prefix)}): {err}") from None
 
     def encode(self, text: str) -> list[str]:
         return self.sp.encode(_normalize(text, self.lowercase), out_type=str)
