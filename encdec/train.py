@@ -298,8 +298,17 @@ class Trainer:
         return loss_sum, nll_sum, total_tokens
 
     # ---- validation ---------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> dict:
+        """Dev loss and the task metric. Its random draws (the NAT loss masks) come from a
+        fixed seed on forked generators: dev losses compare across validations, and training's
+        random stream is the same whether or not a validation ran (exact resume)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.train.seed)
+            return self._validate()
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
         self.model.eval()
         loss_sum = nll_sum = tokens = 0
         batches = token_batches(self.dev_split.src_lens, self.dev_split.tgt_lens,
