@@ -105,25 +105,6 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_interrupted_checkpoint_write_keeps_the_last_good_one(tiny_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    good = checkpoint.resolve(run, "last")
-    # A crash mid-write leaves only a temporary directory behind: "last" still loads.
-    (run / "checkpoints" / ".tmp-step-0000200").mkdir()
-    (run / "checkpoints" / ".tmp-step-0000200" / "model.safetensors").write_bytes(b"partial")
-    assert checkpoint.resolve(run, "last") == good
-    Translator.from_run(run, "last")
-    cfg = Config.load(run / "config.yaml", ["train.max_steps=610", "train.valid_every=10",
-                                            f"train.run_dir={run}"])
-    state = Trainer(cfg, resume=True, log=lambda *a: None).fit()
-    assert state["step"] == 610
-    assert not (run / "checkpoints" / ".tmp-step-0000200").exists()  # stale leftovers cleaned
-    assert checkpoint.resolve(run, "last").name == "step-0000610"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,3 +190,173 @@ def test_early_stopping_and_time_budget(tiny_data, tmp_path):
     assert state["step"] == 6 and state["bad_validations"] == 1
     state = _trainer(tiny_data, tmp_path / "m", max_minutes=1e-6, max_steps=50).fit()
     assert state["step"] <= 1  # the budget is checked before every step
+
+
+def _run_in_background(args, **popen):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "encdec.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for_step(proc, run_dir: Path, step: int, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(x).get("step", 0) >= step
+                                 for x in path.read_text().splitlines() if x.endswith("}")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"training did not reach step {step} in {timeout} s")
+
+
+def _losses(run_dir: Path) -> list:
+    return [(r["step"], r["loss"]) for r in _records(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(tiny_data, tmp_path, sig):
+    import signal
+
+    common = dict(valid_every=1000, log_every=1, valid_max_inputs=4)
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "part", max_steps=100_000,
+                       **common)
+    proc = _run_in_background(["train", str(cfg)])
+    _wait_for_step(proc, tmp_path / "part", 5)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
+    assert f"encdec train {tmp_path / 'part'} --resume" in err and sig in err
+    stopped = int(checkpoint.resolve(tmp_path / "part", "last").name.split("-")[1])
+    assert stopped >= 5 and [s for s, _ in _losses(tmp_path / "part")] == list(range(1, stopped + 1))
+    assert main(["train", str(tmp_path / "part"), "--resume", f"train.max_steps={stopped + 3}"]) == 0
+    full = write_config(tmp_path / "f.yaml", tiny_data, tmp_path / "full", max_steps=stopped + 3,
+                        **common)
+    assert main(["train", str(full)]) == 0
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    a = load_file(str(checkpoint.resolve(tmp_path / "full", "last") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tmp_path / "part", "last") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_killed_run_resumes_without_repeating_metrics(tiny_data, tmp_path):
+    import signal
+
+    common = dict(valid_every=4, log_every=3, valid_max_inputs=4)
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "part", max_steps=100_000,
+                       **common)
+    proc = _run_in_background(["train", str(cfg)])
+    _wait_for_step(proc, tmp_path / "part", 14)
+    proc.send_signal(signal.SIGKILL)  # no chance to save: lines after the checkpoint remain
+    proc.communicate(timeout=60)
+    saved = int(checkpoint.resolve(tmp_path / "part", "last").name.split("-")[1])
+    end = saved + 7
+    assert main(["train", str(tmp_path / "part"), "--resume", f"train.max_steps={end}"]) == 0
+    full = write_config(tmp_path / "f.yaml", tiny_data, tmp_path / "full", max_steps=end, **common)
+    assert main(["train", str(full)]) == 0
+    steps = [(r["step"], "loss" in r) for r in _records(tmp_path / "part")]
+    assert len(steps) == len(set(steps))  # nothing repeated
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    valid = lambda d: [(r["step"], r["valid_loss"]) for r in _records(d) if "valid_loss" in r]
+    assert valid(tmp_path / "part") == valid(tmp_path / "full")
+
+
+KILL_INSIDE_SAVE = r"""
+import sys, time
+from pathlib import Path
+import encdec.checkpoint as ck
+from encdec.config import Config
+from encdec.train import Trainer
+
+run = Path(sys.argv[1])
+
+def half_written(model, filename, **kw):  # write part of the file, then hang until killed
+    Path(filename).write_bytes(b"\x00" * 1000)
+    (run / "inside-save").touch()
+    time.sleep(600)
+
+ck.save_model = half_written
+cfg = Config.load(run / "config.yaml", ["train.max_steps=610", "train.valid_every=10",
+                                        f"train.run_dir={run}"])
+Trainer(cfg, resume=True, log=lambda *a: None).fit()
+"""
+
+
+def test_a_write_killed_inside_save_checkpoint_keeps_the_last_good_one(tiny_run, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = checkpoint.resolve(run, "last")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_INSIDE_SAVE, str(run)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "inside-save").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (run / "checkpoints" / ".tmp-step-0000610" / "model.safetensors").stat().st_size == 1000
+    assert checkpoint.resolve(run, "last") == good and checkpoint.resolve(run, "best").exists()
+    before = Translator.from_run(tiny_run, "last").translate(["abc", "hgfe"])
+    assert Translator.from_run(run, "last").translate(["abc", "hgfe"]) == before
+    cfg = Config.load(run / "config.yaml", ["train.max_steps=610", "train.valid_every=10",
+                                            f"train.run_dir={run}"])
+    state = Trainer(cfg, resume=True, log=lambda *a: None).fit()
+    assert state["step"] == 610 and checkpoint.resolve(run, "last").name == "step-0000610"
+    assert not (run / "checkpoints" / ".tmp-step-0000610").exists()
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = checkpoint.resolve(run, "last")
+
+    def full_disk(tensors, filename, **kw):
+        Path(filename).write_bytes(b"\x00" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    code = main(["train", str(run), "--resume", "train.max_steps=610", "train.valid_every=10",
+                 f"train.run_dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"could not write checkpoint {run / 'checkpoints' / 'step-0000610'}" in err
+    assert "No space left on device" in err and "MiB free" in err and "Traceback" not in err
+    assert checkpoint.resolve(run, "last") == good
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) == []
+    Translator.from_run(run, "last")
+
+
+def test_checkpoint_files_and_directories_are_flushed_before_the_rename(tiny_run, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    events = []
+    monkeypatch.setattr(checkpoint, "fsync_file", lambda p: events.append(("file", Path(p).name)))
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda p: events.append(("dir", Path(p).name)))
+    real_replace = os.replace
+    monkeypatch.setattr(checkpoint.os, "replace",
+                        lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    tr = Translator.from_run(run, "last")
+    from encdec.train import make_optimizer
+    checkpoint.save_checkpoint(run, 700, tr.model, make_optimizer(tr.model, tr.cfg.train), {},
+                               {"rng.0": torch.get_rng_state()}, is_best=False, keep=3)
+    rename = events.index(("rename", "step-0000700"))
+    flushed = {name for kind, name in events[:rename] if kind == "file"}
+    assert flushed == {"model.safetensors", "trainer.safetensors", "trainer.json"}
+    assert ("dir", ".tmp-step-0000700") in events[:rename]
+    assert ("dir", "checkpoints") in events[rename:]
