@@ -14,6 +14,7 @@ import torch
 from encdec import checkpoint
 from encdec.config import Config, DecodeConfig
 from encdec.data.assets import load_assets
+from encdec.data.corpus import decode_line
 from encdec.data.dataset import pad, teacher_forcing
 from encdec.data.vocab import PAD
 from encdec.decoding.texts import Translation, decode_texts
@@ -153,24 +154,30 @@ class Translator:
         return [n[0].text for n in self.translate_nbest(inputs, **decode_overrides)]
 
 
-def _stdin_blocks(stream, max_lines: int, wait: float = 0.05):
-    """Lines of ``stream`` in blocks: as many as are ready (up to ``max_lines``) without waiting
-    more than ``wait`` seconds for the next, so piped files are batched and a line typed or
-    written by another program is answered at once."""
+def _stdin_blocks(stream, max_lines: int, wait: float = 0.05, name: str = "<stdin>"):
+    """Lines of the binary ``stream`` in blocks: as many as are ready (up to ``max_lines``)
+    without waiting more than ``wait`` seconds for the next, so piped files are batched and a
+    line typed or written by another program is answered at once. A line that is not UTF-8
+    ends the stream with DataError naming it, after the lines before it were yielded."""
     lines: queue.Queue = queue.Queue(maxsize=4 * max_lines)
 
     def reader():
         try:
-            for line in stream:
-                lines.put(line)
+            for lineno, raw in enumerate(stream, 1):
+                lines.put(decode_line(raw.rstrip(b"\n"), name, lineno))
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+            lines.put(err)
         finally:
             lines.put(None)
 
     threading.Thread(target=reader, daemon=True).start()
-    while True:
+    failure = None
+    while failure is None:
         first = lines.get()
         if first is None:
             return
+        if isinstance(first, BaseException):
+            raise first
         block = [first]
         done = False
         while len(block) < max_lines:
@@ -181,10 +188,14 @@ def _stdin_blocks(stream, max_lines: int, wait: float = 0.05):
             if line is None:
                 done = True
                 break
+            if isinstance(line, BaseException):
+                failure = line
+                break
             block.append(line)
         yield block
         if done:
             return
+    raise failure
 
 
 def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
@@ -242,6 +253,9 @@ def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, outpu
             except EOFError:
                 print(file=sys.stderr)
                 return
+            except UnicodeDecodeError:
+                print("encdec: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
             for out in fmt(translate([line])):
                 print(out, flush=True)
             offset += 1
@@ -249,8 +263,8 @@ def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, outpu
     try:
         # Blocks of whatever stdin has ready, each sorted and batched inside decode_texts;
         # output in input order, flushed per block, so encdec can sit in a pipe.
-        for block in _stdin_blocks(sys.stdin, max_lines=4 * cfg.batch_size):
-            for text in fmt(translate([line.rstrip("\r\n") for line in block])):
+        for block in _stdin_blocks(sys.stdin.buffer, max_lines=4 * cfg.batch_size):
+            for text in fmt(translate(block)):
                 out.write(text + "\n")
             out.flush()
             offset += len(block)

@@ -226,3 +226,16 @@ def test_cli_streams_stdin_in_order(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "50/50" in res.stderr and "lines/s" in res.stderr
     assert (tmp_path / "out.txt").read_text().split("\n")[:-1] == expected[:50]
+
+
+def test_cli_stops_at_invalid_utf8_on_stdin_naming_the_line(tiny_run):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    good = [f"{w}\n".encode() for w in ("abc", "cab", "dcba")]
+    res = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tiny_run),
+                          "--beam", "1"], input=b"".join(good) + b"ab\xff\xfe\nabc\n",
+                         capture_output=True, env=env)
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    assert "<stdin>:4: invalid UTF-8 at byte 3" in err and "Traceback" not in err
+    expected = Translator.from_run(tiny_run).translate(["abc", "cab", "dcba"], beam_size=1)
+    assert res.stdout.decode().splitlines() == expected  # the lines before it are answered

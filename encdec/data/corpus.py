@@ -22,19 +22,22 @@ def read_lines(path: str | Path) -> list[str]:
     chunks = raw.split(b"\n")
     if chunks and chunks[-1] == b"":
         chunks.pop()
-    lines = []
-    for lineno, chunk in enumerate(chunks, 1):
-        nul = chunk.find(b"\x00")
-        if nul >= 0:
-            raise DataError(f"{path}:{lineno}: NUL byte at byte {nul + 1} of the line; "
-                            "is this a binary file?")
-        try:
-            line = chunk.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start + 1} of the line "
-                            f"({chunk[err.start:err.start + 4]!r}); re-encode the file as UTF-8") from None
-        lines.append(line.rstrip("\r"))
-    return lines
+    return [decode_line(chunk, path, lineno) for lineno, chunk in enumerate(chunks, 1)]
+
+
+def decode_line(chunk: bytes, name: str | Path, lineno: int) -> str:
+    """One line's bytes (without its newline) as text; DataError naming ``name:lineno`` for a
+    NUL byte or invalid UTF-8."""
+    nul = chunk.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{name}:{lineno}: NUL byte at byte {nul + 1} of the line; "
+                        "is this a binary file?")
+    try:
+        line = chunk.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{name}:{lineno}: invalid UTF-8 at byte {err.start + 1} of the line "
+                        f"({chunk[err.start:err.start + 4]!r}); re-encode the input as UTF-8") from None
+    return line.rstrip("\r")
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> list[tuple[str, str]]:
