@@ -306,6 +306,9 @@ def validate(cfg: Config) -> None:
     if d.method == "nat" and d.nbest > d.length_beam:
         raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.length_beam="
                           f"{d.length_beam} (one output per candidate length)")
+    if d.nbest > 1 and d.method == "greedy":
+        raise ConfigError(f"decode.nbest={d.nbest} needs beam search with a beam of at least "
+                          "nbest, or sampling: greedy decoding gives one output per input")
     if not 0.0 <= t.ss_max_prob <= 1.0:
         raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
     if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:

@@ -52,6 +52,11 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         tag += f"-ls{decode_cfg.length_scale:g}" if decode_cfg.length_scale != 1 else ""
         tag += "-every-pass" if not decode_cfg.early_exit and decode_cfg.iterations > 1 else ""
     tag += "-rerank" if rerank else ""
+    # Results of other checkpoints, subsets or data never overwrite each other.
+    tag += f"-{checkpoint_name}" if checkpoint_name != "best" else ""
+    tag += f"-first{limit}" if limit else ""
+    if Path(data_dir).resolve() != Path(tr.cfg.data.dir).resolve():
+        tag += f"-data-{Path(data_dir).resolve().name}"
     (out_dir / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result["written_to"] = str(out_dir / f"{tag}.json")

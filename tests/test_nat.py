@@ -267,6 +267,25 @@ def test_length_scale_multiplies_the_predicted_length(scale, expected):
     assert len(out.tokens) == expected  # round(6 * scale), at least 1, at most max_len
 
 
+def test_maximum_output_length_is_per_input_not_the_padded_width():
+    from encdec.config import DecodeConfig
+    from encdec.decoding import generate
+
+    model = tiny_nat()
+    cfg = DecodeConfig(method="nat", iterations=2, length_scale=4.0, max_len_a=1.0, max_len_b=1)
+    short, long_ = [5, 6], [7, 8, 9, 10, 11, 12, 13, 14]
+    batch = torch.tensor([short + [PAD] * 6, long_])
+    together = generate(model, batch, cfg)
+    alone = generate(model, torch.tensor([short]), cfg)
+    assert len(alone[0][0].tokens) <= 3  # at most 1 * 2 + 1
+    assert [h.tokens for h in together[0]] == [h.tokens for h in alone[0]]
+    assert len(together[1][0].tokens) <= 9
+    # Given lengths obey the same per-input bound.
+    out = mask_predict(model, batch, iterations=1, lengths=torch.tensor([8, 8]),
+                       max_len=torch.tensor([3, 9]))
+    assert [len(h[0].tokens) for h in out] == [3, 8]
+
+
 def test_given_lengths_replace_the_predicted_ones():
     model = tiny_nat()
     src = torch.tensor([[5, 6, 7, PAD], [8, 9, 10, 11]])
@@ -285,6 +304,20 @@ def distilled(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "data"
     assert main(["distill", str(tiny_run), "--split", "train", "--out", str(out), "--beam", "2"]) == 0
     return out
+
+
+def test_distill_out_never_replaces_a_directory_that_is_not_a_data_directory(tiny_run, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "paper.pdf").write_text("keep")
+    assert main(["distill", str(tiny_run), "--split", "dev", "--out", str(out)]) == 2
+    assert "is not an encdec data directory" in capsys.readouterr().err
+    assert (out / "paper.pdf").read_text() == "keep"
+    assert main(["distill", str(tiny_run), "--split", "dev", "--out", str(out), "--force",
+                 "--beam", "1"]) == 0
+    assert (out / "meta.json").exists() and not (out / "paper.pdf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_distillation_is_aligned_with_the_source(distilled, tiny_run, tiny_data):

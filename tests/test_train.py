@@ -360,3 +360,43 @@ def test_checkpoint_files_and_directories_are_flushed_before_the_rename(tiny_run
     assert flushed == {"model.safetensors", "trainer.safetensors", "trainer.json"}
     assert ("dir", ".tmp-step-0000700") in events[:rename]
     assert ("dir", "checkpoints") in events[rename:]
+
+
+def test_max_epochs_trains_whole_epochs_and_not_a_step_more(tiny_data, tmp_path):
+    from encdec.data.dataset import BinarizedSplit, token_batches
+
+    split = BinarizedSplit(tiny_data, "train")
+    per_epoch = len(token_batches(split.src_lens, split.tgt_lens, 400, seed=1, epoch=0))
+    state = _trainer(tiny_data, tmp_path / "e1", max_steps=0, max_epochs=1, valid_every=1000,
+                     valid_max_inputs=4).fit()
+    assert state["step"] == per_epoch
+    state = _trainer(tiny_data, tmp_path / "e2", max_steps=0, max_epochs=2, valid_every=1000,
+                     valid_max_inputs=4).fit()
+    second = len(token_batches(split.src_lens, split.tgt_lens, 400, seed=1, epoch=1))
+    assert state["step"] == per_epoch + second
+
+
+def test_evaluation_files_name_checkpoint_limit_and_data(tiny_run, tiny_data, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    assert main(["evaluate", str(run), "--beam", "2"]) == 0
+    assert main(["evaluate", str(run), "--beam", "2", "--checkpoint", "last"]) == 0
+    assert main(["evaluate", str(run), "--beam", "2", "--limit", "5"]) == 0
+    assert main(["evaluate", str(run), "--beam", "2", "--data", str(tiny_data)]) == 0
+    names = sorted(p.name for p in (run / "eval").glob("*.json"))
+    assert names == ["test-beam2-first5.json", "test-beam2-last.json", "test-beam2.json"]
+    assert json.loads((run / "eval" / "test-beam2-first5.json").read_text())["inputs"] == 5
+    assert json.loads((run / "eval" / "test-beam2.json").read_text())["inputs"] == 40
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_data, other)
+    assert main(["evaluate", str(run), "--beam", "2", "--data", str(other)]) == 0
+    assert (run / "eval" / "test-beam2-data-other-data.json").exists()
+
+
+def test_cli_refuses_more_outputs_than_greedy_gives(tiny_run, capsys):
+    assert main(["translate", str(tiny_run), "--beam", "1", "--nbest", "2"]) == 2
+    assert "decode.nbest=2 needs beam search" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--method", "greedy", "--limit", "2"]) == 0

@@ -239,3 +239,21 @@ def test_cli_stops_at_invalid_utf8_on_stdin_naming_the_line(tiny_run):
     assert "<stdin>:4: invalid UTF-8 at byte 3" in err and "Traceback" not in err
     expected = Translator.from_run(tiny_run).translate(["abc", "cab", "dcba"], beam_size=1)
     assert res.stdout.decode().splitlines() == expected  # the lines before it are answered
+
+
+def test_average_never_overwrites_a_checkpoint_it_did_not_write(subword_run, capsys):
+    step = sorted((subword_run / "checkpoints").glob("step-*"))[-1]
+    before = (step / "model.safetensors").read_bytes()
+    for name in (step.name, "step-9999999", "last", "../elsewhere", ".hidden"):
+        assert main(["average", str(subword_run), "--last", "2", "--name", name]) == 2
+        assert "plain directory name" in capsys.readouterr().err
+    assert (step / "model.safetensors").read_bytes() == before
+    mine = subword_run / "checkpoints" / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["average", str(subword_run), "--last", "2", "--name", "mine"]) == 2
+    assert "not an averaged checkpoint" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"
+    assert main(["average", str(subword_run), "--last", "2", "--name", "mine", "--force"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "averaged.json").exists()
+    assert main(["average", str(subword_run), "--last", "3", "--name", "mine"]) == 0  # an average

@@ -7,7 +7,8 @@ import torch
 
 from encdec.config import DecodeConfig
 from encdec.decoding.beam import beam_search
-from encdec.decoding.greedy import Hypothesis, greedy, sample
+from encdec.data.vocab import PAD
+from encdec.decoding.greedy import Hypothesis, greedy, max_lengths, sample
 from encdec.decoding.nat import mask_predict
 
 
@@ -15,10 +16,11 @@ def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention:
              generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
     """Hypotheses per input (best first) with the method and settings of ``cfg``."""
     if cfg.method == "nat":
-        longest = int(cfg.max_len_a * src_tokens.size(1) + cfg.max_len_b)
+        # Each input's own length bound, a * len(src) + b, not the padded batch width's.
+        longest = max_lengths(src_tokens.ne(PAD), cfg.max_len_a, cfg.max_len_b)  # (B,)
         return mask_predict(model, src_tokens, iterations=cfg.iterations,
                             length_beam=cfg.length_beam, length_scale=cfg.length_scale,
-                            nbest=cfg.nbest, max_len=max(longest, 1),
+                            nbest=cfg.nbest, max_len=longest,
                             need_attention=need_attention, early_exit=cfg.early_exit)
     limits = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, need_attention=need_attention)
     if cfg.method == "greedy" or (cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1):
