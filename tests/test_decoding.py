@@ -62,20 +62,46 @@ def test_beam_one_equals_greedy():
         assert math.isclose(gh[0].score, bh[0].score, rel_tol=1e-5, abs_tol=1e-5)
 
 
+def _greedy_is_argmax_of_full_forward(model, src, a, b) -> int:
+    """Check every greedy output token, and where it stops (EOS, or the length limit), against
+    the argmax of one teacher-forced forward pass; returns how many outputs ended with EOS."""
+    hyps = greedy(model, src, max_len_a=a, max_len_b=b)
+    ended = 0
+    with torch.no_grad():
+        for i, h in enumerate(hyps):
+            n = int(src[i].ne(PAD).sum())
+            tgt_in = torch.tensor([[BOS] + h[0].tokens])
+            lp = torch.log_softmax(model.logits(model(src[i:i + 1, :n], tgt_in)), -1)
+            lp[..., [PAD, BOS]] = float("-inf")  # never output tokens
+            expected = lp[0].argmax(-1).tolist()  # one more prediction than output tokens
+            limit = int(a * n + b)  # output tokens, EOS included
+            if len(h[0].tokens) + 1 < limit:  # it stopped early: EOS must be the argmax there
+                assert expected == h[0].tokens + [EOS]
+                ended += 1
+            else:
+                assert len(h[0].tokens) + 1 == limit and expected[:-1] == h[0].tokens
+            assert not {PAD, BOS} & set(h[0].tokens)
+    return ended
+
+
 def test_greedy_equals_argmax_of_full_forward():
     model = _model(seed=4)
     src = _src()
-    hyps = greedy(model, src, max_len_a=1.0, max_len_b=4)
-    with torch.no_grad():
-        for b, h in enumerate(hyps):
-            tgt_in = torch.tensor([[BOS] + h[0].tokens])
-            lp = torch.log_softmax(model.logits(model(src[b:b + 1, : int(src[b].ne(PAD).sum())], tgt_in)), -1)
-            lp[..., [PAD, BOS]] = float("-inf")  # never output tokens
-            expected = lp[0].argmax(-1).tolist()
-            assert expected[: len(h[0].tokens)] == h[0].tokens
-            assert not {PAD, BOS} & set(h[0].tokens)
+    _greedy_is_argmax_of_full_forward(model, src, 1.0, 4)
     for hyps in beam_search(model, src, beam_size=4, nbest=4, max_len_a=1.0, max_len_b=4):
         assert all(not {PAD, BOS} & set(h.tokens) for h in hyps)
+
+
+def test_trained_greedy_stops_where_the_full_forward_predicts_eos(tiny_run):
+    from encdec.translate import Translator
+
+    tr = Translator.from_run(tiny_run)
+    words = ["abc", "hgfedcb", "a", "cafe", "ddd"]
+    ids = [tr.assets.src_vocab.encode(tr.assets.src_tokenizer.encode(w)) for w in words]
+    src = torch.full((len(ids), max(map(len, ids))), PAD)
+    for i, x in enumerate(ids):
+        src[i, :len(x)] = torch.tensor(x)
+    assert _greedy_is_argmax_of_full_forward(tr.model, src, 1.0, 3) >= 3  # most stop at EOS
 
 
 def test_max_length_is_a_times_src_plus_b():

@@ -10,7 +10,7 @@ from conftest import write_config
 from encdec.cli import main
 from encdec.config import DecodeConfig, ModelConfig
 from encdec.data.vocab import BOS, EOS, PAD
-from encdec.decoding import generate
+from encdec.decoding import beam_search, generate
 from encdec.losses import mix_predictions, sampling_prob, sequence_loss
 from encdec.models import build_model
 from encdec.nn.norms import MaskedBatchNorm
@@ -48,9 +48,12 @@ def test_step_by_step_equals_teacher_forced(arch, attention):
 def test_beam_one_is_greedy_and_batched_beam_is_per_input(arch, attention):
     model = rnn(arch, attention)
     greedy = generate(model, SRC, DecodeConfig(method="greedy", max_len_a=1.0, max_len_b=4))
-    beam1 = generate(model, SRC, DecodeConfig(method="beam", beam_size=1, nbest=1,
-                                              max_len_a=1.0, max_len_b=4))
+    # beam_search itself, not generate(), which routes a beam of 1 to greedy
+    beam1 = beam_search(model, SRC, beam_size=1, nbest=1, length_penalty=0.0, max_len_a=1.0,
+                        max_len_b=4)
     assert [h[0].tokens for h in greedy] == [h[0].tokens for h in beam1]
+    for g, b in zip(greedy, beam1):
+        assert g[0].score == pytest.approx(b[0].score, abs=1e-5)
     cfg = DecodeConfig(method="beam", beam_size=4, nbest=3, max_len_a=1.0, max_len_b=4)
     batched = generate(model, SRC, cfg)
     for i in range(SRC.size(0)):
@@ -191,7 +194,15 @@ def test_experiments_write_tables_and_plots(name, tiny_data, tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     from encdec.experiments import EXPERIMENTS
     assert len(rows) == EXPERIMENTS[name]
-    assert all(float(r["test_wer"]) >= 0 and int(r["steps"]) == 6 for r in rows)
+    assert all(int(r["steps"]) == 6 for r in rows)
+    # The table reports each variant's own test outputs, scored against the references.
+    from encdec.metrics import g2p_scores
+    refs = [json.loads(x)["refs"] for x in (tiny_data / "test.eval.jsonl").read_text().splitlines()]
+    for r in rows:
+        slug = r["variant"].replace(" ", "-").replace("+", "x")
+        hyps = (out / slug / "eval" / "test-greedy.hyp").read_text().splitlines()
+        assert len(hyps) == len(refs)
+        assert float(r["test_wer"]) == pytest.approx(g2p_scores(hyps, refs)["wer"], abs=0.01)
     assert (out / "plot.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     if name == "sampling":

@@ -1,8 +1,11 @@
 """`encdec serve` through a real HTTP client against a server on a free loopback port, the
-batcher on its own, and the web page in headless Chromium."""
+batcher on its own, the application in-process (failing inputs, API keys, a rate limit on a
+clock the test moves), and the web page in headless Chromium."""
 
+import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from encdec.config import ServeConfig
-from encdec.serve import Batcher
+from encdec.cli import main
+from encdec.config import ConfigError, ServeConfig
+from encdec.serve import Batcher, RateLimiter, create_app, load_api_keys
 from encdec.translate import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run):
+def _serve_cli(run, args: list[str], env: dict, log: Path):
+    """`encdec serve RUN ARGS` on a free port, its output in ``log``; yields the base URL."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "encdec.cli", "serve", str(tiny_run), "--port", str(port),
-           "--threads", "1"] + [f"serve.{k}={v}" for k, v in LIMITS.items()]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    cmd = [sys.executable, "-m", "encdec.cli", "serve", str(run), "--port", str(port),
+           "--threads", "1", *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -47,11 +51,32 @@ def server(tiny_run):
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
+            pytest.fail(f"server did not start: {log.read_text()}")
         time.sleep(0.2)
     yield base
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    yield from _serve_cli(tiny_run, [f"serve.{k}={v}" for k, v in LIMITS.items()], {}, log)
+
+
+KEY = "k-7f3a9c1e5b"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_run, tmp_path_factory):
+    """A server with --api-key-file and an access log; ENCDEC_API_KEY is set too, and loses."""
+    root = tmp_path_factory.mktemp("keyed")
+    (root / "api-key").write_text(KEY + "\n", encoding="utf-8")
+    log = root / "server.log"
+    args = ["--api-key-file", str(root / "api-key"), "--access-log"]
+    for base in _serve_cli(tiny_run, args, {"ENCDEC_API_KEY": "env-key-loses"}, log):
+        yield base, log
 
 
 def post(base, body, **kw):
@@ -73,7 +98,21 @@ def test_health_and_model(server, tiny_run):
     assert info["src_vocab_size"] > 4 and info["tgt_vocab_size"] > 4
     assert info["decode"]["beam_size"] == 3 and info["limits"]["max_inputs"] == 8
     assert "/v1/translate" in httpx.get(server + "/openapi.json").json()["paths"]
-    assert httpx.get(server + "/docs").status_code == 200
+
+
+def test_docs_are_off_and_the_page_loads_nothing_from_elsewhere(server):
+    for path in ("/docs", "/redoc"):  # their pages load Swagger UI / ReDoc from a CDN
+        assert error_of(httpx.get(server + path), 404) == "path"
+    page = httpx.get(server + "/").text
+    assert "<textarea" in page
+    assert not re.search(r"https?://|(src|href|action)\s*=\s*[\"']?//", page), "an outside URL"
+
+
+def test_unknown_paths_and_wrong_methods_are_json_errors(server):
+    assert error_of(httpx.get(server + "/v2/translate"), 404) == "path"
+    r = httpx.post(server + "/v1/health", json={})
+    assert error_of(r, 405) == "method" and r.headers["allow"] == "GET"
+    assert error_of(httpx.get(server + "/v1/translate"), 405) == "method"
 
 
 def test_translate_matches_the_python_api(server, tiny_run):
@@ -150,9 +189,10 @@ def test_malformed_json_and_bad_text(server):
     r = httpx.post(server + "/v1/translate", content=b'{"inputs": ["\\ud800"]}',
                    headers={"content-type": "application/json"})
     assert error_of(r, 422) == "inputs[0]"
-    r = httpx.post(server + "/v1/translate", content=b'\xff\xfe{}',
-                   headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    for undecodable in (b'\xff\xfe{}', b'\xff\xfe\x00'):  # the second FastAPI calls a 400
+        r = httpx.post(server + "/v1/translate", content=undecodable,
+                       headers={"content-type": "application/json"})
+        assert error_of(r, 422) == "body"
     # The server is still there and still right.
     assert post(server, {"inputs": ["abc"]}).status_code == 200
 
@@ -236,6 +276,158 @@ def test_batcher_refuses_when_the_queue_is_full():
     batcher.close()
 
 
+# ---- the application in-process ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def translator(tiny_run):
+    return Translator.from_run(tiny_run)
+
+
+def call(app, *requests, client=("127.0.0.1", 5000)):
+    """Send (method, path, httpx keywords) requests to ``app`` at once; the responses in order."""
+    async def send_all():
+        transport = httpx.ASGITransport(app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(*(http.request(m, p, **kw) for m, p, kw in requests))
+    return asyncio.run(send_all())
+
+
+def translate_request(inputs, headers=None):
+    return ("POST", "/v1/translate", {"json": {"inputs": inputs}, "headers": headers or {}})
+
+
+def test_a_failing_input_fails_only_its_own_request(translator, monkeypatch):
+    words = ["abc", "hgfe", "a"]
+    expected = translator.translate(words)
+    real, batches = translator.translate_nbest, []
+
+    def fails_on_boom(texts, **kw):
+        batches.append(list(texts))
+        if "boom" in texts:
+            raise RuntimeError("the model choked")
+        return real(texts, **kw)
+
+    monkeypatch.setattr(translator, "translate_nbest", fails_on_boom)
+    app = create_app(translator, ServeConfig(max_wait_ms=500))
+    first, bad, last = call(app, translate_request(words[:1]), translate_request(["ab", "boom"]),
+                            translate_request(words[1:]))
+    assert sorted(batches[0]) == sorted(words + ["ab", "boom"])  # the three shared a batch
+    assert first.status_code == 200 and first.json()["outputs"] == expected[:1]
+    assert last.status_code == 200 and last.json()["outputs"] == expected[1:]
+    assert error_of(bad, 500) == "inputs[1]"
+    assert "RuntimeError" in bad.json()["error"]["message"]
+    again, = call(app, translate_request(words))
+    assert again.json()["outputs"] == expected
+
+
+def test_an_unexpected_error_is_a_json_500(translator, monkeypatch):
+    def broken(**overrides):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(translator, "decode_config", broken)
+    r, = call(create_app(translator, ServeConfig()), translate_request(["abc"]))
+    assert r.status_code == 500 and r.json()["error"]["field"] is None
+    assert "server log" in r.json()["error"]["message"]
+
+
+def test_api_keys_guard_everything_but_health_and_the_page(translator):
+    app = create_app(translator, ServeConfig(), api_keys=[KEY, "second-key"])
+    open_, page, none, wrong, basic, spec, ok, second = call(
+        app, ("GET", "/v1/health", {}), ("GET", "/", {}), translate_request(["abc"]),
+        translate_request(["abc"], {"Authorization": "Bearer wrong"}),
+        ("GET", "/v1/model", {"headers": {"Authorization": f"Basic {KEY}"}}),
+        ("GET", "/openapi.json", {}), translate_request(["abc"], AUTH),
+        ("GET", "/v1/model", {"headers": {"authorization": "bearer second-key"}}))
+    assert open_.status_code == 200 and page.status_code == 200
+    for r in (none, wrong, basic, spec):
+        assert error_of(r, 401) == "authorization" and r.headers["www-authenticate"] == "Bearer"
+    assert "Bearer" in none.json()["error"]["message"]
+    assert "not valid" in wrong.json()["error"]["message"]
+    assert none.headers["connection"] == "close"  # its body was never read
+    assert ok.status_code == 200 and ok.json()["outputs"] == translator.translate(["abc"])
+    assert second.status_code == 200 and KEY not in second.text and "second-key" not in second.text
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_rate_limit_per_key_then_per_address_with_retry_after(translator):
+    clock = Clock()
+    app = create_app(translator, ServeConfig(rate_limit=0.5, rate_burst=2),
+                     api_keys=[KEY, "second-key"], clock=clock)
+
+    def model(headers=AUTH, client=("127.0.0.1", 5000)):
+        return call(app, ("GET", "/v1/model", {"headers": headers}), client=client)[0]
+
+    assert [model().status_code for _ in range(2)] == [200, 200]  # the burst
+    r = model()
+    assert error_of(r, 429) == "rate" and r.headers["retry-after"] == "2"  # 1 token at 0.5/s
+    clock.now += 1.5  # 0.75 tokens
+    assert model().headers["retry-after"] == "1"  # 0.5 s, rounded up
+    clock.now += 0.5
+    assert model().status_code == 200 and model().status_code == 429
+    # By key, not address: the same key elsewhere is still limited, another key is not.
+    assert model(client=("10.0.0.9", 1)).status_code == 429
+    assert model({"Authorization": "Bearer second-key"}).status_code == 200
+    # Without a valid key, by address: guessing keys is limited too.
+    elsewhere = ("10.0.0.7", 1)
+    assert [model({}, elsewhere).status_code for _ in range(3)] == [401, 401, 429]
+    health = call(app, *[("GET", "/v1/health", {})] * 5, client=elsewhere)
+    assert all(r.status_code == 200 for r in health)  # liveness probes are never limited
+
+
+def test_rate_limiter_forgets_idle_clients_and_stays_bounded():
+    clock = Clock()
+    limiter = RateLimiter(rate=1.0, burst=4, clock=clock, max_clients=100)
+    assert [limiter.take("x") for _ in range(5)] == [0, 0, 0, 0, 1.0]
+    for i in range(50):
+        assert limiter.take(f"c{i}") == 0
+    clock.now += 2
+    assert limiter.take("y") == 0 and len(limiter) == 52  # nobody idle for burst / rate yet
+    assert [limiter.take("x") for _ in range(3)] == [0, 0, 1.0]  # 2 tokens came back
+    clock.now += 4  # every bucket is full again: the same as no bucket
+    assert limiter.take("z") == 0 and len(limiter) == 1
+    for i in range(300):
+        limiter.take(f"d{i}")
+    assert len(limiter) == 100
+
+
+def test_api_keys_come_from_a_file_or_the_environment(tmp_path, capsys, tiny_run):
+    keys = tmp_path / "keys"
+    keys.write_text("alpha\n\n beta \n", encoding="utf-8")
+    assert load_api_keys(str(keys), {"ENCDEC_API_KEY": "gamma"}) == ["alpha", "beta"]  # file wins
+    assert load_api_keys(None, {"ENCDEC_API_KEY": "gamma"}) == ["gamma"]
+    assert load_api_keys(None, {}) == []
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    for bad in (empty, tmp_path / "missing"):
+        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+            load_api_keys(str(bad), {})
+    with pytest.raises(ConfigError, match="ENCDEC_API_KEY"):
+        load_api_keys(None, {"ENCDEC_API_KEY": " "})
+    # `encdec serve` refuses to start, naming the file, before it loads the model.
+    assert main(["serve", str(tiny_run), "--api-key-file", str(empty)]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+def test_the_command_line_takes_an_api_key_file(keyed_server):
+    base, log = keyed_server
+    assert httpx.get(base + "/v1/health").status_code == 200
+    assert error_of(post(base, {"inputs": ["abc"]}), 401) == "authorization"
+    from_env = post(base, {"inputs": ["abc"]}, headers={"Authorization": "Bearer env-key-loses"})
+    assert error_of(from_env, 401) == "authorization"  # --api-key-file wins over ENCDEC_API_KEY
+    assert post(base, {"inputs": ["abc"]}, headers=AUTH).status_code == 200
+    info = httpx.get(base + "/v1/model", headers=AUTH)
+    assert info.status_code == 200 and KEY not in info.text
+    time.sleep(0.2)  # the access log is written after the response
+    assert "POST /v1/translate" in log.read_text() and KEY not in log.read_text()
+
+
 # ---- the web page ------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -274,5 +466,27 @@ def test_web_page_shows_outputs_and_heat_map(server):
             assert "413" in page.locator("#error").inner_text()
             assert "inputs[0]" in page.locator("#error").inner_text()
             assert not errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make sysdeps`)")
+def test_web_page_sends_the_api_key(keyed_server):
+    base, _ = keyed_server
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+            page.fill("#api_key", KEY)
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.includes('transformer')")
+            page.fill("#inputs", "abc")
+            page.click("#go")
+            page.wait_for_selector(".hyp")
+            expected = post(base, {"inputs": ["abc"]}, headers=AUTH).json()["outputs"][0]
+            assert page.locator(".hyp .text").nth(0).inner_text() == expected
         finally:
             browser.close()

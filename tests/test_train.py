@@ -34,7 +34,9 @@ def test_end_to_end_cli(tiny_run, tiny_data, tmp_path):
     result = json.loads((tiny_run / "eval" / "test-beam3.json").read_text())
     assert result["decode"]["beam_size"] == 3 and result["inputs"] == 40
     assert result["decode"]["batch_size"] == 7
-    assert result["scores"]["wer"] < 100.0  # it learned something in 600 tiny steps
+    # 600 tiny steps learn to spell backwards: WER about 30 %; a broken decoder (early or
+    # missing EOS, shifted tokens) gets every word wrong.
+    assert result["scores"]["wer"] < 50.0 and result["scores"]["per"] < 20.0
     tr = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(tiny_run),
                          "--beam", "2", "--nbest", "2", "--scores"], input="abc\n\ncab\n",
                         capture_output=True, text=True, env=env)
@@ -56,7 +58,15 @@ def test_python_api_preserves_order_and_matches_greedy(tiny_run):
     assert len(beam) == 5 and beam[3] == ""
     one_by_one = [tr.translate([w])[0] for w in words]
     assert beam == one_by_one
-    assert tr.translate(words, beam_size=1) == tr.translate(words, method="greedy")
+    # beam_search itself (the API routes a beam of 1 to greedy): the same tokens and scores
+    from encdec.decoding import beam_search, greedy
+    from encdec.data.dataset import pad
+    ids = [tr.assets.src_vocab.encode(tr.assets.src_tokenizer.encode(w)) for w in words if w]
+    src = pad(ids)
+    by_beam = beam_search(tr.model, src, beam_size=1, length_penalty=0.0, max_len_a=1.0, max_len_b=3)
+    by_greedy = greedy(tr.model, src, max_len_a=1.0, max_len_b=3)
+    assert [h[0].tokens for h in by_beam] == [h[0].tokens for h in by_greedy]
+    assert [h[0].score for h in by_beam] == pytest.approx([h[0].score for h in by_greedy], abs=1e-5)
     nbest = tr.translate_nbest(["abc"], beam_size=3, nbest=3, need_attention=True)[0]
     assert len(nbest) == 3 and nbest[0].score >= nbest[1].score >= nbest[2].score
     att = nbest[0].attention

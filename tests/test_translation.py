@@ -257,3 +257,23 @@ def test_average_never_overwrites_a_checkpoint_it_did_not_write(subword_run, cap
     assert main(["average", str(subword_run), "--last", "2", "--name", "mine", "--force"]) == 0
     assert not (mine / "notes.txt").exists() and (mine / "averaged.json").exists()
     assert main(["average", str(subword_run), "--last", "3", "--name", "mine"]) == 0  # an average
+
+
+def test_average_accumulates_in_float64(tmp_path):
+    """1e8, 1 and -1e8: a float32 running sum loses the 1 (1e8 + 1 rounds to 1e8) and gives 0;
+    the float64 mean is 1/3. Each tensor keeps its dtype."""
+    from safetensors.torch import save_file
+
+    from encdec.checkpoint import average_checkpoints
+
+    values = [1e8, 1.0, -1e8]
+    for step, v in enumerate(values, 1):
+        d = tmp_path / "checkpoints" / f"step-{step:07d}"
+        d.mkdir(parents=True)
+        save_file({"w": torch.full((3,), v, dtype=torch.float32),
+                   "h": torch.full((2,), v / 1e8, dtype=torch.float16)}, str(d / "model.safetensors"))
+    out = load_file(str(average_checkpoints(tmp_path, 3) / "model.safetensors"))
+    assert out["w"].dtype == torch.float32 and out["h"].dtype == torch.float16
+    torch.testing.assert_close(out["w"], torch.full((3,), 1 / 3, dtype=torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(out["h"], torch.full((2,), 1e-8 / 3, dtype=torch.float16),
+                               rtol=0, atol=0)
