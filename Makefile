@@ -40,7 +40,7 @@ demo: data/g2p-cmudict/meta.json
 		paste <(printf '%s\n' $(NEW_WORDS)) -
 
 test: $(VENV)/.installed sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 # Bible English -> Spanish: prepare (cached), train the CPU preset for BIBLE_MINUTES, evaluate
 # on the test chapters with beam 5.

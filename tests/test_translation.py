@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_pairs, write_config, write_tsv
+from conftest import make_pairs, needs_system, write_config, write_tsv
 from encdec.cli import main
 from encdec.data.prepare import prepare
 from encdec.data.recipes import (SWORD_PACKAGES, Corpus, bible_en_es, bible_kjv_web, bible_split,
@@ -26,14 +26,8 @@ def _missing_sword(*versions):
     return [SWORD_PACKAGES[v] for v in versions if not sword_installed(v)]
 
 
-needs_kjv_sparv = pytest.mark.skipif(
-    bool(_missing_sword("kjv", "rv1909")),
-    reason=f"Debian packages {_missing_sword('kjv', 'rv1909')} are not installed "
-           "(`make sysdeps` installs them)")
-needs_kjv_web = pytest.mark.skipif(
-    bool(_missing_sword("kjv", "web")),
-    reason=f"Debian packages {_missing_sword('kjv', 'web')} are not installed "
-           "(`make sysdeps` installs them)")
+needs_kjv_sparv = needs_system(_missing_sword("kjv", "rv1909"), "the bible-en-es recipe")
+needs_kjv_web = needs_system(_missing_sword("kjv", "web"), "the bible-kjv-web recipe")
 
 
 def test_clean_osis_removes_markup_notes_and_paragraph_signs():
