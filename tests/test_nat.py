@@ -487,7 +487,7 @@ def test_rerank_errors_and_cli(nat_run, tiny_run, tiny_data):
                         capture_output=True, text=True, env=env)
     assert ev.returncode == 0, ev.stderr
     written = Path(ev.stdout.strip().rsplit("-> ", 1)[1])
-    assert written.name == "test-nat4-lb3-rerank.json"
+    assert written.name == "test-nat4-lb3-rerank-first8.json"  # --limit 8 is in the name
     assert json.loads(written.read_text())["rerank"] == str(tiny_run)
     tl = subprocess.run([sys.executable, "-m", "encdec.cli", "translate", str(nat_run),
                          "--length-beam", "2", "--rerank", str(tiny_run)],
