@@ -121,16 +121,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp(tiny_data, tmp_path):
-    cfg = write_config(tmp_path / "ddp.yaml", tiny_data, tmp_path / "ddp", max_steps=20,
-                       valid_every=10, log_every=5)
+def _torchrun_train(cfg: Path, processes: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
          "-m", "encdec.cli", "train", str(cfg)],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_two_process_ddp(tiny_data, tmp_path):
+    cfg = write_config(tmp_path / "ddp.yaml", tiny_data, tmp_path / "ddp", max_steps=20,
+                       valid_every=10, log_every=5)
+    proc = _torchrun_train(cfg)
     assert "2 process(es)" in proc.stdout + proc.stderr
     records = _records(tmp_path / "ddp")
     assert [r["step"] for r in records if "valid_loss" in r] == [10, 20]
@@ -148,13 +153,7 @@ def test_ddp_with_accumulation_equals_one_process(tiny_data, tmp_path):
     one = write_config(tmp_path / "one.yaml", tiny_data, tmp_path / "one", accum_steps=4, **common)
     assert main(["train", str(one)]) == 0
     two = write_config(tmp_path / "two.yaml", tiny_data, tmp_path / "two", accum_steps=2, **common)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "-m", "encdec.cli", "train", str(two)],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _torchrun_train(two)
     a = load_file(str(checkpoint.resolve(tmp_path / "one", "last") / "model.safetensors"))
     b = load_file(str(checkpoint.resolve(tmp_path / "two", "last") / "model.safetensors"))
     assert checkpoint.resolve(tmp_path / "two", "last").name == "step-0000005"
