@@ -1,0 +1,106 @@
+"""CTC decoding: greedy (best path) and the prefix scorer that joint CTC/attention beam search
+adds to the decoder's scores (Watanabe et al., 2017, "Hybrid CTC/attention architecture").
+
+The CTC head gives per-frame log-probabilities over the vocabulary plus a blank; encdec uses
+the padding id as the blank, since padding is never an output token.
+
+The prefix score psi(h) is the log-probability that the CTC output *begins with* the token
+sequence h (all alignments whose collapsed labels start with h); psi(h + </s>) is the
+probability that it *is* h. Beam search adds w * (psi(h + c) - psi(h)) to each candidate c's
+score, which is why the scorer keeps, per hypothesis, the forward variables over time:
+r_n[t] (h emitted by frame t, last frame a label) and r_b[t] (last frame a blank).
+
+Dimensions: B inputs, T frames, V vocabulary, N hypotheses (rows), K candidates per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from encdec.data.vocab import EOS, PAD
+
+NEG_INF = float("-inf")
+
+
+def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = PAD) -> list[list[int]]:
+    """Best path per input: the most likely label per frame, repeats merged, blanks removed."""
+    best = log_probs.argmax(-1)  # (B, T)
+    out = []
+    for b in range(best.size(0)):
+        path = best[b, : int(lengths[b])]
+        keep = torch.ones_like(path, dtype=torch.bool)
+        keep[1:] = path[1:] != path[:-1]
+        out.append([int(t) for t in path[keep] if int(t) != blank])
+    return out
+
+
+@dataclass
+class CTCState:
+    """Forward variables of N hypotheses: ``r`` (N, T, 2) log r_n, r_b per frame; ``psi`` (N,)
+    the prefix score; ``last`` (N,) the last label (-1 for the empty prefix); ``rows`` (N,) the
+    input each hypothesis belongs to."""
+    r: torch.Tensor
+    psi: torch.Tensor
+    last: torch.Tensor
+    rows: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "CTCState":
+        return CTCState(self.r[index], self.psi[index], self.last[index], self.rows[index])
+
+
+class CTCPrefixScorer:
+    """Prefix scores of candidate extensions, batched over hypotheses and candidates."""
+
+    def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = PAD,
+                 eos: int = EOS):
+        B, T, V = log_probs.shape
+        self.blank, self.eos = blank, eos
+        # Past an input's last frame every path must emit blank with probability 1, so the
+        # forward variables at frame T equal those at the input's own last frame.
+        past_end = torch.arange(T, device=log_probs.device)[None, :] >= lengths[:, None].to(log_probs.device)
+        lp = log_probs.float().masked_fill(past_end[..., None], NEG_INF)
+        lp[..., blank] = lp[..., blank].masked_fill(past_end, 0.0)
+        self.log_probs = lp  # (B, T, V)
+
+    def initial_state(self, rows: torch.Tensor) -> CTCState:
+        """The empty prefix for each row's input ``rows`` (N,)."""
+        blank_lp = self.log_probs[rows, :, self.blank]  # (N, T)
+        r = torch.stack([torch.full_like(blank_lp, NEG_INF), blank_lp.cumsum(1)], dim=-1)
+        zeros = torch.zeros(rows.numel(), device=rows.device)
+        return CTCState(r, zeros, torch.full_like(rows, -1), rows)
+
+    def score(self, state: CTCState, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """psi of each row's prefix extended by each of its candidates (N, K), and the new
+        forward variables (N, K, T, 2). A candidate equal to ``eos`` scores the whole output."""
+        lp = self.log_probs[state.rows]  # (N, T, V)
+        N, T, _ = lp.shape
+        K = candidates.size(1)
+        y_c = lp.gather(2, candidates[:, None, :].expand(N, T, K)).transpose(1, 2)  # (N, K, T)
+        y_blank = lp[:, :, self.blank][:, None, :].expand(N, K, T)
+        r_n_prev, r_b_prev = state.r[..., 0][:, None, :], state.r[..., 1][:, None, :]  # (N, 1, T)
+        # phi[t]: the prefix before c is complete by frame t; a repeated label needs a blank
+        # between its two emissions.
+        repeat = (candidates == state.last[:, None])[..., None]  # (N, K, 1)
+        phi = torch.where(repeat, r_b_prev, torch.logaddexp(r_n_prev, r_b_prev))  # (N, K, T)
+        r_n = torch.full((N, K, T), NEG_INF, device=lp.device)
+        r_b = torch.full((N, K, T), NEG_INF, device=lp.device)
+        empty = (state.last < 0)[:, None]  # (N, 1): only the empty prefix can start at frame 0
+        r_n[..., 0] = torch.where(empty, y_c[..., 0], torch.full_like(y_c[..., 0], NEG_INF))
+        for t in range(1, T):
+            r_n[..., t] = torch.logaddexp(r_n[..., t - 1], phi[..., t - 1]) + y_c[..., t]
+            r_b[..., t] = torch.logaddexp(r_b[..., t - 1], r_n[..., t - 1]) + y_blank[..., t]
+        # psi(h + c): c emitted first at some frame t after the prefix was complete at t - 1.
+        first = torch.cat([r_n[..., :1], phi[..., :-1] + y_c[..., 1:]], dim=-1)  # (N, K, T)
+        psi = torch.logsumexp(first, dim=-1)
+        ended = torch.logaddexp(state.r[:, -1, 0], state.r[:, -1, 1])  # (N,) p(output == prefix)
+        psi = torch.where(candidates == self.eos, ended[:, None], psi)
+        return psi, torch.stack([r_n, r_b], dim=-1)
+
+    def advance(self, state: CTCState, psi: torch.Tensor, r: torch.Tensor,
+                rows: torch.Tensor, cols: torch.Tensor, candidates: torch.Tensor) -> CTCState:
+        """The states of the chosen extensions: hypothesis ``rows`` (M,) with its candidate
+        column ``cols`` (M,) of ``candidates`` (N, K)."""
+        token = candidates[rows, cols]
+        return CTCState(r[rows, cols], psi[rows, cols], token, state.rows[rows])
