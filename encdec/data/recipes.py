@@ -151,9 +151,21 @@ def bible_split(refs: list[tuple[str, int, int]], dev_verses: int = BIBLE_DEV_VE
     return {ref: assign[(ref[0], ref[1])] for ref in refs}
 
 
-def bible_pairs(src: str, tgt: str, books: list[str] | None = None, log=print,
-                dev_verses: int = BIBLE_DEV_VERSES, test_verses: int = BIBLE_TEST_VERSES) -> Corpus:
-    """Verse-aligned pairs of two SWORD Bibles; verses missing on either side are counted."""
+@dataclass
+class AlignedBible:
+    """Two Bible versions aligned by verse: the texts, the verses both have (in order), the
+    split of each, and what was skipped."""
+    src: dict
+    tgt: dict
+    common: list
+    split: dict
+    skipped: dict
+
+
+def align_bibles(src: str, tgt: str, books: list[str] | None = None, log=print,
+                 dev_verses: int = BIBLE_DEV_VERSES,
+                 test_verses: int = BIBLE_TEST_VERSES) -> AlignedBible:
+    """Verses of two SWORD Bibles paired by reference; verses missing on either side counted."""
     a, b = read_sword_bible(src, books), read_sword_bible(tgt, books)
     only_a = [ref for ref in a if ref not in b]
     only_b = [ref for ref in b if ref not in a]
@@ -168,14 +180,21 @@ def bible_pairs(src: str, tgt: str, books: list[str] | None = None, log=print,
         f"{len(only_b)} only in {tgt} (missing or empty on the other side), and {shifted} more "
         f"in {len({r[:2] for r in shifted_refs})} chapters around them "
         "whose verse numbering differs")
-    assign = bible_split(common, dev_verses, test_verses)
+    return AlignedBible(a, b, common, bible_split(common, dev_verses, test_verses),
+                        {f"only_in_{src}": len(only_a), f"only_in_{tgt}": len(only_b),
+                         "in_renumbered_chapters": shifted})
+
+
+def bible_pairs(src: str, tgt: str, books: list[str] | None = None, log=print,
+                dev_verses: int = BIBLE_DEV_VERSES, test_verses: int = BIBLE_TEST_VERSES) -> Corpus:
+    """Verse-aligned pairs of two SWORD Bibles, split by whole chapters."""
+    bible = align_bibles(src, tgt, books, log, dev_verses, test_verses)
     splits: dict[str, list[tuple[str, str]]] = {"train": [], "dev": [], "test": []}
-    for ref in common:
-        splits[assign[ref]].append((a[ref], b[ref]))
+    for ref in bible.common:
+        splits[bible.split[ref]].append((bible.src[ref], bible.tgt[ref]))
     spm = {"kind": "sentencepiece"}
     return Corpus(splits, src_tokenizer=spm, tgt_tokenizer=dict(spm), metric="text",
-                  skipped={f"only_in_{src}": len(only_a), f"only_in_{tgt}": len(only_b),
-                           "in_renumbered_chapters": shifted})
+                  skipped=bible.skipped)
 
 
 def bible_en_es(**kw) -> Corpus:
