@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 		soundfile==0.14.0 soxr==1.1.0 kaldi-native-fbank==1.23.0
 	touch $@
 
-# Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test.
-SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web chromium
+# Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test,
+# speech synthesizers and real recordings for bible-speech.
+SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web chromium flite espeak-ng \
+	pocketsphinx-testdata
 sysdeps:
 	@scripts/sysdeps.sh $(SYSDEPS)
 
@@ -52,9 +54,19 @@ bible: $(VENV)/.installed sysdeps
 	$(VENV)/bin/encdec train configs/bible-en-es-small.yaml train.max_minutes=$(BIBLE_MINUTES)
 	$(VENV)/bin/encdec evaluate runs/bible-en-es-small --split test --beam 5
 
-bench: data/g2p-cmudict/meta.json
-	$(PY) benchmarks/train_speed.py
-	$(PY) benchmarks/decode_speed.py
+# Benchmarks (README "Benchmarks"): GEMM peak and FLOPs per token/word, training throughput,
+# and decoding speed of BENCH_RUN, which is trained first (g2p-small for BENCH_MINUTES of wall
+# time) if it has no checkpoint yet. BENCH_RUN=runs/mine make bench measures an existing run.
+BENCH_RUN ?= runs/bench-g2p
+BENCH_MINUTES ?= 10
+bench: data/g2p-cmudict/meta.json $(BENCH_RUN)/checkpoints/best
+	$(PY) benchmarks/flops.py $(BENCH_RUN)
+	$(PY) benchmarks/train_speed.py --repeats 3
+	$(PY) benchmarks/decode_speed.py $(BENCH_RUN) --repeats 3
+
+$(BENCH_RUN)/checkpoints/best: | data/g2p-cmudict/meta.json
+	$(VENV)/bin/encdec train configs/g2p-small.yaml train.max_minutes=$(BENCH_MINUTES) \
+		train.run_dir=$(BENCH_RUN)
 
 clean:
 	rm -rf $(VENV) data runs

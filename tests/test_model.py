@@ -18,17 +18,19 @@ def test_transformer_equals_torch_nn_transformer_with_same_weights():
     src = torch.tensor([[4, 5, 6, 7], [8, 9, 0, 0]])
     tgt_in = torch.tensor([[1, 4, 5], [1, 6, 0]])
     with torch.no_grad():
-        expected = ref(src, tgt_in)
+        expected = ref.output(ref(src, tgt_in))
         got = ours.logits(ours(src, tgt_in))
     keep = tgt_in.ne(0)
     torch.testing.assert_close(got[keep], expected[keep], atol=1e-4, rtol=1e-4)
-    # and the reference's tutorial greedy loop agrees with our cached greedy search
-    from encdec.decoding import greedy
+    # and the reference's cached greedy and beam loops (benchmarks/decode_speed.py) give our
+    # outputs, whole (an early or missing EOS would show)
+    from encdec.decoding import beam_search, greedy
 
     ours_out = [h[0].tokens for h in greedy(ours, src, max_len_a=1.0, max_len_b=3)]
-    ref_out = ref.greedy(src, 7)
-    for b, toks in enumerate(ours_out):
-        assert ref_out[b, : len(toks)].tolist() == toks
+    assert ref.greedy(src, 1.0, 3) == ours_out
+    ours_beam = [h[0].tokens for h in beam_search(ours, src, beam_size=3, length_penalty=1.0,
+                                                  max_len_a=1.0, max_len_b=3)]
+    assert ref.beam(src, 3, 1.0, 1.0, 3) == ours_beam
 
 
 def test_tied_output_and_parameter_count():

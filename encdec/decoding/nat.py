@@ -11,7 +11,7 @@ faster or slower speech).
 Rows leave the batch as soon as they are final: a row with nothing left to re-mask (exact),
 and, with ``early_exit`` (the default), a row whose last pass changed none of its tokens, as
 fairseq's iterative refinement does. Later passes then run on the few rows still changing, at
-their own width (on G2P dev, 8% of the outputs changed in the second pass).
+their own width (`benchmarks/nat_passes.py` prints the share of outputs each pass changes).
 
 The model contract used here (``models/nat.py``): ``encode``, ``length_log_probs``,
 ``lengths_of_classes``, ``project_memory``, ``decode_parallel`` and ``logits``. The encoder
