@@ -16,9 +16,17 @@ def _prepare(args) -> None:
     given = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
              "joint_vocab": args.joint_vocab}
     defaults = {"max_len": 256, "vocab_size": 8000, "spm_type": "bpe", "joint_vocab": False}
+    if args.recipe == "bible-speech":
+        from encdec.data.speech import prepare_speech
+
+        prepare_speech(args.out or "data/bible-speech", train_hours=args.hours or 10.0)
+        return
+    if args.hours is not None:
+        raise DataError("--hours is an option of the bible-speech recipe")
     if args.recipe:
         if args.recipe not in RECIPES:
-            raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: {', '.join(RECIPES)}")
+            raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: "
+                            f"{', '.join(RECIPES)}, bible-speech")
         recipe = RECIPES[args.recipe]
         options = {k: given[k] if given[k] is not None else recipe.options.get(k, defaults[k])
                    for k in defaults}
@@ -131,7 +139,7 @@ def _serve(args) -> None:
 
     serve(args.run, host=args.host, port=args.port, checkpoint_name=args.checkpoint,
           device=args.device, overrides=args.overrides, access_log=args.access_log,
-          threads=args.threads)
+          threads=args.threads, api_key_file=args.api_key_file)
 
 
 def _decode_overrides(args) -> dict:
@@ -179,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--metric", default="text", choices=["text", "g2p"])
     pr.add_argument("--group-refs", action="store_true",
                     help="score against all targets of the same source (multi-reference)")
+    pr.add_argument("--hours", type=float,
+                    help="bible-speech: hours of training audio to synthesize (default 10); "
+                         "a killed or smaller earlier run is continued")
     pr.add_argument("--force", action="store_true",
                     help="prepare a recipe again; replace an --out directory that is not an "
                          "encdec data directory")
@@ -278,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     sv.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.add_argument("--api-key-file", metavar="FILE",
+                    help="require 'Authorization: Bearer <key>' with a key from FILE (one per "
+                         "line); wins over $ENCDEC_API_KEY. GET /v1/health and the page stay open")
     sv.set_defaults(func=_serve)
     return p
 

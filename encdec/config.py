@@ -119,6 +119,10 @@ class ServeConfig:
     max_batch_size: int = 64  # inputs decoded together; 1 turns dynamic batching off
     max_wait_ms: float = 5.0  # how long a batch waits to fill once its first input arrived
     request_timeout_s: float = 60.0  # a request still queued after this gets 503
+    rate_limit: float = 0.0  # requests per second per client (API key, else address); 0 = off
+    rate_burst: int = 20  # requests a client may send at once before rate_limit applies (429)
+    rate_hold_s: float = 1.0  # a 429 is held up to this long (slows retry loops); 0 = at once
+    docs: bool = False  # /docs and /redoc; off because their pages load scripts from a CDN
 
 
 @dataclass
@@ -321,6 +325,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"decode.nbest={d.nbest} cannot exceed decode.beam_size={d.beam_size}")
     if sv.max_wait_ms < 0:
         raise ConfigError(f"serve.max_wait_ms={sv.max_wait_ms}: must be >= 0")
+    if sv.rate_limit < 0:
+        raise ConfigError(f"serve.rate_limit={sv.rate_limit}: must be >= 0 (0 turns it off)")
+    if sv.rate_burst < 1:
+        raise ConfigError(f"serve.rate_burst={sv.rate_burst}: must be at least 1 (one request)")
+    if sv.rate_hold_s < 0:
+        raise ConfigError(f"serve.rate_hold_s={sv.rate_hold_s}: must be >= 0 (0 answers at once)")
     if d.temperature <= 0:
         raise ConfigError(f"decode.temperature={d.temperature}: must be positive")
     if not 0.0 < d.top_p <= 1.0:

@@ -4,20 +4,28 @@
     GET  /v1/health      liveness and queue length
     GET  /v1/model       task, sizes, vocabularies, decoding defaults, limits
     GET  /               the web page (outputs and a cross-attention heat map)
-    GET  /docs           OpenAPI documentation
+    GET  /openapi.json   the API description (/docs and /redoc with ``serve.docs=true``)
 
 One thread owns the model. Requests put their inputs on a queue; the thread takes the oldest
 request and every queued request with the same decoding settings, up to
 ``serve.max_batch_size`` inputs (waiting at most ``serve.max_wait_ms`` for the batch to fill),
-decodes them together and hands each request its outputs. Bad requests are answered with
-413/422/503 and a JSON error naming the field; they never reach the model.
+decodes them together and hands each request its outputs. If a batch fails, its requests are
+decoded again one at a time, so only the request whose input fails gets the 500.
+
+In front of the application, outermost first: ``Guard`` (an exception nobody handled becomes a
+JSON 500), ``Gate`` (API key: 401; per-client rate limit: 429) and ``BodyLimit`` (413). Every
+refusal is JSON, ``{"error": {"status", "field", "message"}}``, and never reaches the model.
 """
 
 
 import asyncio
 import collections
 import contextlib
+import hmac
 import json
+import logging
+import math
+import os
 import re
 import threading
 import time
@@ -28,6 +36,8 @@ from typing import Annotated, Literal
 
 from encdec.config import ConfigError, ServeConfig
 from encdec.translate import Translator
+
+log = logging.getLogger("encdec.serve")
 
 
 class RequestError(Exception):
@@ -128,26 +138,60 @@ class Batcher:
                     live.append(job)
             if not live:
                 continue
-            settings = dict(live[0].settings)
             texts = [t for job in live for t in job.texts]
             try:
-                warnings: list[tuple[int, str]] = []
-                need_attention = settings.pop("return_attention")
-                results = self.translator.translate_nbest(
-                    texts, need_attention=need_attention,
-                    warn=lambda i, m: warnings.append((i, m)), **settings)
-            except Exception as err:  # noqa: BLE001 - reported to the waiting requests
-                for job in live:
-                    self._finish(job, error=err)
+                results, warnings = self._decode(texts, live[0].settings)
+            except Exception as err:  # noqa: BLE001 - one bad input must not fail the whole batch
+                self._decode_apart(live, err)
                 continue
-            self.batches += 1
-            self.decoded_inputs += len(texts)
             start = 0
             for job in live:
                 n = len(job.texts)
                 job_warnings = [(i - start, m) for i, m in warnings if start <= i < start + n]
                 self._finish(job, result=(results[start:start + n], job_warnings, len(texts)))
                 start += n
+
+    def _decode(self, texts: list[str], settings: tuple) -> tuple[list, list[tuple[int, str]]]:
+        """n-best lists for ``texts`` and the warnings as (input index, message)."""
+        settings = dict(settings)
+        warnings: list[tuple[int, str]] = []
+        need_attention = settings.pop("return_attention")
+        results = self.translator.translate_nbest(
+            texts, need_attention=need_attention, warn=lambda i, m: warnings.append((i, m)),
+            **settings)
+        self.batches += 1
+        self.decoded_inputs += len(texts)
+        return results, warnings
+
+    def _decode_apart(self, jobs: list[_Job], err: Exception) -> None:
+        """After a batch raised ``err``: decode each job alone, so the jobs whose inputs are
+        fine get their outputs and only the failing job gets a 500 naming its input."""
+        if len(jobs) == 1:  # nothing to tell apart
+            self._finish(jobs[0], error=self._input_error(jobs[0], err))
+            return
+        for job in jobs:
+            try:
+                results, warnings = self._decode(job.texts, job.settings)
+            except Exception as err:  # noqa: BLE001 - reported to this request only
+                self._finish(job, error=self._input_error(job, err))
+            else:
+                self._finish(job, result=(results, warnings, len(job.texts)))
+
+    def _input_error(self, job: _Job, err: Exception) -> RequestError:
+        """The 500 for a job that fails on its own, naming the first input that fails alone."""
+        if isinstance(err, RequestError):
+            return err
+        field = "inputs[0]" if len(job.texts) == 1 else "inputs"  # "inputs": only together
+        for i, text in enumerate(job.texts if len(job.texts) > 1 else []):
+            try:
+                self._decode([text], job.settings)
+            except Exception as one_err:  # noqa: BLE001
+                field, err = f"inputs[{i}]", one_err
+                break
+        log.error("decoding %s failed", field, exc_info=err)
+        what = "this input" if field.endswith("]") else "these inputs together"
+        return RequestError(500, field, f"decoding {what} failed ({type(err).__name__}); the "
+                                        "server log has the details")
 
     @staticmethod
     def _finish(job: _Job, result=None, error=None) -> None:
@@ -172,7 +216,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _send_error(send, 413, "body", f"the request body is {length.decode()} "
-                                     f"bytes; the limit is {self.limit}")
+                                     f"bytes; the limit is {self.limit}", close=True)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -182,7 +226,8 @@ class BodyLimit:
             size += len(chunks[-1])
             if size > self.limit:
                 return await _send_error(send, 413, "body",
-                                         f"the request body exceeds {self.limit} bytes")
+                                         f"the request body exceeds {self.limit} bytes",
+                                         close=True)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
@@ -198,16 +243,153 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def _error_body(status: int, field: str, message: str) -> dict:
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second on average, up to ``burst`` at
+    once. ``take`` answers 0 (go ahead) or the seconds until the client's next token.
+
+    The table stays bounded: a bucket idle for burst / rate seconds is full again, exactly like
+    a new one, so it is dropped; past ``max_clients`` buckets the least recently used goes too
+    (its client starts again with a full bucket: lenient, but memory cannot grow)."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic, max_clients: int = 100_000):
+        self.rate, self.burst, self.clock, self.max_clients = rate, burst, clock, max_clients
+        # client -> (tokens, time of last request), least recently used first
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, client: str) -> float:
+        now = self.clock()
+        self._evict(now)
+        tokens, then = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        ok = tokens >= 1
+        self._buckets[client] = (tokens - 1 if ok else tokens, now)  # now the most recent
+        return 0.0 if ok else (1 - tokens) / self.rate
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _evict(self, now: float) -> None:
+        refill = self.burst / self.rate
+        while self._buckets:
+            client, (_, then) = next(iter(self._buckets.items()))  # the least recently used
+            if now - then < refill and len(self._buckets) < self.max_clients:
+                return
+            del self._buckets[client]
+
+
+class Gate:
+    """ASGI middleware: the API key (401) and the per-client rate limit (429), decided from the
+    headers before the body is read. GET /v1/health stays open to both (liveness probes), the
+    web page to the key (it has a field to send one). Without a valid key a request counts
+    against its address, so guessing keys is rate-limited too.
+
+    A 429 is sent after up to ``hold_s`` seconds (``serve.rate_hold_s``; while fewer than
+    ``max_held`` are waiting): a client that retries the moment it hears back then sends one
+    request per ``hold_s`` per connection, instead of keeping the event loop, and through the GIL
+    the model thread, busy with refusals (``benchmarks/serve_load.py --hostile 20
+    --hostile-rate 0``, 5/s per client: good clients' p99 1.96x the quiet p99 with immediate
+    429s, 1.21x with 429s held 1 s; 3.01x without a limit). A polite client loses little: it
+    would wait for Retry-After anyway, and Retry-After counts from when the 429 is sent."""
+
+    def __init__(self, app, api_keys=(), limiter: RateLimiter | None = None,
+                 hold_s: float = 1.0, max_held: int = 1000):
+        self.app, self.limiter = app, limiter
+        self.api_keys = [k.encode() for k in api_keys]
+        self.hold_s, self.max_held, self.held = hold_s, max_held, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"], scope["path"]) == ("GET", "/v1/health"):
+            return await self.app(scope, receive, send)
+        key = self._key_index(scope)
+        address = (scope.get("client") or ("unknown",))[0]
+        client = f"key {key}" if key is not None else f"address {address}"
+        # A refusal sent before the body is read closes the connection, as 413 does: keeping it
+        # open would mean reading, then dropping, a body of whatever size the client chose.
+        headers = dict(scope["headers"])
+        close = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        wait = self.limiter.take(client) if self.limiter is not None else 0.0
+        if wait > 0:
+            wait -= await self._hold(wait)
+            retry = max(1, math.ceil(wait))
+            return await _send_error(
+                send, 429, "rate", f"over {self.limiter.rate:g} requests/s (bursts of "
+                f"{self.limiter.burst}) from this client; retry after {retry} s",
+                headers=[(b"retry-after", str(retry).encode())], close=close)
+        if self.api_keys and key is None and (scope["method"], scope["path"]) != ("GET", "/"):
+            given = _bearer(scope) is not None
+            return await _send_error(
+                send, 401, "authorization", "the API key is not valid" if given else
+                "this server needs an API key: send the header 'Authorization: Bearer <key>'",
+                headers=[(b"www-authenticate", b"Bearer")], close=close)
+        await self.app(scope, receive, send)
+
+    async def _hold(self, wait: float) -> float:
+        """Sleep before a 429 (see the class); the seconds slept."""
+        hold = min(wait, self.hold_s) if self.held < self.max_held else 0.0
+        if hold > 0:
+            self.held += 1
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                self.held -= 1
+        return hold
+
+    def _key_index(self, scope) -> int | None:
+        """Which API key the request carries, compared in constant time; None if none fits."""
+        given = _bearer(scope)
+        if given is None:
+            return None
+        matches = [i for i, key in enumerate(self.api_keys) if hmac.compare_digest(key, given)]
+        return matches[0] if matches else None
+
+
+def _bearer(scope) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case)."""
+    value = dict(scope["headers"]).get(b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
+class Guard:
+    """ASGI middleware around everything: an exception nobody handled is logged with its
+    traceback and, if no response has started, answered with a JSON 500, not a text page."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 - the last place to turn it into a JSON answer
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                await _send_error(send, 500, None, "internal server error; the server log "
+                                                   "has the details")
+
+
+def _error_body(status: int, field: str | None, message: str) -> dict:
     return {"error": {"status": status, "field": field, "message": message}}
 
 
-async def _send_error(send, status: int, field: str, message: str) -> None:
+async def _send_error(send, status: int, field: str | None, message: str, headers=(),
+                      close: bool = False) -> None:
+    """A JSON error. ``close`` ends the connection: for a body we will not read (413)."""
     body = json.dumps(_error_body(status, field, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"content-length", str(len(body)).encode()), *headers,
+                            *([(b"connection", b"close")] if close else [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -219,12 +401,17 @@ _REQUEST_TO_DECODE = {"beam": "beam_size", "method": "method", "nbest": "nbest",
 _DECODE_TO_REQUEST = {v: k for k, v in _REQUEST_TO_DECODE.items()}
 
 
-def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str = "encdec"):
-    """The FastAPI application serving ``translator``."""
+def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str = "encdec",
+               api_keys: list[str] | tuple[str, ...] = (), clock=time.monotonic):
+    """The ASGI application serving ``translator``: FastAPI behind the middlewares above.
+
+    ``api_keys``: when given, requests need ``Authorization: Bearer <one of them>``.
+    ``clock``: seconds, for the rate limiter (tests pass their own)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+    from starlette.exceptions import HTTPException
 
     cfg = cfg or translator.cfg.serve
     Number = Annotated[float, Field(strict=True)]
@@ -275,8 +462,10 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         yield
         batcher.close()
 
+    # The docs pages load Swagger UI / ReDoc from a CDN: off unless asked for.
     app = FastAPI(title="encdec", version="1", summary=f"Sequence-to-sequence model {name}",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if cfg.docs else None,
+                  redoc_url="/redoc" if cfg.docs else None)
     app.state.batcher = batcher
     started = time.time()
     meta = translator.assets.meta
@@ -288,6 +477,29 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         headers = {"Retry-After": "1"} if err.status == 503 else None
         return JSONResponse(_error_body(err.status, err.field, err.message), err.status,
                             headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        """Starlette's and FastAPI's own refusals (404, 405, 400) in the house form."""
+        where = f"{request.method} {request.url.path}"
+        if err.status_code == 400:  # FastAPI could not read the body (not UTF-8, say): as 422
+            return JSONResponse(_error_body(422, "body", f"{err.detail}: send JSON text in "
+                                                         "UTF-8"), 422)
+        if err.status_code == 404:
+            field, message = "path", f"nothing at {where}; see GET /openapi.json for the API"
+        elif err.status_code == 405:
+            allowed = (err.headers or {}).get("Allow", "")
+            field, message = "method", f"{where} is not allowed; {request.url.path} takes {allowed}"
+        else:
+            field, message = None, str(err.detail)
+        return JSONResponse(_error_body(err.status_code, field, message), err.status_code,
+                            headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception):
+        """Anything unexpected: JSON here; Guard logs the traceback (Starlette re-raises it)."""
+        return JSONResponse(_error_body(500, None, "internal server error; the server log has "
+                                                   "the details"), 500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -396,17 +608,46 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         settings["return_attention"] = req.return_attention
         return settings
 
-    return BodyLimit(app, cfg.max_body_bytes)
+    limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst, clock) if cfg.rate_limit else None
+    return Guard(Gate(BodyLimit(app, cfg.max_body_bytes), api_keys, limiter, cfg.rate_hold_s))
+
+
+def load_api_keys(key_file: str | None, environ=os.environ) -> list[str]:
+    """The API keys: one per line of ``key_file`` (blank lines skipped), else the one in
+    $ENCDEC_API_KEY, else none (no authentication). The file wins over the variable."""
+    if key_file is not None:
+        try:
+            text = Path(key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise ConfigError(f"--api-key-file {key_file}: cannot read it ({why})") from None
+        keys = [line.strip() for line in text.splitlines() if line.strip()]
+        if not keys:
+            raise ConfigError(f"--api-key-file {key_file}: the file is empty; put one API key "
+                              "per line")
+    elif "ENCDEC_API_KEY" in environ:
+        keys = [environ["ENCDEC_API_KEY"].strip()]
+        if not keys[0]:
+            raise ConfigError("ENCDEC_API_KEY is set but empty; unset it to serve without an "
+                              "API key, or give the key")
+    else:
+        return []
+    source = f"--api-key-file {key_file}" if key_file is not None else "ENCDEC_API_KEY"
+    for key in keys:  # header values are ASCII; a key no client can send would lock all out
+        if not key.isascii() or not key.isprintable() or " " in key:
+            raise ConfigError(f"{source}: an API key must be printable ASCII without spaces")
+    return keys
 
 
 def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint_name: str = "best",
           device: str = "cpu", overrides: list[str] | None = None, access_log: bool = False,
-          threads: int = 0) -> None:
+          threads: int = 0, api_key_file: str | None = None) -> None:
     import torch
     import uvicorn
 
     from encdec.config import Config, apply_override
 
+    api_keys = load_api_keys(api_key_file)  # before the model loads: fail fast
     if threads:
         torch.set_num_threads(threads)
     translator = Translator.from_run(run_dir, checkpoint_name, device)
@@ -417,9 +658,13 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
                               "(decoding settings come with each request)")
         apply_override(raw, item)
     cfg = Config.from_dict(raw, source="command line").serve
-    app = create_app(translator, cfg, name=Path(run_dir).resolve().name)
+    app = create_app(translator, cfg, name=Path(run_dir).resolve().name, api_keys=api_keys)
+    docs = "/openapi.json, /docs" if cfg.docs else "/openapi.json"
+    auth = f"{len(api_keys)} API key(s)" if api_keys else "no API key"  # never the keys
+    rate = f"{cfg.rate_limit:g}/s per client" if cfg.rate_limit else "off"
     print(f"encdec: serving {run_dir} ({translator.checkpoint_dir.name}) on http://{host}:{port}/ "
-          f"(API docs at /docs; batches of up to {cfg.max_batch_size}, "
+          f"(API at {docs}; {auth}; rate limit {rate}; batches of up to {cfg.max_batch_size}, "
           f"wait {cfg.max_wait_ms:g} ms)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log,
-                timeout_graceful_shutdown=5)
+    # Access lines are logged at INFO: at "warning" --access-log would print nothing.
+    uvicorn.run(app, host=host, port=port, log_level="info" if access_log else "warning",
+                access_log=access_log, timeout_graceful_shutdown=5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import needs_system
 from encdec.cli import main
 from encdec.config import ConfigError, ServeConfig
 from encdec.serve import Batcher, RateLimiter, create_app, load_api_keys
@@ -358,7 +359,7 @@ class Clock:
 
 def test_rate_limit_per_key_then_per_address_with_retry_after(translator):
     clock = Clock()
-    app = create_app(translator, ServeConfig(rate_limit=0.5, rate_burst=2),
+    app = create_app(translator, ServeConfig(rate_limit=0.5, rate_burst=2, rate_hold_s=0),
                      api_keys=[KEY, "second-key"], clock=clock)
 
     def model(headers=AUTH, client=("127.0.0.1", 5000)):
@@ -379,6 +380,19 @@ def test_rate_limit_per_key_then_per_address_with_retry_after(translator):
     assert [model({}, elsewhere).status_code for _ in range(3)] == [401, 401, 429]
     health = call(app, *[("GET", "/v1/health", {})] * 5, client=elsewhere)
     assert all(r.status_code == 200 for r in health)  # liveness probes are never limited
+
+
+def test_a_429_is_held_and_its_retry_after_counts_from_then(translator):
+    clock = Clock()
+    app = create_app(translator, ServeConfig(rate_limit=0.2, rate_burst=1, rate_hold_s=0.3),
+                     clock=clock)
+    assert call(app, ("GET", "/v1/model", {}))[0].status_code == 200
+    clock.now += 0.9  # 0.18 tokens: the next one in 4.1 s
+    t0 = time.monotonic()
+    r, = call(app, ("GET", "/v1/model", {}))
+    assert time.monotonic() - t0 >= 0.25  # held, so a retry loop slows down
+    assert error_of(r, 429) == "rate"
+    assert r.headers["retry-after"] == "4"  # 4.1 - 0.3 s held, rounded up (not 5)
 
 
 def test_rate_limiter_forgets_idle_clients_and_stays_bounded():
@@ -433,9 +447,9 @@ def test_the_command_line_takes_an_api_key_file(keyed_server):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make sysdeps`)")
+@needs_system([] if CHROMIUM else ["chromium"], "the web page test")
 def test_web_page_shows_outputs_and_heat_map(server):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # pinned in the Makefile: missing is an error
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -470,10 +484,10 @@ def test_web_page_shows_outputs_and_heat_map(server):
             browser.close()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (`make sysdeps`)")
+@needs_system([] if CHROMIUM else ["chromium"], "the web page test")
 def test_web_page_sends_the_api_key(keyed_server):
     base, _ = keyed_server
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # pinned in the Makefile: missing is an error
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
