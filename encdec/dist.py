@@ -30,22 +30,22 @@ def init(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def max_int(value: int, info: DistInfo, device="cpu") -> int:
-    """The largest ``value`` over all ranks, on every rank (keeps stop decisions in lock-step)."""
+def _reduce_int(value: int, info: DistInfo, device, op) -> int:
     if info.world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def max_int(value: int, info: DistInfo, device="cpu") -> int:
+    """The largest ``value`` over all ranks, on every rank (keeps stop decisions in lock-step)."""
+    return _reduce_int(value, info, device, dist.ReduceOp.MAX)
 
 
 def sum_int(value: int, info: DistInfo, device="cpu") -> int:
     """The sum of ``value`` over all ranks (the same on every rank)."""
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item())
+    return _reduce_int(value, info, device, dist.ReduceOp.SUM)
 
 
 def broadcast(obj, info: DistInfo):
