@@ -259,6 +259,11 @@ def test_out_never_replaces_a_directory_that_is_not_a_data_directory(tmp_path, c
     assert main(["prepare", "--train", str(tmp_path / "t.tsv"), "--out", str(other),
                  "--src-tokenizer", "char", "--force"]) == 0  # --force replaces it
     assert not (other / "keep.txt").exists() and _leftovers(tmp_path) == []
+    # built in a temporary directory, it still gets the usual permissions (not mkdtemp's 0700)
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (mine.stat().st_mode & 0o777) == 0o777 & ~umask
 
 
 def test_sentencepiece_failures_are_data_errors_naming_the_model(tmp_path, monkeypatch, capsys):

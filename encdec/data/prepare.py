@@ -62,7 +62,11 @@ def check_replaceable(out: str | Path, force: bool = False) -> None:
 def new_tmp_dir(out: Path) -> Path:
     """A fresh directory beside ``out`` to build it in; its name never collides with a user's."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)  # mkdtemp makes it private (0700); the data directory is not
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
