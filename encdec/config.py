@@ -330,7 +330,8 @@ def validate(cfg: Config) -> None:
     if sv.rate_burst < 1:
         raise ConfigError(f"serve.rate_burst={sv.rate_burst}: must be at least 1 (one request)")
     if sv.rate_hold_s < 0:
-        raise ConfigError(f"serve.rate_hold_s={sv.rate_hold_s}: must be >= 0 (0 answers at once)")
+        raise ConfigError(f"serve.rate_hold_s={sv.rate_hold_s}: must be >= 0 "
+                          "(0 sends a 429 at once)")
     if d.temperature <= 0:
         raise ConfigError(f"decode.temperature={d.temperature}: must be positive")
     if not 0.0 < d.top_p <= 1.0:
