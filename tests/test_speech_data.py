@@ -8,11 +8,12 @@ import pytest
 
 from conftest import needs_system
 from encdec.data.recipes import SWORD_PACKAGES, sword_installed
-from encdec.data.speech import (SPEECH_PACKAGES, VOICES, normalize_transcript, plan_bible_speech,
+from encdec.data.speech import (REAL_DIR, VOICES, normalize_transcript, plan_bible_speech,
                                 prepare_speech)
 
 _missing = [p for p in ("flite", "espeak-ng") if shutil.which(p) is None] + \
-    [SWORD_PACKAGES[v] for v in ("kjv", "rv1909") if not sword_installed(v)]
+    [SWORD_PACKAGES[v] for v in ("kjv", "rv1909") if not sword_installed(v)] + \
+    ([] if REAL_DIR.exists() else ["pocketsphinx-testdata"])
 needs_speech = needs_system(_missing, "the bible-speech recipe")
 
 
@@ -71,5 +72,17 @@ def test_prepare_synthesizes_resumes_and_reports_hours(tmp_path):
     again = prepare_speech(out, **opts)
     assert again["utterances"] == meta["utterances"] and first.stat().st_mtime_ns == stamp
     assert read_audio(out / manifests["test"][0]["audio"]).numel() > 8000
-    if manifests["real"]:  # pocketsphinx-testdata
-        assert any("dashwood" in e["text"] for e in manifests["real"])
+    assert len(manifests["real"]) == 10  # pocketsphinx-testdata: 5 LibriVox clips, 5 card names
+    assert any("dashwood" in e["text"] for e in manifests["real"])
+
+
+def test_cli_hours_goes_to_the_speech_recipe_only(tmp_path, monkeypatch, capsys):
+    import encdec.data.speech as speech
+    from encdec.cli import main
+
+    seen = {}
+    monkeypatch.setattr(speech, "prepare_speech", lambda out, **kw: seen.update(out=out, **kw))
+    assert main(["prepare", "bible-speech", "--out", str(tmp_path / "s"), "--hours", "0.5"]) == 0
+    assert seen == {"out": str(tmp_path / "s"), "train_hours": 0.5}
+    assert main(["prepare", "g2p-cmudict", "--out", str(tmp_path / "g"), "--hours", "1"]) == 2
+    assert "--hours is an option of the bible-speech recipe" in capsys.readouterr().err
