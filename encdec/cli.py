@@ -1,4 +1,5 @@
-"""The `encdec` command: prepare, train, average, evaluate, translate, distill, serve."""
+"""The `encdec` command: prepare, train, average, evaluate, translate, transcribe, distill,
+serve."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _prepare(args) -> None:
     if args.recipe == "bible-speech":
         from encdec.data.speech import prepare_speech
 
-        prepare_speech(args.out or "data/bible-speech", train_hours=args.hours or 10.0)
+        prepare_speech(args.out or "data/bible-speech", train_hours=args.hours or 10.0,
+                       vocab_size=args.vocab_size or 256)
         return
     if args.hours is not None:
         raise DataError("--hours is an option of the bible-speech recipe")
@@ -95,10 +97,20 @@ def _evaluate(args) -> None:
     s = result["scores"]
     d = result["decode"]
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
+    how += f", CTC weight {d['ctc_weight']:g}" if d["method"] == "beam" and d["ctc_weight"] else ""
     if d["method"] == "nat":
         how = f"nat, {d['iterations']} iteration(s), length beam {d['length_beam']}"
         how += ", every pass" if not d["early_exit"] and d["iterations"] > 1 else ""
     how += f", reranked by {result['rerank']}" if result["rerank"] else ""
+    if result["metric"] == "asr":
+        groups = result["groups"]
+        line = f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%" + "".join(
+            f"\n  {g:<7} {v['n']:>5} utt  WER {v['wer']:6.2f}%  CER {v['cer']:6.2f}%"
+            for g, v in groups.items()) + (f"\n  real-time factor {result['real_time_factor']:.4f}"
+                                           f" on {result['threads']} threads")
+        print(f"{result['split']} ({result['inputs']} utterances, {how}, checkpoint "
+              f"{result['checkpoint']}): {line}\n  -> {result['written_to']}")
+        return
     if result["metric"] == "g2p":
         line = f"WER {s['wer']:.2f}%  PER {s['per']:.2f}%"
     else:
@@ -116,6 +128,14 @@ def _translate(args) -> None:
             overrides=dict(_decode_overrides(args), nbest=args.nbest),
             long_inputs=args.long_inputs, progress=False if args.no_progress else None,
             rerank=args.rerank)
+
+
+def _transcribe(args) -> None:
+    from encdec.transcribe import run_cli
+
+    run_cli(args.run, args.inputs, checkpoint_name=args.checkpoint, output_path=args.output,
+            device=args.device, overrides=_decode_overrides(args),
+            progress=not args.no_progress)
 
 
 def _distill(args) -> None:
@@ -153,7 +173,7 @@ def _decode_overrides(args) -> dict:
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "iterations": args.iterations, "length_beam": args.length_beam,
             "length_scale": args.length_scale, "batch_size": args.batch_size,
-            "early_exit": args.early_exit}
+            "early_exit": args.early_exit, "ctc_weight": args.ctc_weight}
 
 
 RERANK_HELP = ("an autoregressive run that re-orders the candidates (every candidate length "
@@ -214,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("run", help="run directory")
         q.add_argument("--checkpoint", default="best", help="best, last, or a step-NNNNNNN name")
         q.add_argument("--beam", type=int, help="beam size (1 = greedy)")
-        q.add_argument("--method", choices=["greedy", "beam", "sample"])
+        q.add_argument("--method", choices=["greedy", "beam", "sample", "ctc"],
+                       help="ctc: CTC best path (speech models with a CTC head)")
+        q.add_argument("--ctc-weight", type=float,
+                       help="speech: weight of the CTC prefix score in beam search (joint "
+                            "CTC/attention; 0 attention only, 1 CTC only)")
         q.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
         q.add_argument("--batch-size", type=int,
                        help="inputs decoded together (default: the run's decode.batch_size)")
@@ -255,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     tl.add_argument("--rerank", metavar="RUN", help=RERANK_HELP)
     tl.set_defaults(func=_translate)
+
+    tc = sub.add_parser("transcribe", help="speech to text: encdec transcribe RUN FILE|DIR ...")
+    decode_args(tc)
+    tc.add_argument("inputs", nargs="+", metavar="AUDIO",
+                    help="audio files (WAV, FLAC, OGG, ...) or directories of them")
+    tc.add_argument("--output", "-o", help="write FILE<TAB>transcript lines here (default stdout)")
+    tc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tc.set_defaults(func=_transcribe)
 
     ds = sub.add_parser("distill", help="write a teacher run's outputs as a new training target set")
     decode_args(ds)

@@ -25,7 +25,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat | lstm | gru
+    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat | lstm | gru | speech
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
@@ -49,6 +49,14 @@ class ModelConfig:
     glat_ratio: float = 0.5  # glat: reveal this fraction of the first pass's wrong tokens
     length_offset: int = 64  # length predictor classes: target - source length in [-n, n]
     length_loss_weight: float = 0.1  # weight of the length loss (per sentence)
+    # Speech input (arch: speech): log-mel frames -> conv subsampling -> encoder blocks.
+    subsampling: int = 4  # frame-rate reduction of the conv front: 4 (40 ms per position) | 6 | 8
+    front_channels: int = 64  # channels of the conv front (its cost grows with their square)
+    encoder_block: str = "transformer"  # transformer (sinusoidal positions) | conformer (rotary)
+    conv_kernel: int = 15  # conformer: depthwise convolution width, in positions
+    # Weight of the CTC loss on the encoder (the rest is the attention decoder's): 0 = no CTC
+    # head, 1 = CTC only (no decoder is built; decode with method ctc or ctc_weight 1).
+    ctc_weight: float = 0.3
 
 
 @dataclass
@@ -56,6 +64,7 @@ class TrainConfig:
     run_dir: str = "runs/g2p"
     seed: int = 1
     max_tokens: int = 4096  # batch size in target tokens (per process, per accumulation step)
+    max_frames: int = 20000  # speech: batch size in 10 ms feature frames (200 s of audio)
     accum_steps: int = 1  # gradient accumulation
     lr: float = 1.5e-3  # peak learning rate
     schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | constant
@@ -90,8 +99,21 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Speech training augmentation (arch speech; never applied to dev, test or decoding)."""
+    speed_perturb: tuple[float, ...] = (0.9, 1.0, 1.1)  # speeds drawn uniformly per utterance
+    noise_prob: float = 0.5  # chance an utterance gets additive noise
+    snr_db: tuple[float, float] = (5.0, 30.0)  # signal-to-noise ratio, uniform in this range
+    freq_masks: int = 2  # SpecAugment (Park et al., 2019): bands of up to freq_width bins
+    freq_width: int = 27
+    time_masks: int = 2  # spans of up to time_width frames, at most time_ratio of the utterance
+    time_width: int = 40
+    time_ratio: float = 0.05
+
+
+@dataclass
 class DecodeConfig:
-    method: str = "beam"  # greedy | beam | sample
+    method: str = "beam"  # greedy | beam | sample | nat | ctc (CTC best path: the speech NAT)
     beam_size: int = 5
     nbest: int = 1
     length_penalty: float = 1.0  # score / length**length_penalty
@@ -106,6 +128,9 @@ class DecodeConfig:
     length_beam: int = 1  # most likely lengths decoded in parallel; best by mean log-probability
     length_scale: float = 1.0  # multiplies the predicted length (speed control for speech)
     early_exit: bool = True  # stop refining an output once a pass leaves it unchanged
+    # speech models with a CTC head: weight of the CTC prefix score in beam search (joint
+    # CTC/attention decoding, Watanabe et al. 2017); 0 = attention only, 1 = CTC prefix beam
+    ctc_weight: float = 0.0
 
 
 @dataclass
@@ -132,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         validate(self)
@@ -150,7 +176,7 @@ class Config:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping with sections "
-                              "data/model/train/decode/serve")
+                              "data/model/train/decode/serve/augment")
         return _build(cls, raw, prefix="", source=source)
 
     @classmethod
@@ -223,6 +249,10 @@ def _coerce(value, hint, key: str, source: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key!r} must be a list, got {value!r}")
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length, at least one
+            if not value:
+                raise ConfigError(f"{source}: {key!r} must have at least one item")
+            return tuple(_coerce(v, args[0], key, source) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{source}: {key!r} must have {len(args)} items, got {value!r}")
         return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
@@ -259,7 +289,8 @@ _CHOICES = {
     ("model", "positions"): ("sinusoidal", "learned"),
     ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
-    ("decode", "method"): ("greedy", "beam", "sample", "nat"),
+    ("decode", "method"): ("greedy", "beam", "sample", "nat", "ctc"),
+    ("model", "encoder_block"): ("transformer", "conformer"),
     ("model", "nat_objective"): ("cmlm", "glat", "glat_cmlm"),
     ("model", "rnn_attention"): ("luong", "bahdanau"),
     ("train", "scheduled_sampling"): ("off", "linear", "exponential", "inverse_sigmoid"),
@@ -284,12 +315,15 @@ def validate(cfg: Config) -> None:
         "decode.beam_size": d.beam_size, "decode.nbest": d.nbest, "decode.batch_size": d.batch_size,
         "decode.iterations": d.iterations, "decode.length_beam": d.length_beam,
         "decode.length_scale": d.length_scale, "model.length_offset": m.length_offset,
+        "train.max_frames": t.max_frames, "model.conv_kernel": m.conv_kernel,
+        "model.front_channels": m.front_channels,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be positive")
     if m.arch in ("transformer", "nat") and m.d_model % m.n_heads:  # recurrent models have no heads
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    _validate_speech(cfg)
     if m.enc_layers < 1 or m.dec_layers < 1:
         raise ConfigError("model.enc_layers and model.dec_layers must be at least 1")
     for key in ("dropout", "attention_dropout", "activation_dropout"):
@@ -336,3 +370,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"decode.temperature={d.temperature}: must be positive")
     if not 0.0 < d.top_p <= 1.0:
         raise ConfigError(f"decode.top_p={d.top_p}: must be in (0, 1]")
+
+
+def _validate_speech(cfg: Config) -> None:
+    m, d, a = cfg.model, cfg.decode, cfg.augment
+    if m.subsampling not in (4, 6, 8):
+        raise ConfigError(f"model.subsampling={m.subsampling}: choose one of 4, 6, 8")
+    for key, value in (("model.ctc_weight", m.ctc_weight), ("decode.ctc_weight", d.ctc_weight),
+                       ("augment.noise_prob", a.noise_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}={value}: must be in [0, 1]")
+    speech = m.arch == "speech"
+    if d.method == "ctc" and not (speech and m.ctc_weight > 0):
+        raise ConfigError("decode.method=ctc needs a speech model with a CTC head "
+                          "(model.arch=speech, model.ctc_weight > 0)")
+    if d.ctc_weight > 0 and not (speech and m.ctc_weight > 0):
+        raise ConfigError(f"decode.ctc_weight={d.ctc_weight} needs a speech model trained with a "
+                          "CTC head (model.arch=speech, model.ctc_weight > 0)")
+    if speech and m.ctc_weight == 1.0 and d.method in ("greedy", "sample", "beam") and \
+            d.ctc_weight < 1.0:
+        raise ConfigError(f"model.ctc_weight=1 trains no attention decoder: decode with "
+                          f"decode.method=ctc, or beam search with decode.ctc_weight=1 "
+                          f"(not method {d.method!r} with ctc_weight {d.ctc_weight})")
+    if d.ctc_weight > 0 and d.method != "beam":
+        raise ConfigError(f"decode.ctc_weight={d.ctc_weight} applies to beam search: set "
+                          f"decode.method=beam (not {d.method!r})")
+    if any(s <= 0 for s in a.speed_perturb):
+        raise ConfigError(f"augment.speed_perturb={list(a.speed_perturb)}: speeds must be positive")
+    if not 0 <= a.snr_db[0] <= a.snr_db[1]:
+        raise ConfigError(f"augment.snr_db={list(a.snr_db)}: need 0 <= low <= high")
+    if min(a.freq_masks, a.freq_width, a.time_masks, a.time_width) < 0 or \
+            not 0.0 <= a.time_ratio <= 1.0:
+        raise ConfigError("augment.freq_masks/freq_width/time_masks/time_width must be >= 0 and "
+                          "augment.time_ratio in [0, 1]")

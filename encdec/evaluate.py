@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from encdec.data.corpus import DataError
 from encdec.data.dataset import read_eval
+from encdec.decoding.audio import decode_audio
 from encdec.metrics import score
 from encdec.translate import Translator
 
@@ -21,6 +23,11 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
     """Decode and score a split; ``rerank`` is a run whose model re-orders the candidates."""
     run_dir = Path(run_dir)
     tr = Translator.from_run(run_dir, checkpoint_name, device)
+    if tr.assets.speech:
+        if rerank:
+            raise DataError("--rerank applies to text models")
+        return evaluate_speech(run_dir, split, checkpoint_name, data_dir, device, limit,
+                               **decode_overrides)
     reranker = Translator.from_run(rerank, device=device) if rerank else None
     data_dir = data_dir or tr.cfg.data.dir
     entries = read_eval(data_dir, split)
@@ -43,6 +50,11 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         "inputs_per_s": len(entries) / max(seconds, 1e-9),
         "scores": score(tr.assets.meta["metric"], hyps, [e["refs"] for e in entries]),
     }
+    return _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit,
+                  decode_cfg, rerank)
+
+
+def _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit, decode_cfg, rerank):
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     tag = f"{split}-{decode_cfg.method}{decode_cfg.beam_size if decode_cfg.method == 'beam' else ''}"
@@ -51,6 +63,8 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         tag += f"-lb{decode_cfg.length_beam}" if decode_cfg.length_beam > 1 else ""
         tag += f"-ls{decode_cfg.length_scale:g}" if decode_cfg.length_scale != 1 else ""
         tag += "-every-pass" if not decode_cfg.early_exit and decode_cfg.iterations > 1 else ""
+    if decode_cfg.method == "beam" and decode_cfg.ctc_weight > 0:
+        tag += f"-ctc{decode_cfg.ctc_weight:g}"
     tag += "-rerank" if rerank else ""
     # Results of other checkpoints, subsets or data never overwrite each other.
     tag += f"-{checkpoint_name}" if checkpoint_name != "best" else ""
@@ -61,3 +75,45 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
     (out_dir / f"{tag}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     result["written_to"] = str(out_dir / f"{tag}.json")
     return result
+
+
+def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "best",
+                    data_dir: str | None = None, device: str = "cpu", limit: int = 0,
+                    **decode_overrides) -> dict:
+    """WER and CER of a speech run on a split, overall and per voice group (seen, unseen,
+    real), with the real-time factor of decoding (audio loading excluded)."""
+    from encdec.data.utterances import read_manifest
+    from encdec.transcribe import Transcriber
+
+    tr = Transcriber.from_run(run_dir, checkpoint_name, device)
+    data_dir = data_dir or tr.cfg.data.dir
+    entries = read_manifest(data_dir, split)[: limit or None]
+    if not entries:
+        raise DataError(f"{data_dir}: split {split!r} has no utterances; nothing to evaluate")
+    decode_cfg = tr.decode_config(**decode_overrides)
+    waves = [tr.load(Path(data_dir) / e["audio"]) for e in entries]
+    audio_s = sum(w.numel() for w in waves) / tr.sample_rate
+    start = time.perf_counter()
+    with tqdm(total=len(entries), unit="utt", file=sys.stderr, mininterval=1.0) as bar:
+        outputs = decode_audio(tr.model, waves, cfg=decode_cfg, device=tr.device,
+                               max_segment_s=tr.max_segment_s, progress=bar.update,
+                               **tr.assets.audio_kwargs())
+    seconds = time.perf_counter() - start
+    hyps = [o[0].text for o in outputs]
+    refs = [[e["text"]] for e in entries]
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        groups.setdefault(e.get("group", "all"), []).append(i)
+    result = {
+        "run": str(run_dir), "checkpoint": tr.checkpoint_dir.name, "split": split,
+        "data": str(data_dir), "metric": "asr", "decode": decode_cfg.__dict__, "rerank": None,
+        "inputs": len(entries), "seconds": seconds, "inputs_per_s": len(entries) / seconds,
+        "audio_seconds": audio_s, "real_time_factor": seconds / max(audio_s, 1e-9),
+        "threads": torch.get_num_threads(),
+        "scores": score("asr", hyps, refs),
+        "groups": {g: score("asr", [hyps[i] for i in idx], [refs[i] for i in idx])
+                   for g, idx in sorted(groups.items())},
+    }
+    return _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit,
+                  decode_cfg, None)
+

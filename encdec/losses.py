@@ -60,6 +60,8 @@ def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0):
     core = getattr(model, "module", model)  # DDP wraps the model
     if getattr(core, "non_autoregressive", False):
         return nat_loss(model, batch, smoothing)
+    if hasattr(batch, "src_feats"):
+        return ctc_attention_loss(model, batch, smoothing)
     tgt_in = batch.tgt_in
     if sampling > 0 and getattr(core, "samples_own_inputs", False):
         hidden = model(batch.src_tokens, tgt_in, sampling_prob=sampling)
@@ -125,3 +127,30 @@ def nat_loss(model, batch, smoothing: float):
     length_loss = F.cross_entropy(length_logits.float(), classes, reduction="mean")
     scale = batch.num_tgt_tokens / n_predict
     return loss * scale + cfg.length_loss_weight * length_loss * batch.num_tgt_tokens, nll * scale
+
+
+def ctc_attention_loss(model, batch, smoothing: float):
+    """Speech: (1 - w) * attention cross-entropy + w * CTC loss, both summed over the batch
+    (w = ``model.ctc_weight``; Watanabe et al., 2017). The trainer divides by the target
+    tokens, so each term is per token. The NLL returned is the attention decoder's (the CTC
+    loss with w = 1). CTC targets are the tokens without EOS; blank is the padding id; an
+    utterance too short for its transcript contributes 0 (``zero_infinity``), not inf."""
+    core = getattr(model, "module", model)
+    w = core.cfg.ctc_weight
+    hidden, encoder_out = model(batch.src_feats, batch.src_lengths, batch.tgt_in)
+    loss = nll = 0.0
+    if w < 1.0:
+        keep = batch.tgt_out.ne(PAD)
+        att_loss, nll = label_smoothed_nll(core.logits(hidden[keep]), batch.tgt_out[keep],
+                                           smoothing)
+        loss = (1.0 - w) * att_loss
+    if w > 0.0:
+        targets = batch.tgt_out.masked_fill(batch.tgt_out.eq(EOS), PAD)  # (B, T)
+        target_lengths = targets.ne(PAD).sum(dim=1)
+        ctc = F.ctc_loss(encoder_out.ctc_log_probs.transpose(0, 1),  # (S, B, V)
+                         targets, encoder_out.memory_mask.sum(dim=1), target_lengths,
+                         blank=PAD, reduction="sum", zero_infinity=True)
+        loss = loss + w * ctc
+        if w == 1.0:
+            nll = ctc.detach()
+    return loss, nll

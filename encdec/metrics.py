@@ -1,19 +1,14 @@
-"""Task metrics: G2P word/phoneme error rates; sacreBLEU and chrF for text; exact match for all."""
+"""Task metrics: G2P word/phoneme error rates; sacreBLEU and chrF for text; word and character
+error rates for speech recognition; exact match for all."""
 
 from __future__ import annotations
 
 
-def edit_distance(a: list, b: list) -> int:
-    """Levenshtein distance between two token sequences."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two token sequences (rapidfuzz's C++ implementation)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(a, b)
 
 
 def g2p_scores(hyps: list[str], refs: list[list[str]]) -> dict:
@@ -51,10 +46,26 @@ def text_scores(hyps: list[str], refs: list[list[str]]) -> dict:
             "chrf_signature": str(chrf.get_signature()), "n": len(hyps)}
 
 
+def asr_scores(hyps: list[str], refs: list[list[str]]) -> dict:
+    """Corpus-level WER (word edits / reference words) and CER (character edits, spaces
+    included, / reference characters), against each input's first reference."""
+    word_edits = words = char_edits = chars = 0
+    for hyp, ref_list in zip(hyps, refs):
+        ref = ref_list[0]
+        word_edits += edit_distance(hyp.split(), ref.split())
+        words += len(ref.split())
+        h, r = " ".join(hyp.split()), " ".join(ref.split())
+        char_edits += edit_distance(list(h), list(r))
+        chars += len(r)
+    return {"wer": 100.0 * word_edits / max(words, 1), "cer": 100.0 * char_edits / max(chars, 1),
+            "words": words, "n": len(hyps)}
+
+
 # name -> (scorer, the key that ranks checkpoints, whether higher is better)
 METRICS = {
     "g2p": (g2p_scores, "wer", False),
     "text": (text_scores, "bleu", True),
+    "asr": (asr_scores, "wer", False),
 }
 
 

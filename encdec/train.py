@@ -29,7 +29,7 @@ from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
 from encdec.losses import sampling_prob, sequence_loss
 from encdec.metrics import METRICS, score
-from encdec.models import build_model
+from encdec.models import model_for_data
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -115,9 +115,20 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.assets = load_assets(cfg.data.dir)
         meta = self.assets.meta
-        self.train_split = BinarizedSplit(cfg.data.dir, "train")
-        self.dev_split = BinarizedSplit(cfg.data.dir, "dev")
-        self.dev_eval = read_eval(cfg.data.dir, "dev")
+        self.speech = self.assets.speech
+        if self.speech:
+            from encdec.data.utterances import Augmenter, UtteranceSplit
+
+            rate = meta["sample_rate"]
+            self.train_split = UtteranceSplit(cfg.data.dir, "train", rate)
+            self.dev_split = UtteranceSplit(cfg.data.dir, "dev", rate)
+            self.dev_eval = [{"audio": str(self.dev_split.audio_path(i)), "refs": [e["text"]]}
+                             for i, e in enumerate(self.dev_split.entries)]
+            self.augmenter = Augmenter(cfg.augment, rate)
+        else:
+            self.train_split = BinarizedSplit(cfg.data.dir, "train")
+            self.dev_split = BinarizedSplit(cfg.data.dir, "dev")
+            self.dev_eval = read_eval(cfg.data.dir, "dev")
         if not self.dev_eval or not len(self.dev_split):
             raise DataError(f"{cfg.data.dir}: the dev split is empty, so validation would score "
                             "nothing and keep the first checkpoint as best; prepare the data "
@@ -130,7 +141,7 @@ class Trainer:
         _, self.metric_key, self.higher_better = METRICS[self.metric]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg.model, meta["src_vocab_size"], meta["tgt_vocab_size"]).to(self.device)
+        self.model = model_for_data(cfg.model, meta).to(self.device)
         self.optimizer = make_optimizer(self.model, t)
         self.ddp_model = self.model
         if self.dist.world_size > 1:
@@ -146,7 +157,8 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed": 0.0,
                       "best": None, "bad_validations": 0, "tokens_seen": 0,
                       # sums since the last metrics line, so a resumed run logs the same lines
-                      "window": {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0}}
+                      "window": {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0,
+                                 "audio_s": 0.0}}
         self._saved_step = -1  # the step of the newest checkpoint this process wrote or loaded
         self._signal = 0  # the signal (SIGINT, SIGTERM) that asked training to stop
         self._prepare_run_dir(resume)
@@ -240,10 +252,28 @@ class Trainer:
         self._saved_step = self.state["step"]
 
     # ---- batches ------------------------------------------------------------------------
+    def _length_batches(self, split, **kwargs) -> list:
+        """Length-bucketed batches: of at most train.max_tokens padded tokens (text), or of
+        train.max_frames padded feature frames (speech, whose frames outnumber its tokens)."""
+        t = self.cfg.train
+        if self.speech:
+            return token_batches(split.frames, split.tgt_lens, t.max_frames, **kwargs)
+        return token_batches(split.src_lens, split.tgt_lens, t.max_tokens, max_len=t.max_len,
+                             **kwargs)
+
+    def _collate(self, split, indices, augment_seed: tuple | None = None):
+        """A batch; for speech, ``augment_seed`` turns training augmentation on."""
+        if not self.speech:
+            return collate(split, indices)
+        from encdec.data.utterances import collate_speech
+
+        augment = self.augmenter if augment_seed is not None else None
+        return collate_speech(split, indices, self.assets.audio_front, augment,
+                              augment_seed or (0,))
+
     def _epoch_batches(self, epoch: int) -> list:
         t = self.cfg.train
-        batches = token_batches(self.train_split.src_lens, self.train_split.tgt_lens, t.max_tokens,
-                                seed=t.seed, epoch=epoch, max_len=t.max_len)
+        batches = self._length_batches(self.train_split, seed=t.seed, epoch=epoch)
         return shard(batches, self.dist.rank, self.dist.world_size)
 
     def _next_batches(self):
@@ -256,7 +286,10 @@ class Trainer:
                 self._batches = self._epoch_batches(self.state["epoch"])
                 if not self._batches:
                     raise ConfigError("train.max_tokens is too small or the training split is empty")
-            out.append(collate(self.train_split, self._batches[self.state["batch_in_epoch"]]))
+            seed = (self.cfg.train.seed, self.state["epoch"], self.state["batch_in_epoch"],
+                    self.dist.rank)
+            out.append(self._collate(self.train_split, self._batches[self.state["batch_in_epoch"]],
+                                     augment_seed=seed))
             self.state["batch_in_epoch"] += 1
         return out
 
@@ -267,6 +300,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_tokens = sum(b.num_tgt_tokens for b in batches)
+        # speech: seconds of (augmented) audio in this step, 10 ms per feature frame
+        self._step_audio_s = sum(float(b.src_lengths.sum()) for b in batches) * 0.01 \
+            if self.speech else 0.0
         # The gradient is the loss summed over every process's batches divided by their total
         # target tokens, as one process would compute it over the same global batch. DDP
         # averages gradients over processes, hence the factor world_size.
@@ -311,22 +347,32 @@ class Trainer:
     def _validate(self) -> dict:
         self.model.eval()
         loss_sum = nll_sum = tokens = 0
-        batches = token_batches(self.dev_split.src_lens, self.dev_split.tgt_lens,
-                                self.cfg.train.max_tokens, seed=0, epoch=0, shuffle=False)
-        for idx in batches:
-            batch = collate(self.dev_split, idx).to(self.device)
+        for idx in self._length_batches(self.dev_split, seed=0, epoch=0, shuffle=False):
+            batch = self._collate(self.dev_split, idx).to(self.device)
             loss, nll = sequence_loss(self.model, batch, self.cfg.train.label_smoothing)
             loss_sum += float(loss)
             nll_sum += float(nll)
             tokens += batch.num_tgt_tokens
         d = self.cfg.decode
-        # Greedy for autoregressive models; the run's Mask-Predict settings for NAT.
-        decode_cfg = DecodeConfig(method="nat" if d.method == "nat" else "greedy",
-                                  max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+        # Greedy for autoregressive models; the run's Mask-Predict settings for NAT; CTC best
+        # path for speech models without a decoder.
+        method = "nat" if d.method == "nat" else "greedy"
+        if self.speech and self.cfg.model.ctc_weight == 1.0:
+            method = "ctc"
+        decode_cfg = DecodeConfig(method=method, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
                                   batch_size=max(64, d.batch_size), iterations=d.iterations,
                                   length_beam=d.length_beam, length_scale=d.length_scale)
-        outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
-                               device=self.device, **self.assets.text_kwargs())
+        if self.speech:
+            from encdec.decoding.audio import decode_audio
+            from encdec.audio.io import read_audio
+
+            waves = [read_audio(e["audio"], self.assets.audio_front.sample_rate)
+                     for e in self.dev_eval]
+            outputs = decode_audio(self.model, waves, cfg=decode_cfg, device=self.device,
+                                   **self.assets.audio_kwargs())
+        else:
+            outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
+                                   device=self.device, **self.assets.text_kwargs())
         scores = score(self.metric, [o[0].text for o in outputs], [e["refs"] for e in self.dev_eval])
         self.model.train()
         result = {"valid_loss": loss_sum / max(tokens, 1), "valid_nll": nll_sum / max(tokens, 1)}
@@ -415,11 +461,12 @@ class Trainer:
                 window["nll"] += nll
                 window["tokens"] += ntok
                 window["steps"] += 1
+                window["audio_s"] = window.get("audio_s", 0.0) + self._step_audio_s
                 step = self.state["step"]
                 if step % t.log_every == 0 or step == 1:
                     now = time.perf_counter()
                     self._log_window(window, now - window_start, bar)
-                    window.update(loss=0.0, nll=0.0, tokens=0, steps=0)
+                    window.update(loss=0.0, nll=0.0, tokens=0, steps=0, audio_s=0.0)
                     window_start = now
                 bar.update(1)
                 if step % t.valid_every == 0:
@@ -454,6 +501,9 @@ class Trainer:
                   "elapsed_s": self.state["elapsed"],
                   # peak resident memory of this process so far (Linux: KiB)
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.speech:  # audio seconds trained on per wall-clock second, all processes
+            record["audio_s_per_s"] = window.get("audio_s", 0.0) * self.dist.world_size / \
+                max(seconds, 1e-9)
         self.metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{rate:,.0f}",

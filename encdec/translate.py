@@ -19,7 +19,7 @@ from encdec.data.dataset import pad, teacher_forcing
 from encdec.data.vocab import PAD
 from encdec.decoding.texts import Translation, decode_texts
 from encdec.files import atomic_write_text
-from encdec.models import build_model
+from encdec.models import model_for_data
 from encdec.models.base import EncoderOut
 
 
@@ -41,7 +41,7 @@ class Translator:
             raise checkpoint.CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
         cfg = Config.load(run_dir / "config.yaml")
         assets = load_assets(run_dir / "data")
-        model = build_model(cfg.model, assets.meta["src_vocab_size"], assets.meta["tgt_vocab_size"])
+        model = model_for_data(cfg.model, assets.meta)
         ckpt = checkpoint.resolve(run_dir, checkpoint_name)
         checkpoint.load_weights(model, ckpt)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -54,6 +54,8 @@ class Translator:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("beam_size") is not None and overrides.get("method") is None:
             values["method"] = "beam" if overrides["beam_size"] > 1 else "greedy"
+        if values["method"] != "beam" and overrides.get("ctc_weight") is None:
+            values["ctc_weight"] = 0.0  # the run's joint-decoding weight is for beam search
         cfg = DecodeConfig(**values)
         Config(model=self.cfg.model, decode=cfg)  # validates (ConfigError names the key)
         return cfg
@@ -73,6 +75,11 @@ class Translator:
         all beams (beam search) or all candidate lengths (nat), so this is the noisy parallel
         decoding of Gu et al. (2018) for non-autoregressive models.
         """
+        if self.assets.speech:
+            from encdec.config import ConfigError
+            raise ConfigError(f"{self.checkpoint_dir.parent.parent} is a speech recognizer: it "
+                              "takes audio, not text (encdec transcribe RUN FILE..., or "
+                              "encdec.transcribe.Transcriber in Python)")
         cfg = self.decode_config(**decode_overrides)
         wanted = cfg.nbest
         if rerank is not None:

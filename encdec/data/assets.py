@@ -17,10 +17,20 @@ from encdec.data.vocab import Vocab
 @dataclass
 class Assets:
     meta: dict
-    src_tokenizer: object
-    src_vocab: Vocab
+    src_tokenizer: object  # None for speech inputs
+    src_vocab: Vocab | None
     tgt_tokenizer: object
     tgt_vocab: Vocab
+    audio_front: object = None  # speech inputs: encdec.data.utterances.AudioFront
+
+    def audio_kwargs(self) -> dict:
+        """The keyword arguments `decode_audio` needs."""
+        return {"front": self.audio_front, "tgt_tokenizer": self.tgt_tokenizer,
+                "tgt_vocab": self.tgt_vocab}
+
+    @property
+    def speech(self) -> bool:
+        return self.meta.get("modality") == "speech"
 
     def text_kwargs(self) -> dict:
         """The keyword arguments `decode_texts` needs."""
@@ -31,6 +41,11 @@ class Assets:
 def load_assets(directory: str | Path) -> Assets:
     directory = Path(directory)
     meta = load_meta(directory)
+    if meta.get("modality") == "speech":
+        from encdec.data.utterances import AudioFront
+
+        return Assets(meta, None, None, tokenizer_from_spec(meta["tgt_tokenizer"], directory),
+                      Vocab.load(directory / "tgt.vocab"), AudioFront.load(directory, meta))
     return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
                   Vocab.load(directory / "src.vocab"),
                   tokenizer_from_spec(meta["tgt_tokenizer"], directory),
@@ -40,6 +55,7 @@ def load_assets(directory: str | Path) -> Assets:
 def copy_assets(data_dir: str | Path, dest: str | Path) -> None:
     data_dir, dest = Path(data_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    names = ["meta.json", "src.vocab", "tgt.vocab"] + [p.name for p in data_dir.glob("spm.*")]
+    names = ["meta.json", "tgt.vocab"] + [p.name for p in data_dir.glob("spm.*")]
+    names += [n for n in ("src.vocab", "feats.stats.safetensors") if (data_dir / n).exists()]
     for name in names:
         shutil.copyfile(data_dir / name, dest / name)

@@ -179,7 +179,7 @@ def real_recordings() -> list[dict]:
 
 def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verses: int = 400,
                    books=None, split_verses: tuple[int, int] | None = None, workers: int = 2,
-                   log=print) -> dict:
+                   vocab_size: int = 256, log=print) -> dict:
     """Build (or continue building) the bible-speech data directory ``out_dir``."""
     import soundfile
 
@@ -236,13 +236,18 @@ def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verse
             for e in m:
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")
         os.replace(out / f".{split}.manifest.jsonl.tmp", out / f"{split}.manifest.jsonl")
+    from encdec.data.utterances import finish_speech_dir
+
+    targets = finish_speech_dir(out, manifests, vocab_size=vocab_size, sample_rate=SAMPLE_RATE,
+                                log=log)
     meta = {"format": 1, "name": "bible-speech", "modality": "speech", "sample_rate": SAMPLE_RATE,
+            **targets,
             "voices": [asdict(v) for v in VOICES], "hours": hours,
             "hours_per_voice": {v: {s: round(h, 3) for s, h in d.items()}
                                 for v, d in sorted(per_voice.items())},
             "utterances": {s: len(m) for s, m in manifests.items()}, "dropped": dropped,
             "options": {"train_hours": train_hours, "eval_verses": eval_verses,
-                        "max_seconds": MAX_SECONDS}}
+                        "max_seconds": MAX_SECONDS, "vocab_size": vocab_size}}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     for split in manifests:
         log(f"{split:>6}: {len(manifests[split]):>6} utterances, {hours[split]:.2f} h")

@@ -1,5 +1,6 @@
 """Search over the model contract of ``encdec.models.base``: greedy, beam and sampling; and
-Mask-Predict for non-autoregressive models (``method: nat``)."""
+Mask-Predict for non-autoregressive models (``method: nat``); CTC best path (``method: ctc``)
+and joint CTC/attention beam search (``ctc_weight``) for models with a CTC head."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import torch
 
 from encdec.config import DecodeConfig
 from encdec.decoding.beam import beam_search
+from encdec.decoding.ctc import ctc_best_path
 from encdec.data.vocab import PAD
 from encdec.decoding.greedy import Hypothesis, greedy, max_lengths, sample
 from encdec.decoding.nat import mask_predict
 
-
-def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention: bool = False,
+def generate(model, source, cfg: DecodeConfig, need_attention: bool = False,
              generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-    """Hypotheses per input (best first) with the method and settings of ``cfg``."""
+    """Hypotheses per input (best first) with the method and settings of ``cfg``. ``source``
+    is the model's input batch: a (B, S) token tensor or a dict (``encode_source``)."""
+    if cfg.method == "ctc":
+        return ctc_best_path(model, source, need_attention)
     if cfg.method == "nat":
+        src_tokens = source
         # Each input's own length bound, a * len(src) + b, not the padded batch width's.
         longest = max_lengths(src_tokens.ne(PAD), cfg.max_len_a, cfg.max_len_b)  # (B,)
         return mask_predict(model, src_tokens, iterations=cfg.iterations,
@@ -23,13 +28,15 @@ def generate(model, src_tokens: torch.Tensor, cfg: DecodeConfig, need_attention:
                             nbest=cfg.nbest, max_len=longest,
                             need_attention=need_attention, early_exit=cfg.early_exit)
     limits = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, need_attention=need_attention)
-    if cfg.method == "greedy" or (cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1):
-        return greedy(model, src_tokens, **limits)
+    one_beam = cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1
+    if cfg.method == "greedy" or (one_beam and cfg.ctc_weight == 0):
+        return greedy(model, source, **limits)
     if cfg.method == "beam":
-        return beam_search(model, src_tokens, beam_size=cfg.beam_size, nbest=cfg.nbest,
-                           length_penalty=cfg.length_penalty, **limits)
-    return sample(model, src_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        return beam_search(model, source, beam_size=cfg.beam_size, nbest=cfg.nbest,
+                           length_penalty=cfg.length_penalty,
+                           ctc_weight=cfg.ctc_weight if cfg.ctc_weight > 0 else None, **limits)
+    return sample(model, source, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, nbest=cfg.nbest, generator=generator, **limits)
 
 
-__all__ = ["Hypothesis", "beam_search", "generate", "greedy", "mask_predict", "sample"]
+__all__ = ["Hypothesis", "beam_search", "ctc_best_path", "generate", "greedy", "mask_predict", "sample"]

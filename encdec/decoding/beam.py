@@ -5,6 +5,9 @@ Per step, each input's ``beam_size`` rows are extended by every token; of the be
 are finished (score normalized by length ** length_penalty), and the best ``beam_size``
 others stay alive. An input is done when it has ``beam_size`` finished hypotheses; done inputs
 leave the batch so the remaining ones decode faster.
+
+With ``ctc_weight`` (a model whose encoder has a CTC head), the candidates' scores are joint
+CTC/attention scores (``JointCTC``); the selection below does not change.
 """
 
 from __future__ import annotations
@@ -12,17 +15,29 @@ from __future__ import annotations
 import torch
 
 from encdec.data.vocab import BOS, EOS
+from encdec.decoding.ctc import JointCTC
 from encdec.decoding.greedy import Hypothesis, max_lengths, never_emit
+from encdec.models.base import encode_source
 
 
 @torch.inference_mode()
-def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int = 1,
+def beam_search(model, source, beam_size: int = 5, nbest: int = 1,
                 length_penalty: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10,
-                need_attention: bool = False) -> list[list[Hypothesis]]:
+                need_attention: bool = False, ctc_weight: float | None = None,
+                ctc_pre_beam: int = 0) -> list[list[Hypothesis]]:
+    """``source``: the model's inputs (``encode_source``). ``ctc_weight`` (None: attention
+    only) joins the CTC prefix scores of ``EncoderOut.ctc_log_probs``; each row then scores
+    ``ctc_pre_beam`` candidates (0: 2 * beam_size + 30)."""
     K = beam_size
-    device = src_tokens.device
-    encoder_out = model.encode(src_tokens)
-    B = src_tokens.size(0)
+    encoder_out = encode_source(model, source)
+    device = encoder_out.memory.device
+    B = encoder_out.memory.size(0)
+    ctc = None
+    if ctc_weight is not None:
+        if encoder_out.ctc_log_probs is None:
+            raise ValueError("joint CTC/attention decoding needs a model with a CTC head")
+        ctc = JointCTC(encoder_out.ctc_log_probs, encoder_out.memory_mask, ctc_weight,
+                       ctc_pre_beam or 2 * K + 30)
     limit = max_lengths(encoder_out.memory_mask, max_len_a, max_len_b).to(device)  # (B,)
     # The first step decodes one row per input (all beams would be the same BOS row); the
     # state widens to K rows per input when the first K tokens are chosen.
@@ -40,6 +55,8 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
         Ba = alive.numel()
         log_probs, weights = model.decode_step(prev, state, need_attention)  # (Ba*width, V)
         log_probs = never_emit(log_probs)
+        if ctc is not None:
+            log_probs = ctc.combine(log_probs)
         V = log_probs.size(-1)
         at_limit = limit[alive] <= t + 1  # (Ba,)
         if bool(at_limit.any()):
@@ -95,6 +112,8 @@ def beam_search(model, src_tokens: torch.Tensor, beam_size: int = 5, nbest: int 
         if attn_hist is not None:
             attn_hist = attn_hist.index_select(0, rows)
         state = model.reorder_state(state, rows, K)
+        if ctc is not None:
+            ctc.advance(rows, next_tok.view(-1))
         width = K
         prev = next_tok.view(-1)
         t += 1

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from encdec.data.vocab import EOS, PAD
+from encdec.decoding.greedy import Hypothesis
+from encdec.models.base import encode_source
 
 NEG_INF = float("-inf")
 
@@ -34,6 +36,25 @@ def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = PAD)
         keep[1:] = path[1:] != path[:-1]
         out.append([int(t) for t in path[keep] if int(t) != blank])
     return out
+
+
+@torch.inference_mode()
+def ctc_best_path(model, source, need_attention: bool = False,
+                  blank: int = PAD) -> list[list[Hypothesis]]:
+    """CTC greedy decoding (the speech NAT: one pass, all positions at once). The score is the
+    best path's log-probability; ``attention`` (asked for alignments) is the per-position
+    posterior of each output token, (len(tokens) + 1, S), its last row the blank's."""
+    encoder_out = encode_source(model, source)
+    lp = encoder_out.ctc_log_probs  # (B, S, V)
+    if lp is None:
+        raise ValueError("decode.method=ctc needs a model with a CTC head")
+    lengths = encoder_out.memory_mask.sum(dim=1)
+    best = lp.max(dim=-1).values.masked_fill(~encoder_out.memory_mask, 0.0).sum(dim=1)  # (B,)
+    hyps = []
+    for b, tokens in enumerate(ctc_greedy(lp, lengths, blank)):
+        attn = lp[b, :, tokens + [blank]].exp().T.float().cpu() if need_attention else None
+        hyps.append([Hypothesis(tokens, float(best[b]), attn)])
+    return hyps
 
 
 @dataclass
@@ -104,3 +125,52 @@ class CTCPrefixScorer:
         column ``cols`` (M,) of ``candidates`` (N, K)."""
         token = candidates[rows, cols]
         return CTCState(r[rows, cols], psi[rows, cols], token, state.rows[rows])
+
+
+class JointCTC:
+    """Beam search's CTC partner: turns the decoder's next-token log-probabilities into joint
+    scores (1 - w) * log p_att(c | h) + w * (psi(h + c) - psi(h)), so a hypothesis' total is
+    (1 - w) * log p_att(h) + w * log p_ctc-prefix(h), and follows the beams' reordering.
+
+    Prefix scores cost T operations per candidate, so each row scores only ``pre_beam``
+    candidates, chosen by (1 - w) * log p_att(c | h) + w * log max_t p_ctc(c | frame t) (the
+    second term: whether c is likely anywhere in the input), plus EOS. With ``pre_beam`` at
+    least twice the beam and w = 0 this keeps every candidate beam search could pick, so the
+    result equals attention-only beam search.
+    """
+
+    def __init__(self, ctc_log_probs: torch.Tensor, memory_mask: torch.Tensor, weight: float,
+                 pre_beam: int):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"CTC weight {weight} must be in [0, 1]")
+        lengths = memory_mask.sum(dim=1)
+        self.prefix = CTCPrefixScorer(ctc_log_probs, lengths)
+        self.weight = weight
+        self.pre_beam = min(pre_beam, ctc_log_probs.size(-1))
+        self.prior = self.prefix.log_probs.max(dim=1).values  # (B, V) best frame per token
+        self.state = self.prefix.initial_state(torch.arange(ctc_log_probs.size(0),
+                                                            device=ctc_log_probs.device))
+        self._pending = None
+
+    def combine(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Joint scores (N, V) of extending each row by each token (-inf outside the
+        candidates) from the decoder's (N, V) log-probabilities (-inf: never emit)."""
+        w = self.weight
+        allowed = log_probs.isfinite()
+        att = log_probs.masked_fill(~allowed, 0.0)
+        pre = (1.0 - w) * att + w * self.prior[self.state.rows]
+        pre = pre.masked_fill(~allowed, NEG_INF)
+        pre[:, self.prefix.eos] = float("inf")  # EOS is always a candidate
+        candidates = pre.topk(self.pre_beam, dim=1).indices  # (N, P)
+        psi, r = self.prefix.score(self.state, candidates)  # (N, P), (N, P, T, 2)
+        joint = (1.0 - w) * att.gather(1, candidates) + w * (psi - self.state.psi[:, None])
+        joint = joint.masked_fill(~allowed.gather(1, candidates), NEG_INF)
+        self._pending = (psi, r, candidates)
+        return torch.full_like(log_probs, NEG_INF).scatter(1, candidates, joint)
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Keep row ``rows[i]`` extended by ``tokens[i]`` as the new row i."""
+        psi, r, candidates = self._pending
+        cols = (candidates[rows] == tokens[:, None]).int().argmax(dim=1)
+        self.state = self.prefix.advance(self.state, psi, r, rows, cols, candidates)
+        self._pending = None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from encdec.data.vocab import BOS, EOS, PAD
+from encdec.models.base import encode_source
 
 
 @dataclass
@@ -30,9 +31,9 @@ def max_lengths(memory_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _rowwise(model, src_tokens, choose, max_len_a, max_len_b, need_attention):
-    encoder_out = model.encode(src_tokens)
-    B = src_tokens.size(0)
+def _rowwise(model, source, choose, max_len_a, max_len_b, need_attention):
+    encoder_out = encode_source(model, source)
+    B = encoder_out.memory.size(0)
     limit = max_lengths(encoder_out.memory_mask, max_len_a, max_len_b)  # (B,)
     steps = int(limit.max())
     state = model.init_state(encoder_out, 1)
@@ -41,7 +42,7 @@ def _rowwise(model, src_tokens, choose, max_len_a, max_len_b, need_attention):
     lengths = torch.full((B,), steps, dtype=torch.long)
     attn = [[] for _ in range(B)] if need_attention else None
     alive = torch.arange(B)  # original index of each row still decoding
-    prev = torch.full((B,), BOS, dtype=torch.long, device=src_tokens.device)
+    prev = torch.full((B,), BOS, dtype=torch.long, device=encoder_out.memory.device)
     for t in range(steps):
         log_probs, weights = model.decode_step(prev, state, need_attention)  # (N, V)
         log_probs = never_emit(log_probs)
@@ -74,9 +75,10 @@ def _rowwise(model, src_tokens, choose, max_len_a, max_len_b, need_attention):
     return hyps
 
 
-def greedy(model, src_tokens: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+def greedy(model, source, max_len_a: float = 1.5, max_len_b: int = 10,
            need_attention: bool = False) -> list[list[Hypothesis]]:
-    hyps = _rowwise(model, src_tokens, lambda lp: lp.argmax(dim=-1), max_len_a, max_len_b,
+    """``source``: the model's inputs, a (B, S) token tensor or a dict (``encode_source``)."""
+    hyps = _rowwise(model, source, lambda lp: lp.argmax(dim=-1), max_len_a, max_len_b,
                     need_attention)
     return [[h] for h in hyps]
 
@@ -97,7 +99,7 @@ def filter_logits(log_probs: torch.Tensor, temperature: float, top_k: int, top_p
     return logits
 
 
-def sample(model, src_tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+def sample(model, source, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, nbest: int = 1, max_len_a: float = 1.5, max_len_b: int = 10,
            need_attention: bool = False, generator: torch.Generator | None = None):
     """``nbest`` independent samples per input, each scored by the model's log-probability."""
@@ -106,7 +108,11 @@ def sample(model, src_tokens: torch.Tensor, temperature: float = 1.0, top_k: int
         probs = filter_logits(log_probs, temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    src = src_tokens.repeat_interleave(nbest, dim=0) if nbest > 1 else src_tokens
+    if isinstance(source, dict):
+        src = {k: v.repeat_interleave(nbest, dim=0) for k, v in source.items()}
+        B = next(iter(source.values())).size(0)
+    else:
+        src, B = source.repeat_interleave(nbest, dim=0), source.size(0)
     hyps = _rowwise(model, src, choose, max_len_a, max_len_b, need_attention)
-    grouped = [hyps[i * nbest:(i + 1) * nbest] for i in range(src_tokens.size(0))]
+    grouped = [hyps[i * nbest:(i + 1) * nbest] for i in range(B)]
     return [sorted(g, key=lambda h: -h.score) for g in grouped]

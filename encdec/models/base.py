@@ -3,7 +3,9 @@
 Search (``encdec.decoding``) only ever calls these four methods, so any model family that
 implements them (Transformer, recurrent, speech) gets greedy, beam and sampling for free:
 
-* ``encode(src_tokens) -> EncoderOut``
+* ``encode(**source) -> EncoderOut``: ``source`` is what the model's front reads, named for
+  what it is: ``{"src_tokens": (B, S)}`` for text, ``{"src_feats": (B, T, F), "src_lengths":
+  (B,)}`` for speech. Search passes it through without looking inside (``encode_source``).
 * ``init_state(encoder_out, group_size) -> DecoderState``: state for ``B * group_size`` rows,
   rows ``g*group_size .. (g+1)*group_size-1`` all decoding input ``g`` (beam search uses
   ``group_size = beam_size``; greedy and sampling use 1).
@@ -15,6 +17,9 @@ implements them (Transformer, recurrent, speech) gets greedy, beam and sampling 
   input and widens to ``beam_size`` after the first step). Rows of one group must come from a
   single input (beam reordering within an input, or dropping whole finished inputs), which
   lets the model share per-input tensors such as the projected encoder output.
+
+Dimensions: B inputs, S encoder positions, T target tokens (or feature frames at the input),
+F feature bins, K beam size, N = B * K decoder rows, V target vocabulary, d model width.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 class EncoderOut:
     memory: torch.Tensor  # (B, S, d) encoder output
     memory_mask: torch.Tensor  # (B, S) bool, True at real (non-pad) source positions
+    ctc_log_probs: torch.Tensor | None = None  # (B, S, V) from a CTC head, when the model has one
 
 
 @dataclass
@@ -36,3 +42,15 @@ class DecoderState:
     memory_mask: torch.Tensor  # (B_groups, S) bool
     step: int = 0  # tokens consumed so far (the next position)
     layers: list = field(default_factory=list)  # model-specific per-layer caches
+
+
+def encode_source(model, source) -> EncoderOut:
+    """``model.encode`` on a batch of inputs: a (B, S) token tensor, or a dict of named inputs."""
+    return model.encode(**source) if isinstance(source, dict) else model.encode(source)
+
+
+def source_to(source, device):
+    """The same inputs on ``device``."""
+    if isinstance(source, dict):
+        return {k: v.to(device) for k, v in source.items()}
+    return source.to(device)

@@ -1,7 +1,8 @@
 """Multi-head attention on top of ``F.scaled_dot_product_attention`` with a key/value cache.
 
 Projections live here; the kernel is PyTorch's, so the fastest implementation for the device
-(flash / memory-efficient / CPU flash) is chosen for us.
+(flash / memory-efficient / CPU flash) is chosen for us. Self-attention can rotate queries and
+keys by position first (``rotary``, see ``encdec/nn/rotary.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from encdec.nn.rotary import Rotary
 
 
 class MultiHeadAttention(nn.Module):
@@ -40,14 +43,19 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: dict | None = None, need_weights: bool = False):
+                cache: dict | None = None, need_weights: bool = False,
+                rotary: Rotary | None = None):
         """x: (B, T, d). attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend.
 
         ``cache`` (decoding): for self-attention, keys/values of earlier steps are appended to
         ``cache["k"]``/``cache["v"]``; for cross-attention they hold the projected memory.
-        Returns (output (B, T, d), weights (B, nh, T, S) or None).
+        ``rotary`` (self-attention only): rotate q and k by their positions, which continue
+        after the cached steps. Returns (output (B, T, d), weights (B, nh, T, S) or None).
         """
         B, T, d = x.shape
+        if self.cross and rotary is not None:
+            raise ValueError("rotary positions apply to self-attention only; memory positions "
+                             "are not comparable with query positions")
         if self.cross:
             q = self._heads(self.q_proj(x))
             if cache is not None and "k" in cache:
@@ -58,6 +66,10 @@ class MultiHeadAttention(nn.Module):
                     cache["k"], cache["v"] = k, v
         else:
             q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+            if rotary is not None:
+                # cached keys were rotated when they were new, so only x's positions are rotated
+                offset = cache["k"].size(2) if cache is not None and "k" in cache else 0
+                q, k = rotary.rotate(q, offset), rotary.rotate(k, offset)  # (B, nh, T, hd)
             if cache is not None:
                 if "k" in cache:
                     k = torch.cat([cache["k"], k], dim=2)  # (B, nh, t_past + T, hd)

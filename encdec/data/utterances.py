@@ -1,0 +1,232 @@
+"""Speech splits for training and the audio front shared with decoding: manifests -> batches
+of normalized log-mel frames with their lengths, and the transcripts' token ids.
+
+A speech data directory (``encdec prepare bible-speech``, or a user's audio list) holds, besides
+the manifests and audio (see ``encdec.data.speech``)::
+
+    spm.tgt.model  tgt.vocab            target tokenizer and vocabulary (trained on train text)
+    SPLIT.tgt.tokens.npy / .offsets.npy  transcript ids, memory-mapped, one row per manifest line
+    feats.stats.safetensors              per-bin feature sums for global mean/variance normalization
+
+Features are computed from the FLAC audio when a batch is built: a 10 s utterance costs about
+a millisecond to decode and featurize, far below its training step, and the waveform is where
+speed perturbation and additive noise belong (Ko et al., 2015). Augmentation draws from a
+generator seeded by (seed, epoch, batch, process), so a resumed run sees the same batches.
+
+Dimensions: B utterances, N samples, T frames, F feature bins.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encdec.audio.features import FbankOptions, LogMel, num_frames
+from encdec.audio.normalize import FeatureStats
+from encdec.audio.specaugment import SpecAugment
+from encdec.data.corpus import DataError
+from encdec.data.dataset import teacher_forcing
+
+STATS_FILE = "feats.stats.safetensors"
+
+
+def read_manifest(data_dir: str | Path, split: str) -> list[dict]:
+    path = Path(data_dir) / f"{split}.manifest.jsonl"
+    if not path.exists():
+        raise DataError(f"{data_dir}: split {split!r} is missing ({path.name})")
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line)
+                entry["audio"], entry["duration"], entry["text"]  # noqa: B018 - required keys
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{lineno}: not a manifest line with audio, duration and "
+                                f"text ({err})") from None
+            entries.append(entry)
+    return entries
+
+
+class AudioFront:
+    """Waveforms -> normalized log-mel features, the same for training and decoding."""
+
+    def __init__(self, stats: FeatureStats, opts: FbankOptions = FbankOptions()):
+        self.opts = opts
+        self.log_mel = LogMel(opts).eval()
+        self.stats = stats
+
+    @property
+    def sample_rate(self) -> int:
+        return self.opts.sample_rate
+
+    def __call__(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) features (zero past each row's end) and (B,) frame counts of mono
+        [-1, 1] waveforms at ``sample_rate``."""
+        lengths = torch.tensor([w.numel() for w in waves])
+        batch = torch.zeros(len(waves), int(lengths.max()))
+        for b, w in enumerate(waves):
+            batch[b, : w.numel()] = w
+        with torch.no_grad():
+            feats, frames = self.log_mel(batch * 32768.0, lengths)  # Kaldi's 16-bit range
+            feats = self.stats.normalize(feats)
+        real = torch.arange(feats.size(1))[None, :] < frames[:, None]
+        return feats.masked_fill(~real[..., None], 0.0), frames
+
+    @classmethod
+    def load(cls, directory: str | Path, meta: dict) -> "AudioFront":
+        path = Path(directory) / STATS_FILE
+        if not path.exists():
+            raise DataError(f"{directory}: no feature statistics ({STATS_FILE}); prepare the "
+                            "speech data again with this version of encdec")
+        opts = FbankOptions(sample_rate=meta["sample_rate"], num_mel_bins=meta["feature_bins"])
+        return cls(FeatureStats.load(path), opts)
+
+
+class Augmenter:
+    """Training-time augmentation: speed perturbation and additive noise on the waveform,
+    SpecAugment on the features (``AugmentConfig``)."""
+
+    def __init__(self, cfg, sample_rate: int):
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.spec = SpecAugment(cfg.freq_masks, cfg.freq_width, cfg.time_masks, cfg.time_width,
+                                cfg.time_ratio).train()
+
+    def wave(self, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        speed = float(rng.choice(self.cfg.speed_perturb))
+        if speed != 1.0:
+            # Played `speed` times faster: tempo and pitch change together, as in Ko et al.
+            import soxr
+
+            samples = soxr.resample(samples, round(self.sample_rate * speed),
+                                    self.sample_rate, quality="HQ").astype(np.float32)
+        if rng.random() < self.cfg.noise_prob:
+            samples = samples + self._noise(samples, rng)
+        return samples
+
+    def _noise(self, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """White or pink (1/f power) noise scaled to an SNR drawn from ``snr_db``."""
+        noise = rng.standard_normal(samples.size).astype(np.float32)
+        if rng.random() < 0.5:
+            spectrum = np.fft.rfft(noise)
+            spectrum /= np.sqrt(np.maximum(np.arange(spectrum.size), 1.0))
+            noise = np.fft.irfft(spectrum, n=samples.size).astype(np.float32)
+        low, high = self.cfg.snr_db
+        snr = rng.uniform(low, high)
+        signal_power = float(np.mean(samples ** 2)) + 1e-10
+        noise_power = float(np.mean(noise ** 2)) + 1e-10
+        return noise * np.float32(np.sqrt(signal_power / (noise_power * 10 ** (snr / 10))))
+
+
+class UtteranceSplit:
+    """One split of a speech data directory: manifest entries, frame counts for batching and
+    the transcripts' token ids (memory-mapped)."""
+
+    def __init__(self, data_dir: str | Path, split: str, sample_rate: int = 16000):
+        self.dir = Path(data_dir)
+        self.entries = read_manifest(data_dir, split)
+        try:
+            self.tgt_tokens = np.load(self.dir / f"{split}.tgt.tokens.npy", mmap_mode="r")
+            self.tgt_offsets = np.load(self.dir / f"{split}.tgt.offsets.npy")
+        except FileNotFoundError as err:
+            raise DataError(f"{data_dir}: split {split!r} has no transcript ids "
+                            f"({Path(err.filename).name}); prepare the data again") from None
+        if len(self.tgt_offsets) != len(self.entries) + 1:
+            raise DataError(f"{data_dir}: {split}.manifest.jsonl and {split}.tgt.offsets.npy "
+                            "disagree on the number of utterances; prepare the data again")
+        self.tgt_lens = np.diff(self.tgt_offsets)
+        opts = FbankOptions(sample_rate=sample_rate)
+        self.frames = np.array([num_frames(round(e["duration"] * sample_rate), opts)
+                                for e in self.entries], dtype=np.int64)
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def tgt(self, i: int) -> np.ndarray:
+        return self.tgt_tokens[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]
+
+    def audio_path(self, i: int) -> Path:
+        return self.dir / self.entries[i]["audio"]
+
+    def samples(self, i: int) -> np.ndarray:
+        from encdec.audio.io import read_audio
+
+        return read_audio(self.audio_path(i), self.sample_rate).numpy()
+
+
+@dataclass
+class SpeechBatch:
+    src_feats: torch.Tensor  # (B, T, F) normalized log-mel frames, zero-padded
+    src_lengths: torch.Tensor  # (B,) frames per utterance
+    tgt_in: torch.Tensor  # (B, T') BOS + transcript
+    tgt_out: torch.Tensor  # (B, T') transcript + EOS, PAD-padded
+    num_tgt_tokens: int  # non-pad target tokens (including EOS)
+
+    def to(self, device) -> "SpeechBatch":
+        return SpeechBatch(self.src_feats.to(device, non_blocking=True),
+                           self.src_lengths.to(device, non_blocking=True),
+                           self.tgt_in.to(device, non_blocking=True),
+                           self.tgt_out.to(device, non_blocking=True), self.num_tgt_tokens)
+
+
+def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront,
+                   augment: Augmenter | None = None, seed: tuple = (0,)) -> SpeechBatch:
+    """A batch of utterances ``indices``; ``augment`` (training) draws from ``seed``."""
+    rng = np.random.default_rng(list(seed))
+    waves = []
+    for i in indices:
+        samples = split.samples(int(i))
+        if augment is not None:
+            samples = augment.wave(samples, rng)
+        waves.append(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)))
+    feats, lengths = front(waves)
+    if augment is not None:
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        feats = augment.spec(feats, lengths, generator=generator)
+    tgts = [split.tgt(int(i)) for i in indices]
+    ntok = int(sum(len(t) for t in tgts)) + len(indices)
+    return SpeechBatch(feats, lengths, *teacher_forcing(tgts), ntok)
+
+
+def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, vocab_size: int = 256,
+                      spm_type: str = "unigram", stats_utterances: int = 2000,
+                      sample_rate: int = 16000, num_mel_bins: int = 80, log=print) -> dict:
+    """Target tokenizer and vocabulary (from the train transcripts), transcript ids per split
+    and feature statistics (from up to ``stats_utterances`` train utterances, spread over the
+    split); returns the meta entries they add."""
+    from collections import Counter
+
+    from encdec.audio.io import read_audio
+    from encdec.data.prepare import _write_binarized
+    from encdec.data.tokenizers import SentencePieceTokenizer
+    from encdec.data.vocab import Vocab
+
+    out = Path(out)
+    train = manifests.get("train") or []
+    if not train:
+        raise DataError(f"{out}: no training utterances")
+    tokenizer = SentencePieceTokenizer.train([e["text"] for e in train], out / "spm.tgt",
+                                             vocab_size, spm_type)
+    pieces = {s: [tokenizer.encode(e["text"]) for e in m] for s, m in manifests.items()}
+    vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
+    vocab.save(out / "tgt.vocab")
+    for split, rows in pieces.items():
+        _write_binarized(out, split, "tgt", [vocab.encode(r) for r in rows])
+    stats = FeatureStats(num_mel_bins)
+    log_mel = LogMel(FbankOptions(sample_rate=sample_rate, num_mel_bins=num_mel_bins))
+    step = max(1, len(train) // stats_utterances)
+    for entry in train[::step][:stats_utterances]:
+        samples = read_audio(out / entry["audio"], sample_rate)
+        feats, frames = log_mel(samples[None] * 32768.0)
+        stats.add(feats[0, : int(frames[0])])
+    stats.save(out / STATS_FILE)
+    log(f"targets: {len(vocab)} tokens ({spm_type} SentencePiece); feature statistics from "
+        f"{stats.count} frames")
+    return {"metric": "asr", "feature_bins": num_mel_bins, "src_tokenizer": None,
+            "tgt_tokenizer": tokenizer.spec(), "src_vocab_size": 0, "tgt_vocab_size": len(vocab),
+            "max_len": 0}
