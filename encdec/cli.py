@@ -48,6 +48,17 @@ def _prepare(args) -> None:
                             "or --train SRC TGT for parallel line files)")
         if not args.out:
             raise DataError("--out DIR is required for a user corpus")
+        from encdec.data.utterances import is_audio_list, prepare_audio_list
+
+        if len(args.train) == 1 and is_audio_list(args.train[0]):
+            lists = {"train": args.train[0]}
+            if args.dev or args.test:
+                if not (args.dev and args.test):
+                    raise DataError("give both --dev and --test, or neither")
+                lists.update(dev=args.dev[0], test=args.test[0])
+            prepare_audio_list(args.out, lists, vocab_size=args.vocab_size or 256,
+                               tokenizer=args.tgt_tokenizer or "sentencepiece", force=args.force)
+            return
         out = Path(args.out)
         check_replaceable(out, args.force)
         splits = {"train": read_pairs(*args.train)}
@@ -189,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("recipe", nargs="?", help="built-in recipe, e.g. g2p-cmudict")
     pr.add_argument("--out", help="data directory to write (default data/RECIPE)")
     pr.add_argument("--train", nargs="+", metavar="FILE",
-                    help="training pairs: FILE.tsv, FILE.jsonl, or SRC TGT parallel line files")
+                    help="training pairs: FILE.tsv, FILE.jsonl, or SRC TGT parallel line files; "
+                         "or speech: a .tsv of AUDIO_PATH<TAB>TRANSCRIPT lines or a .jsonl of "
+                         '{"audio": ..., "text": ...} objects')
     pr.add_argument("--dev", nargs="+", metavar="FILE", help="dev pairs (same forms as --train)")
     pr.add_argument("--test", nargs="+", metavar="FILE", help="test pairs (same forms as --train)")
     pr.add_argument("--src-tokenizer", default="sentencepiece",

@@ -6,6 +6,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -84,5 +85,76 @@ def write_config(path: Path, data_dir: Path, run_dir: Path, **train) -> Path:
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     cfg = write_config(root / "tiny.yaml", tiny_data, root / "run", max_steps=600)
+    assert main(["train", str(cfg)]) == 0
+    return root / "run"
+
+
+# ---- speech: tone "words" (each letter a 60 ms tone of its own pitch) --------------------
+TONES = {ch: 300.0 * 1.25 ** i for i, ch in enumerate("abcdef")}
+TINY_SPEECH_MODEL = {"arch": "speech", "d_model": 32, "n_heads": 2, "enc_layers": 2,
+                     "dec_layers": 1, "ffn_dim": 64, "dropout": 0.0, "front_channels": 8,
+                     "ctc_weight": 0.3}
+
+
+def tone_word(word: str, rate: int = 16000, letter_s: float = 0.06) -> np.ndarray:
+    """A word spoken as tones: each letter a tone (with a short gap), padded with silence."""
+    t = np.arange(int(rate * letter_s)) / rate
+    parts = [np.zeros(int(rate * 0.05), dtype=np.float32)]
+    for ch in word:
+        tone = 0.3 * np.sin(2 * np.pi * TONES[ch] * t) * np.hanning(t.size)
+        parts += [tone.astype(np.float32), np.zeros(int(rate * 0.02), dtype=np.float32)]
+    parts.append(np.zeros(int(rate * 0.05), dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def write_tone_list(folder: Path, name: str, n: int, seed: int) -> Path:
+    """n tone words as WAV files and their list NAME.tsv (relative paths)."""
+    import soundfile
+
+    rng = random.Random(seed)
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(2, 5)))
+        rel = f"{name}/{i:03d}.wav"
+        soundfile.write(str(folder / rel), tone_word(word), 16000)
+        lines.append(f"{rel}\t{' '.join(word)}\n")
+    path = folder / f"{name}.tsv"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_speech")
+    lists = [write_tone_list(root, s, n, seed) for s, n, seed in
+             (("train", 160, 1), ("dev", 12, 2), ("test", 12, 3))]
+    out = root / "data"
+    assert main(["prepare", "--train", str(lists[0]), "--dev", str(lists[1]), "--test",
+                 str(lists[2]), "--out", str(out), "--tgt-tokenizer", "whitespace"]) == 0
+    return out
+
+
+def write_speech_config(path: Path, data_dir: Path, run_dir: Path, model=None, **train) -> Path:
+    cfg = {
+        "data": {"dir": str(data_dir)},
+        "model": {**TINY_SPEECH_MODEL, **(model or {})},
+        "train": {"run_dir": str(run_dir), "max_frames": 1500, "lr": 3e-3, "warmup_steps": 10,
+                  "valid_every": 100, "log_every": 10, "max_steps": 60, "num_threads": 1,
+                  **train},
+        "augment": {"speed_perturb": [0.9, 1.0, 1.1], "noise_prob": 0.5, "freq_width": 10,
+                    "time_width": 5},
+        "decode": {"beam_size": 3, "ctc_weight": 0.3, "max_len_a": 1.0, "max_len_b": 3},
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_run(tiny_speech_data, tmp_path_factory) -> Path:
+    """A tiny joint CTC/attention recognizer of tone words, trained enough to read them."""
+    root = tmp_path_factory.mktemp("speech_run")
+    cfg = write_speech_config(root / "tiny.yaml", tiny_speech_data, root / "run", max_steps=300,
+                              valid_every=150)
     assert main(["train", str(cfg)]) == 0
     return root / "run"

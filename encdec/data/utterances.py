@@ -194,8 +194,9 @@ def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront
 
 
 def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, vocab_size: int = 256,
-                      spm_type: str = "unigram", stats_utterances: int = 2000,
-                      sample_rate: int = 16000, num_mel_bins: int = 80, log=print) -> dict:
+                      spm_type: str = "unigram", tokenizer: str = "sentencepiece",
+                      stats_utterances: int = 2000, sample_rate: int = 16000,
+                      num_mel_bins: int = 80, log=print) -> dict:
     """Target tokenizer and vocabulary (from the train transcripts), transcript ids per split
     and feature statistics (from up to ``stats_utterances`` train utterances, spread over the
     split); returns the meta entries they add."""
@@ -210,8 +211,13 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
     train = manifests.get("train") or []
     if not train:
         raise DataError(f"{out}: no training utterances")
-    tokenizer = SentencePieceTokenizer.train([e["text"] for e in train], out / "spm.tgt",
-                                             vocab_size, spm_type)
+    if tokenizer == "sentencepiece":
+        tokenizer = SentencePieceTokenizer.train([e["text"] for e in train], out / "spm.tgt",
+                                                 vocab_size, spm_type)
+    else:
+        from encdec.data.tokenizers import tokenizer_from_spec
+
+        tokenizer = tokenizer_from_spec({"kind": tokenizer}, out)
     pieces = {s: [tokenizer.encode(e["text"]) for e in m] for s, m in manifests.items()}
     vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
     vocab.save(out / "tgt.vocab")
@@ -225,8 +231,113 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
         feats, frames = log_mel(samples[None] * 32768.0)
         stats.add(feats[0, : int(frames[0])])
     stats.save(out / STATS_FILE)
-    log(f"targets: {len(vocab)} tokens ({spm_type} SentencePiece); feature statistics from "
+    log(f"targets: {len(vocab)} tokens ({tokenizer.kind}); feature statistics from "
         f"{stats.count} frames")
     return {"metric": "asr", "feature_bins": num_mel_bins, "src_tokenizer": None,
             "tgt_tokenizer": tokenizer.spec(), "src_vocab_size": 0, "tgt_vocab_size": len(vocab),
             "max_len": 0}
+
+
+AUDIO_LIST_HELP = ("an audio list: a .tsv with lines AUDIO_PATH<TAB>TRANSCRIPT, or a .jsonl with "
+                   'objects {"audio": PATH, "text": TRANSCRIPT} (optional "group", "voice"); '
+                   "relative paths are read from the list's folder")
+
+
+def is_audio_list(path: str | Path) -> bool:
+    """Whether a --train file lists audio (first field an audio file name, or "audio" key)."""
+    from encdec.transcribe import AUDIO_SUFFIXES
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if str(path).lower().endswith((".jsonl", ".json")):
+        try:
+            return "audio" in json.loads(first)
+        except (ValueError, TypeError):
+            return False
+    return first.split("\t")[0].strip().lower().endswith(AUDIO_SUFFIXES)
+
+
+def read_audio_list(path: str | Path) -> list[dict]:
+    """Manifest entries (absolute audio path, duration, text) of an audio list; a line whose
+    audio is missing or unreadable stops with its file and line number."""
+    import soundfile
+
+    from encdec.data.corpus import read_lines
+
+    path = Path(path)
+    entries = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() in (".jsonl", ".json"):
+            try:
+                obj = json.loads(line)
+                audio, text = obj["audio"], obj["text"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path}:{lineno}: expected an object with \"audio\" and "
+                                "\"text\"") from None
+        else:
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise DataError(f"{path}:{lineno}: expected AUDIO_PATH<TAB>TRANSCRIPT, found "
+                                f"{len(fields)} fields")
+            obj, (audio, text) = {}, fields
+        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+        try:
+            duration = soundfile.info(str(audio_path)).duration
+        except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
+            raise DataError(f"{path}:{lineno}: cannot read audio {audio_path} ({err})") from None
+        entries.append({"id": f"{path.stem}-{lineno}", "audio": str(audio_path.resolve()),
+                        "duration": round(duration, 3), "text": " ".join(str(text).split()),
+                        "voice": obj.get("voice", ""), "group": obj.get("group", "all")})
+    return entries
+
+
+def prepare_audio_list(out: str | Path, lists: dict[str, str], *, vocab_size: int = 256,
+                       tokenizer: str = "sentencepiece", force: bool = False, log=print) -> dict:
+    """A speech data directory from a user's audio lists (``lists``: split -> file; without
+    dev and test, 5% each are split off train by a hash of the audio path)."""
+    from encdec.data.prepare import check_replaceable, new_tmp_dir, swap_into_place
+    from encdec.data.recipes import hash_split
+    from encdec.files import atomic_write_text
+
+    out = Path(out)
+    check_replaceable(out, force)
+    manifests = {split: read_audio_list(p) for split, p in lists.items()}
+    if set(manifests) == {"train"}:
+        split = {"train": [], "dev": [], "test": []}
+        for e in manifests["train"]:
+            split[hash_split(e["audio"])].append(e)
+        manifests = split
+    for split, entries in manifests.items():
+        empty = [e for e in entries if not e["text"]]
+        if empty:
+            log(f"{split}: dropped {len(empty)} utterances with an empty transcript")
+        manifests[split] = [e for e in entries if e["text"]]
+        if not manifests[split]:
+            raise DataError(f"no {split} utterances (give --dev and --test lists, or more "
+                            "training audio)")
+    tmp = new_tmp_dir(out)
+    try:
+        for split, entries in manifests.items():
+            atomic_write_text(tmp / f"{split}.manifest.jsonl",
+                              "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        targets = finish_speech_dir(tmp, manifests, vocab_size=vocab_size, tokenizer=tokenizer,
+                                    log=log)
+        hours = {s: round(sum(e["duration"] for e in m) / 3600, 3) for s, m in manifests.items()}
+        meta = {"format": 1, "name": "custom", "modality": "speech", "sample_rate": 16000,
+                **targets, "hours": hours, "utterances": {s: len(m) for s, m in manifests.items()},
+                "options": {"vocab_size": vocab_size, "tokenizer": tokenizer}}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        swap_into_place(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for split, m in manifests.items():
+        log(f"{split:>6}: {len(m):>6} utterances, {hours[split]:.2f} h")
+    return meta

@@ -158,12 +158,16 @@ class JointCTC:
         w = self.weight
         allowed = log_probs.isfinite()
         att = log_probs.masked_fill(~allowed, 0.0)
-        pre = (1.0 - w) * att + w * self.prior[self.state.rows]
+        pre = (1.0 - w) * att + (w * self.prior[self.state.rows] if w > 0 else 0.0)
         pre = pre.masked_fill(~allowed, NEG_INF)
         pre[:, self.prefix.eos] = float("inf")  # EOS is always a candidate
         candidates = pre.topk(self.pre_beam, dim=1).indices  # (N, P)
         psi, r = self.prefix.score(self.state, candidates)  # (N, P), (N, P, T, 2)
-        joint = (1.0 - w) * att.gather(1, candidates) + w * (psi - self.state.psi[:, None])
+        # psi - psi(h) is nan where both are -inf (an impossible prefix): impossible, -inf.
+        gain = torch.nan_to_num(psi - self.state.psi[:, None], nan=NEG_INF)
+        joint = (1.0 - w) * att.gather(1, candidates)
+        if w > 0:  # (0 * -inf would be nan)
+            joint = joint + w * gain
         joint = joint.masked_fill(~allowed.gather(1, candidates), NEG_INF)
         self._pending = (psi, r, candidates)
         return torch.full_like(log_probs, NEG_INF).scatter(1, candidates, joint)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encdec.config import ModelConfig
+from encdec.data.vocab import BOS, EOS
 from encdec.models.base import DecoderState, EncoderOut
 from encdec.models.transformer import DecoderLayer, EncoderLayer, TransformerSeq2Seq
 from encdec.nn.layers import Embedding, Positions
@@ -55,6 +56,7 @@ class SpeechTransformer(TransformerSeq2Seq):
             self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
             self.enc_norm = make_norm(cfg.norm_type, d) if cfg.norm == "pre" else None
         self.ctc = nn.Linear(d, tgt_vocab_size) if cfg.ctc_weight > 0 else None
+        self._not_labels = torch.tensor([BOS, EOS])
         self.has_decoder = cfg.ctc_weight < 1.0
         self.tgt_vocab_size = tgt_vocab_size
         if self.has_decoder:
@@ -97,7 +99,10 @@ class SpeechTransformer(TransformerSeq2Seq):
             x = self.enc_norm(x, memory_mask)
         ctc = None
         if self.ctc is not None:
-            ctc = F.log_softmax(self.ctc(x).float(), dim=-1)  # (B, S, V)
+            # <s> and </s> are never CTC labels (blank is <pad>): rule them out of the head,
+            # with a finite floor (-inf makes the CTC loss's gradient nan).
+            logits = self.ctc(x).float().index_fill(-1, self._not_labels.to(x.device), -1e4)
+            ctc = F.log_softmax(logits, dim=-1)  # (B, S, V)
         return EncoderOut(x, memory_mask, ctc)
 
     def forward(self, src_feats: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor):

@@ -1,0 +1,194 @@
+"""Speech recognition end to end and by equivalence: joint CTC/attention beam search against
+attention-only beam (weight 0) and against exact CTC probabilities (weight 1), batched against
+one at a time, resume against uninterrupted training, and prepare -> train -> evaluate ->
+transcribe through the CLI on tone words (each letter a tone; see conftest)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_SPEECH_MODEL, tone_word, write_speech_config
+from encdec.cli import main
+from encdec.config import Config, ConfigError, ModelConfig
+from encdec.data.vocab import EOS, PAD
+from encdec.decoding import beam_search, ctc_best_path, greedy
+from encdec.models import build_model
+
+
+def _model(ctc_weight=0.3, vocab=7, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY_SPEECH_MODEL, "ctc_weight": ctc_weight, **kw})
+    return build_model(cfg, 20, vocab).eval()
+
+
+def _source(lengths, bins=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(lengths), max(lengths), bins, generator=g)
+    for b, n in enumerate(lengths):
+        feats[b, n:] = 0.0
+    return {"src_feats": feats, "src_lengths": torch.tensor(lengths)}
+
+
+def _row(source, b):
+    n = int(source["src_lengths"][b])
+    return {"src_feats": source["src_feats"][b:b + 1, :n], "src_lengths": source["src_lengths"][b:b + 1]}
+
+
+@pytest.mark.parametrize("block", ["transformer", "conformer"])
+def test_joint_beam_with_weight_0_equals_attention_beam(block):
+    model = _model(encoder_block=block)
+    source = _source([40, 31, 23])
+    plain = beam_search(model, source, beam_size=4, nbest=4, max_len_a=0.5, max_len_b=4)
+    joint = beam_search(model, source, beam_size=4, nbest=4, max_len_a=0.5, max_len_b=4,
+                        ctc_weight=0.0)
+    for p, j in zip(plain, joint):
+        assert [h.tokens for h in p] == [h.tokens for h in j]
+        assert [h.score for h in p] == pytest.approx([h.score for h in j], abs=1e-5)
+
+
+def _ctc_log_prob(log_probs, tokens):
+    """log p_CTC(tokens | input) by PyTorch's CTC loss (sums over every alignment)."""
+    if not tokens:
+        return float(log_probs.detach()[:, PAD].sum())
+    return -float(F.ctc_loss(log_probs.detach()[:, None], torch.tensor([tokens]),
+                             torch.tensor([log_probs.size(0)]), torch.tensor([len(tokens)]),
+                             blank=PAD, reduction="sum"))
+
+
+def test_joint_beam_with_weight_1_is_ctc_prefix_beam_search():
+    """A CTC-only model: every finished hypothesis scores exactly log p_CTC(y), and the best
+    is the most probable output among all sequences (brute force over a 3-token vocabulary)."""
+    model = _model(ctc_weight=1.0, vocab=7)  # outputs 3 (<unk>), 4, 5, 6
+    source = _source([27, 23])  # 5 and 4 encoder positions
+    hyps = beam_search(model, source, beam_size=12, nbest=12, length_penalty=0.0,
+                       max_len_a=1.0, max_len_b=3, ctc_weight=1.0)
+    lp = model.encode(**source).ctc_log_probs
+    for b in range(2):
+        S = int(model.front.output_lengths(source["src_lengths"])[b])
+        row = lp[b, :S]
+        for h in hyps[b]:
+            assert h.score == pytest.approx(_ctc_log_prob(row, h.tokens), abs=1e-4)
+        every = [list(y) for n in range(S + 1) for y in itertools.product((3, 4, 5, 6), repeat=n)]
+        best = max(every, key=lambda y: _ctc_log_prob(row, y))
+        assert hyps[b][0].tokens == best
+
+
+def test_batched_decoding_equals_one_at_a_time():
+    model = _model()
+    source = _source([44, 19, 30])
+    cases = [lambda s: beam_search(model, s, beam_size=3, max_len_a=0.5, max_len_b=3,
+                                   ctc_weight=0.4),
+             lambda s: ctc_best_path(model, s), lambda s: greedy(model, s, 0.5, 3)]
+    for decode in cases:
+        batched = decode(source)
+        for b in range(3):
+            alone = decode(_row(source, b))
+            assert batched[b][0].tokens == alone[0][0].tokens
+            assert batched[b][0].score == pytest.approx(alone[0][0].score, abs=1e-4)
+
+
+def test_ctc_best_path_scores_its_path_and_shows_the_alignment():
+    model = _model()
+    source = _source([35])
+    (hyp,), = ctc_best_path(model, source, need_attention=True)
+    with torch.no_grad():
+        lp = model.encode(**source).ctc_log_probs[0]
+    assert hyp.score == pytest.approx(float(lp.max(-1).values.sum()), abs=1e-4)
+    assert hyp.attention.shape == (len(hyp.tokens) + 1, lp.size(0))
+    assert EOS not in hyp.tokens and PAD not in hyp.tokens
+
+
+def test_config_refuses_what_cannot_work():
+    with pytest.raises(ConfigError, match="decode.method=ctc"):
+        Config.from_dict({"decode": {"method": "ctc"}})
+    with pytest.raises(ConfigError, match="no attention decoder"):
+        Config.from_dict({"model": {"arch": "speech", "ctc_weight": 1.0},
+                          "decode": {"method": "greedy"}})
+    with pytest.raises(ConfigError, match="model.subsampling"):
+        Config.from_dict({"model": {"arch": "speech", "subsampling": 3}})
+    with pytest.raises(ConfigError, match="augment.snr_db"):
+        Config.from_dict({"augment": {"snr_db": [20, 10]}})
+
+
+def test_text_arch_on_speech_data_is_refused(tiny_speech_data, tmp_path, capsys):
+    cfg = write_speech_config(tmp_path / "c.yaml", tiny_speech_data, tmp_path / "run",
+                              model={"arch": "transformer"})
+    assert main(["train", str(cfg), "decode.ctc_weight=0"]) == 2
+    assert "model.arch=speech for audio inputs" in capsys.readouterr().err
+
+
+def test_resumed_training_equals_uninterrupted(tiny_speech_data, tmp_path):
+    """Augmentation (speed, noise, SpecAugment) is drawn per batch from the saved position, so
+    stopping after 6 steps and resuming gives the weights of 12 steps in one go."""
+    from safetensors.torch import load_file
+
+    one = write_speech_config(tmp_path / "one.yaml", tiny_speech_data, tmp_path / "one",
+                              max_steps=12, valid_every=6, model={"dropout": 0.1})
+    two = write_speech_config(tmp_path / "two.yaml", tiny_speech_data, tmp_path / "two",
+                              max_steps=6, valid_every=6, model={"dropout": 0.1})
+    assert main(["train", str(one)]) == 0
+    assert main(["train", str(two)]) == 0
+    assert main(["train", str(tmp_path / "two"), "--resume", "train.max_steps=12"]) == 0
+    a = load_file(str(tmp_path / "one/checkpoints/step-0000012/model.safetensors"))
+    b = load_file(str(tmp_path / "two/checkpoints/step-0000012/model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_prepare_train_evaluate_transcribe(tiny_speech_run, tiny_speech_data, tmp_path, capsys):
+    meta = json.loads((tiny_speech_data / "meta.json").read_text())
+    assert meta["modality"] == "speech" and meta["utterances"]["train"] == 160
+    # evaluate: WER and CER per group, joint beam and CTC best path
+    for args in ([], ["--method", "ctc"], ["--beam", "3", "--ctc-weight", "0.5"]):
+        assert main(["evaluate", str(tiny_speech_run), "--split", "test", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WER") >= 6 and "real-time factor" in out
+    result = json.loads((tiny_speech_run / "eval" / "test-ctc.json").read_text())
+    assert result["scores"]["wer"] < 60, result["scores"]  # trained: untrained is ~100 or more
+    assert set(result["groups"]) == {"all"} and result["real_time_factor"] > 0
+    # transcribe: files and a directory; an unreadable file is reported, the rest transcribed
+    words = ["abc", "fed", "ace"]
+    for i, w in enumerate(words):
+        soundfile.write(str(tmp_path / f"{i}.wav"), tone_word(w), 16000)
+    (tmp_path / "bad.wav").write_text("not audio")
+    code = main(["transcribe", str(tiny_speech_run), str(tmp_path / "0.wav"), str(tmp_path / "bad.wav"),
+                 str(tmp_path / "1.wav"), "--no-progress", "--method", "ctc"])
+    captured = capsys.readouterr()
+    assert code == 2 and "bad.wav: not an audio file" in captured.err
+    assert "real-time factor" in captured.err
+    lines = captured.out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / "0.wav"), str(tmp_path / "1.wav")]
+    (tmp_path / "bad.wav").unlink()
+    assert main(["transcribe", str(tiny_speech_run), str(tmp_path), "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_python_api_takes_paths_and_arrays_at_any_rate(tiny_speech_run, tmp_path):
+    import soxr
+
+    from encdec.transcribe import Transcriber
+
+    tr = Transcriber.from_run(tiny_speech_run)
+    wave = tone_word("bad")
+    soundfile.write(str(tmp_path / "a.wav"), wave, 16000)
+    at_8k = soxr.resample(wave, 16000, 8000)
+    stereo_48k = np.stack([soxr.resample(wave, 16000, 48000)] * 2, axis=1)
+    texts = tr.transcribe([str(tmp_path / "a.wav"), (wave, 16000), (at_8k, 8000),
+                           (stereo_48k, 48000)], method="ctc")
+    assert texts[0] == texts[1]  # a file and its samples are the same input
+    assert all(isinstance(t, str) for t in texts)
+    with pytest.raises(Exception, match="NaN or infinite"):
+        tr.transcribe([(np.full(16000, np.nan, dtype=np.float32), 16000)])
+    # long audio is decoded in segments and joined
+    long = np.concatenate([tone_word("abcdef")] * 40)  # about 29 s
+    tr.max_segment_s = 10.0
+    warnings = []
+    nbest = tr.transcribe_nbest([(long, 16000)], method="ctc",
+                                warn=lambda i, m: warnings.append(m))
+    assert warnings and "segments" in warnings[0] and nbest[0][0].text
