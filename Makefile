@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MINUTES ?= 15
 NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
-.PHONY: setup sysdeps demo test bible bench clean
+.PHONY: setup sysdeps demo test bible asr bench clean
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,17 @@ bible: $(VENV)/.installed sysdeps
 	rm -rf runs/bible-en-es-small
 	$(VENV)/bin/encdec train configs/bible-en-es-small.yaml train.max_minutes=$(BIBLE_MINUTES)
 	$(VENV)/bin/encdec evaluate runs/bible-en-es-small --split test --beam 5
+
+# Speech recognition: synthesize bible-speech (10 h of training audio; continued if it was
+# stopped, kept once done), train the CPU preset for ASR_MINUTES, evaluate on the test chapters
+# (seen and unseen voices) and the real recordings with joint CTC/attention beam 10.
+ASR_MINUTES ?= 60
+asr: $(VENV)/.installed sysdeps
+	$(VENV)/bin/encdec prepare bible-speech
+	rm -rf runs/asr-small
+	$(VENV)/bin/encdec train configs/asr-small.yaml train.max_minutes=$(ASR_MINUTES)
+	$(VENV)/bin/encdec evaluate runs/asr-small --split test
+	$(VENV)/bin/encdec evaluate runs/asr-small --split real
 
 # Benchmarks (README "Benchmarks"): GEMM peak and FLOPs per token/word, training throughput,
 # and decoding speed of BENCH_RUN, which is trained first (g2p-small for BENCH_MINUTES of wall

@@ -9,4 +9,8 @@ def __getattr__(name):
         from encdec.translate import Translator
 
         return Translator
+    if name == "Transcriber":
+        from encdec.transcribe import Transcriber
+
+        return Transcriber
     raise AttributeError(name)

@@ -20,8 +20,14 @@ def _prepare(args) -> None:
     if args.recipe == "bible-speech":
         from encdec.data.speech import prepare_speech
 
-        prepare_speech(args.out or "data/bible-speech", train_hours=args.hours or 10.0,
-                       vocab_size=args.vocab_size or 256)
+        out = Path(args.out or "data/bible-speech")
+        hours, vocab_size = args.hours or 10.0, args.vocab_size or 256
+        if (out / "meta.json").exists() and not args.force:
+            options = load_meta(out).get("options", {})
+            if options.get("train_hours") == hours and options.get("vocab_size") == vocab_size:
+                print(f"{out}: already prepared (bible-speech); --force to redo")
+                return
+        prepare_speech(out, train_hours=hours, vocab_size=vocab_size)
         return
     if args.hours is not None:
         raise DataError("--hours is an option of the bible-speech recipe")
