@@ -148,6 +148,9 @@ class ServeConfig:
     rate_burst: int = 20  # requests a client may send at once before rate_limit applies (429)
     rate_hold_s: float = 1.0  # a 429 is held up to this long (slows retry loops); 0 = at once
     docs: bool = False  # /docs and /redoc; off because their pages load scripts from a CDN
+    # speech runs (POST /v1/transcribe): an upload's body and its audio (more: 413)
+    max_audio_bytes: int = 20_000_000  # 60 s of 16 kHz 16-bit WAV is 1.9 MB; 48 kHz stereo 11.5 MB
+    max_audio_seconds: float = 60.0
 
 
 @dataclass
@@ -316,7 +319,8 @@ def validate(cfg: Config) -> None:
         "decode.iterations": d.iterations, "decode.length_beam": d.length_beam,
         "decode.length_scale": d.length_scale, "model.length_offset": m.length_offset,
         "train.max_frames": t.max_frames, "model.conv_kernel": m.conv_kernel,
-        "model.front_channels": m.front_channels,
+        "model.front_channels": m.front_channels, "serve.max_audio_bytes": sv.max_audio_bytes,
+        "serve.max_audio_seconds": sv.max_audio_seconds,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -22,7 +22,8 @@ def _join(parts: list[Translation]) -> Translation:
 
 def decode_audio(model, waves: list[torch.Tensor], *, front, tgt_tokenizer, tgt_vocab,
                  cfg: DecodeConfig, device="cpu", need_attention: bool = False,
-                 max_segment_s: float = 0.0, progress=None, warn=None) -> list[list[Translation]]:
+                 max_segment_s: float = 0.0, max_batch_s: float = 200.0, progress=None,
+                 warn=None) -> list[list[Translation]]:
     """For each (N,) mono waveform at ``front.sample_rate``, its n-best transcripts.
 
     Audio longer than ``max_segment_s`` (0: no limit) is cut at quiet points into segments
@@ -48,11 +49,19 @@ def decode_audio(model, waves: list[torch.Tensor], *, front, tgt_tokenizer, tgt_
     pending: dict[int, int] = {}
     for i, _ in segments:
         pending[i] = pending.get(i, 0) + 1
+    # Batches of at most cfg.batch_size inputs and max_batch_s seconds of padded audio: the
+    # conv front's activations grow with the audio, not the number of inputs.
+    chunks, budget = [], max_batch_s * rate
+    for k in order:
+        if chunks and len(chunks[-1]) < cfg.batch_size and \
+                (len(chunks[-1]) + 1) * segments[chunks[-1][0]][1].numel() <= budget:
+            chunks[-1].append(k)
+        else:
+            chunks.append([k])
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start:start + cfg.batch_size]
+        for chunk in chunks:
             feats, lengths = front([segments[k][1] for k in chunk])
             source = {"src_feats": feats.to(device), "src_lengths": lengths.to(device)}
             hyps = generate(model, source, cfg, need_attention=need_attention)
