@@ -38,22 +38,44 @@ def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = PAD)
     return out
 
 
+def _path_segments(path: list[int], blank: int) -> list[tuple[int, int, int]]:
+    """(label, first frame, end frame) of each label the best path emits."""
+    segments = []
+    for t, label in enumerate(path):
+        if label == blank:
+            continue
+        if t > 0 and path[t - 1] == label:
+            segments[-1] = (label, segments[-1][1], t + 1)
+        else:
+            segments.append((label, t, t + 1))
+    return segments
+
+
 @torch.inference_mode()
 def ctc_best_path(model, source, need_attention: bool = False,
                   blank: int = PAD) -> list[list[Hypothesis]]:
     """CTC greedy decoding (the speech NAT: one pass, all positions at once). The score is the
-    best path's log-probability; ``attention`` (asked for alignments) is the per-position
-    posterior of each output token, (len(tokens) + 1, S), its last row the blank's."""
+    best path's log-probability. ``attention`` (asked for alignments), (len(tokens) + 1, S): row
+    k is token k's posterior over the positions where the best path emits it (zero elsewhere,
+    so a repeated token has its own row), the last row the blank's posterior."""
     encoder_out = encode_source(model, source)
     lp = encoder_out.ctc_log_probs  # (B, S, V)
     if lp is None:
         raise ValueError("decode.method=ctc needs a model with a CTC head")
-    lengths = encoder_out.memory_mask.sum(dim=1)
-    best = lp.max(dim=-1).values.masked_fill(~encoder_out.memory_mask, 0.0).sum(dim=1)  # (B,)
+    lengths = encoder_out.memory_mask.sum(dim=1).tolist()
+    best_lp, best = lp.max(dim=-1)  # (B, S)
+    scores = best_lp.masked_fill(~encoder_out.memory_mask, 0.0).sum(dim=1).tolist()
+    best = best.cpu()
     hyps = []
-    for b, tokens in enumerate(ctc_greedy(lp, lengths, blank)):
-        attn = lp[b, :, tokens + [blank]].exp().T.float().cpu() if need_attention else None
-        hyps.append([Hypothesis(tokens, float(best[b]), attn)])
+    for b in range(lp.size(0)):
+        segments = _path_segments(best[b, : lengths[b]].tolist(), blank)
+        attn = None
+        if need_attention:
+            attn = torch.zeros(len(segments) + 1, lp.size(1))
+            for k, (label, start, end) in enumerate(segments):
+                attn[k, start:end] = lp[b, start:end, label].exp().float().cpu()
+            attn[-1] = lp[b, :, blank].exp().float().cpu()
+        hyps.append([Hypothesis([label for label, _, _ in segments], scores[b], attn)])
     return hyps
 
 
