@@ -59,12 +59,14 @@ bible: $(VENV)/.installed sysdeps
 # stopped, kept once done), train the CPU preset for ASR_MINUTES, evaluate on the test chapters
 # (seen and unseen voices) and the real recordings with joint CTC/attention beam 10.
 ASR_MINUTES ?= 60
+ASR_CONFIG ?= configs/asr-small.yaml
+ASR_RUN ?= runs/$(basename $(notdir $(ASR_CONFIG)))
 asr: $(VENV)/.installed sysdeps
 	$(VENV)/bin/encdec prepare bible-speech
-	rm -rf runs/asr-small
-	$(VENV)/bin/encdec train configs/asr-small.yaml train.max_minutes=$(ASR_MINUTES)
-	$(VENV)/bin/encdec evaluate runs/asr-small --split test
-	$(VENV)/bin/encdec evaluate runs/asr-small --split real
+	rm -rf $(ASR_RUN)
+	$(VENV)/bin/encdec train $(ASR_CONFIG) train.run_dir=$(ASR_RUN) train.max_minutes=$(ASR_MINUTES)
+	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split test
+	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split real
 
 # Benchmarks (README "Benchmarks"): GEMM peak and FLOPs per token/word, training throughput,
 # and decoding speed of BENCH_RUN, which is trained first (g2p-small for BENCH_MINUTES of wall
