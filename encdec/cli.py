@@ -23,8 +23,10 @@ def _prepare(args) -> None:
         out = Path(args.out or "data/bible-speech")
         hours, vocab_size = args.hours or 10.0, args.vocab_size or 256
         if (out / "meta.json").exists() and not args.force:
-            options = load_meta(out).get("options", {})
-            if options.get("train_hours") == hours and options.get("vocab_size") == vocab_size:
+            meta = load_meta(out)
+            options = meta.get("options", {})
+            if options.get("train_hours") == hours and options.get("vocab_size") == vocab_size \
+                    and meta.get("energy_floor"):  # earlier versions: features without a floor
                 print(f"{out}: already prepared (bible-speech); --force to redo")
                 return
         prepare_speech(out, train_hours=hours, vocab_size=vocab_size)

@@ -176,7 +176,7 @@ def test_python_api_takes_paths_and_arrays_at_any_rate(tiny_speech_run, tmp_path
 
     tr = Transcriber.from_run(tiny_speech_run)
     wave = tone_word("bad")
-    soundfile.write(str(tmp_path / "a.wav"), wave, 16000)
+    soundfile.write(str(tmp_path / "a.wav"), wave, 16000, subtype="FLOAT")  # same samples
     at_8k = soxr.resample(wave, 16000, 8000)
     stereo_48k = np.stack([soxr.resample(wave, 16000, 48000)] * 2, axis=1)
     texts = tr.transcribe([str(tmp_path / "a.wav"), (wave, 16000), (at_8k, 8000),
@@ -186,9 +186,37 @@ def test_python_api_takes_paths_and_arrays_at_any_rate(tiny_speech_run, tmp_path
     with pytest.raises(Exception, match="NaN or infinite"):
         tr.transcribe([(np.full(16000, np.nan, dtype=np.float32), 16000)])
     # long audio is decoded in segments and joined
-    long = np.concatenate([tone_word("abcdef")] * 40)  # about 29 s
+    long = np.concatenate([tone_word(w) for w in ["abc", "fed", "bead", "cafe"] * 10])  # 15 s
     tr.max_segment_s = 10.0
     warnings = []
     nbest = tr.transcribe_nbest([(long, 16000)], method="ctc",
                                 warn=lambda i, m: warnings.append(m))
-    assert warnings and "segments" in warnings[0] and nbest[0][0].text
+    assert warnings and "segments" in warnings[0]
+    from encdec.audio.io import split_long
+
+    pieces = [torch.from_numpy(long)[a:b].numpy() for a, b in split_long(torch.from_numpy(long),
+                                                                         16000, 10.0)]
+    assert len(pieces) >= 2
+    alone = tr.transcribe([(p, 16000) for p in pieces], method="ctc")
+    assert nbest[0][0].text == " ".join(t for t in alone if t)
+
+
+def test_energy_floor_is_what_dither_adds_on_average():
+    """Digital silence gets the mean energy Kaldi's dither of 1.0 gives it (per band, within
+    0.25 in log energy over one second of dithered frames), not log(float epsilon) = -15.9;
+    loud bands keep their energy."""
+    from encdec.audio.features import FbankOptions, LogMel
+    from encdec.data.utterances import AudioFront
+
+    front = AudioFront(None)
+    silence, _ = front.log_mel_energies([torch.zeros(16000)])
+    torch.manual_seed(3)
+    dithered, _ = LogMel(FbankOptions(dither=1.0)).train()(torch.zeros(1, 16000))
+    assert (silence[0] - dithered[0].exp().mean(0).log()).abs().max() < 0.25
+    raw, _ = front.log_mel(torch.zeros(1, 16000))
+    assert raw.min() < -15 and silence.min() > -5
+    tone = torch.from_numpy(tone_word("abc"))
+    floored, _ = front.log_mel_energies([tone])
+    plain, _ = front.log_mel(tone[None] * 32768.0)
+    loud = plain > 15
+    assert loud.any() and (floored[loud] - plain[loud]).abs().max() < 1e-3
