@@ -33,10 +33,15 @@ def _prepare(args) -> None:
         return
     if args.hours is not None:
         raise DataError("--hours is an option of the bible-speech recipe")
+    if args.speech_dir is not None and args.recipe != "bible-speech-es":
+        raise DataError("--speech-dir is an option of the bible-speech-es recipe")
+    if args.recipe == "bible-speech-es":
+        _prepare_speech_translation(args)
+        return
     if args.recipe:
         if args.recipe not in RECIPES:
             raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: "
-                            f"{', '.join(RECIPES)}, bible-speech")
+                            f"{', '.join(RECIPES)}, bible-speech, bible-speech-es")
         recipe = RECIPES[args.recipe]
         options = {k: given[k] if given[k] is not None else recipe.options.get(k, defaults[k])
                    for k in defaults}
@@ -64,9 +69,16 @@ def _prepare(args) -> None:
                 if not (args.dev and args.test):
                     raise DataError("give both --dev and --test, or neither")
                 lists.update(dev=args.dev[0], test=args.test[0])
+            if args.metric not in (None, "asr", "text"):
+                raise DataError(f"--metric {args.metric}: audio lists are scored with asr "
+                                "(WER/CER) or text (BLEU/chrF)")
             prepare_audio_list(args.out, lists, vocab_size=args.vocab_size or 256,
-                               tokenizer=args.tgt_tokenizer or "sentencepiece", force=args.force)
+                               tokenizer=args.tgt_tokenizer or "sentencepiece",
+                               metric=args.metric, force=args.force)
             return
+        if args.metric == "asr":
+            raise DataError("--metric asr scores speech recognition: give an audio list "
+                            "(--train LIST.tsv|.jsonl), or use --metric text or g2p")
         out = Path(args.out)
         check_replaceable(out, args.force)
         splits = {"train": read_pairs(*args.train)}
@@ -80,11 +92,30 @@ def _prepare(args) -> None:
             splits = split_by_hash(splits["train"])
         src_spec = {"kind": args.src_tokenizer, "lowercase": args.lowercase}
         tgt_spec = {"kind": args.tgt_tokenizer or args.src_tokenizer, "lowercase": args.lowercase}
-        corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric, group_refs=args.group_refs,
+        corpus = Corpus(splits, src_spec, tgt_spec, metric=args.metric or "text",
+                        group_refs=args.group_refs,
                         split_by_hash=not args.dev)
         name = "custom"
         options = {k: given[k] if given[k] is not None else defaults[k] for k in defaults}
     prepare(corpus, out, name=name, options=options, force=args.force, **options)
+
+
+def _prepare_speech_translation(args) -> None:
+    from encdec.data.prepare import load_meta
+    from encdec.data.speech import prepare_speech_translation
+
+    out = Path(args.out or "data/bible-speech-es")
+    speech_dir = Path(args.speech_dir or "data/bible-speech")
+    vocab_size = args.vocab_size or 4000
+    if (out / "meta.json").exists() and not args.force and (speech_dir / "meta.json").exists():
+        meta = load_meta(out)
+        options = meta.get("options", {})
+        if meta.get("name") == "bible-speech-es" and options.get("vocab_size") == vocab_size \
+                and options.get("speech_dir") == str(speech_dir) and \
+                options.get("speech_utterances") == load_meta(speech_dir).get("utterances"):
+            print(f"{out}: already prepared (bible-speech-es from {speech_dir}); --force to redo")
+            return
+    prepare_speech_translation(out, speech_dir, vocab_size=vocab_size, force=args.force)
 
 
 def _train(args) -> None:
@@ -121,12 +152,15 @@ def _evaluate(args) -> None:
         how = f"nat, {d['iterations']} iteration(s), length beam {d['length_beam']}"
         how += ", every pass" if not d["early_exit"] and d["iterations"] > 1 else ""
     how += f", reranked by {result['rerank']}" if result["rerank"] else ""
-    if result["metric"] == "asr":
-        groups = result["groups"]
-        line = f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%" + "".join(
-            f"\n  {g:<7} {v['n']:>5} utt  WER {v['wer']:6.2f}%  CER {v['cer']:6.2f}%"
-            for g, v in groups.items()) + (f"\n  real-time factor {result['real_time_factor']:.4f}"
-                                           f" on {result['threads']} threads")
+    if "groups" in result:  # speech: overall, per voice group, real-time factor
+        metric = result["metric"]
+        line = _speech_scores(metric, s) + "".join(
+            f"\n  {g:<7} {v['n']:>5} utt  {_speech_scores(metric, v, 6)}"
+            for g, v in result["groups"].items())
+        if metric == "text":
+            line += f"\n  {s['bleu_signature']}\n  {s['chrf_signature']}"
+        line += (f"\n  real-time factor {result['real_time_factor']:.4f} on "
+                 f"{result['threads']} threads")
         print(f"{result['split']} ({result['inputs']} utterances, {how}, checkpoint "
               f"{result['checkpoint']}): {line}\n  -> {result['written_to']}")
         return
@@ -137,6 +171,13 @@ def _evaluate(args) -> None:
     print(f"{result['split']} ({result['inputs']} inputs, {how}, checkpoint {result['checkpoint']}): "
           f"{line}  exact match {s['exact_match']:.2f}%  "
           f"[{result['inputs_per_s']:.0f} inputs/s] -> {result['written_to']}")
+
+
+def _speech_scores(metric: str, scores: dict, width: int = 0) -> str:
+    """WER/CER (recognition) or BLEU/chrF (translation) of a speech evaluation."""
+    if metric == "asr":
+        return f"WER {scores['wer']:{width}.2f}%  CER {scores['cer']:{width}.2f}%"
+    return f"BLEU {scores['bleu']:{width}.2f}  chrF {scores['chrf']:{width}.2f}"
 
 
 def _translate(args) -> None:
@@ -210,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--train", nargs="+", metavar="FILE",
                     help="training pairs: FILE.tsv, FILE.jsonl, or SRC TGT parallel line files; "
                          "or speech: a .tsv of AUDIO_PATH<TAB>TRANSCRIPT lines or a .jsonl of "
-                         '{"audio": ..., "text": ...} objects')
+                         '{"audio": ..., "text": ...} objects; speech translation: '
+                         "AUDIO_PATH<TAB>TRANSLATION<TAB>TRANSCRIPT lines or objects with a "
+                         '"transcript" (the source language)')
     pr.add_argument("--dev", nargs="+", metavar="FILE", help="dev pairs (same forms as --train)")
     pr.add_argument("--test", nargs="+", metavar="FILE", help="test pairs (same forms as --train)")
     pr.add_argument("--src-tokenizer", default="sentencepiece",
@@ -225,12 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the recipe's, else separate)")
     pr.add_argument("--lowercase", action="store_true")
     pr.add_argument("--max-len", type=int, help="drop pairs longer than this many tokens (default 256)")
-    pr.add_argument("--metric", default="text", choices=["text", "g2p"])
+    pr.add_argument("--metric", choices=["text", "g2p", "asr"],
+                    help="text: BLEU/chrF (the default for text corpora and audio lists with "
+                         "transcripts); g2p: word/phoneme error rates; asr: WER/CER (the "
+                         "default for audio lists)")
     pr.add_argument("--group-refs", action="store_true",
                     help="score against all targets of the same source (multi-reference)")
     pr.add_argument("--hours", type=float,
                     help="bible-speech: hours of training audio to synthesize (default 10); "
                          "a killed or smaller earlier run is continued")
+    pr.add_argument("--speech-dir", metavar="DIR",
+                    help="bible-speech-es: the bible-speech directory whose audio it uses "
+                         "(default data/bible-speech)")
     pr.add_argument("--force", action="store_true",
                     help="prepare a recipe again; replace an --out directory that is not an "
                          "encdec data directory")

@@ -57,6 +57,10 @@ class ModelConfig:
     # Weight of the CTC loss on the encoder (the rest is the attention decoder's): 0 = no CTC
     # head, 1 = CTC only (no decoder is built; decode with method ctc or ctc_weight 1).
     ctc_weight: float = 0.3
+    # Speech translation: weight of an auxiliary CTC loss on the encoder over the source-language
+    # transcripts (the data's "transcript" field, tokenized with its own vocabulary), added to the
+    # loss above; 0 = no auxiliary head. Its head is used in training only.
+    aux_ctc_weight: float = 0.0
 
 
 @dataclass
@@ -96,6 +100,12 @@ class TrainConfig:
     ss_max_prob: float = 0.25
     ss_steps: int = 2000  # linear: steps until eps reaches 0
     ss_k: float = 500.0  # exponential (use e.g. 0.999) and inverse sigmoid
+    # Start from another run's weights (speech): before the first step (not on --resume), the
+    # parameters of init_parts are copied from the best checkpoint of the run directory
+    # init_from; shapes must match. Parts: front (conv subsampler), encoder (blocks and final
+    # norm), ctc (the CTC head), decoder (target embedding, blocks, final norm, output layer).
+    init_from: str = ""
+    init_parts: tuple[str, ...] = ("encoder",)
 
 
 @dataclass
@@ -376,6 +386,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"decode.top_p={d.top_p}: must be in (0, 1]")
 
 
+INIT_PARTS = ("front", "encoder", "ctc", "decoder")  # train.init_parts: see SpeechTransformer.PARTS
+
+
 def _validate_speech(cfg: Config) -> None:
     m, d, a = cfg.model, cfg.decode, cfg.augment
     if m.subsampling not in (4, 6, 8):
@@ -385,6 +398,20 @@ def _validate_speech(cfg: Config) -> None:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}={value}: must be in [0, 1]")
     speech = m.arch == "speech"
+    if m.aux_ctc_weight < 0:
+        raise ConfigError(f"model.aux_ctc_weight={m.aux_ctc_weight}: must be >= 0 (0 = no "
+                          "auxiliary CTC head)")
+    if m.aux_ctc_weight > 0 and not speech:
+        raise ConfigError(f"model.aux_ctc_weight={m.aux_ctc_weight} needs model.arch=speech "
+                          "(an auxiliary CTC head on the speech encoder)")
+    t = cfg.train
+    unknown = [p for p in t.init_parts if p not in INIT_PARTS]
+    if unknown:
+        raise ConfigError(f"train.init_parts={list(t.init_parts)}: unknown part(s) "
+                          f"{', '.join(map(repr, unknown))}; choose from {', '.join(INIT_PARTS)}")
+    if t.init_from and not speech:
+        raise ConfigError(f"train.init_from={t.init_from!r} needs model.arch=speech (the parts "
+                          f"{', '.join(INIT_PARTS)} are a speech model's)")
     if d.method == "ctc" and not (speech and m.ctc_weight > 0):
         raise ConfigError("decode.method=ctc needs a speech model with a CTC head "
                           "(model.arch=speech, model.ctc_weight > 0)")

@@ -80,9 +80,11 @@ def _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit, d
 def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "best",
                     data_dir: str | None = None, device: str = "cpu", limit: int = 0,
                     **decode_overrides) -> dict:
-    """WER and CER of a speech run on a split, overall and per voice group (seen, unseen,
-    real), with the real-time factor of decoding (audio loading excluded)."""
-    from encdec.data.utterances import read_manifest
+    """Scores of a speech run on a split, overall and per voice group (seen, unseen, real), by
+    the data's metric: WER and CER for recognition ("asr"), sacreBLEU BLEU and chrF with their
+    signatures for translation ("text"); with the real-time factor of decoding (audio loading
+    excluded)."""
+    from encdec.data.utterances import audio_file, read_manifest
     from encdec.transcribe import Transcriber
 
     tr = Transcriber.from_run(run_dir, checkpoint_name, device)
@@ -91,7 +93,7 @@ def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "
     if not entries:
         raise DataError(f"{data_dir}: split {split!r} has no utterances; nothing to evaluate")
     decode_cfg = tr.decode_config(**decode_overrides)
-    waves = [tr.load(Path(data_dir) / e["audio"]) for e in entries]
+    waves = [tr.load(audio_file(data_dir, e["audio"])) for e in entries]
     audio_s = sum(w.numel() for w in waves) / tr.sample_rate
     start = time.perf_counter()
     with tqdm(total=len(entries), unit="utt", file=sys.stderr, mininterval=1.0) as bar:
@@ -104,14 +106,15 @@ def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
         groups.setdefault(e.get("group", "all"), []).append(i)
+    metric = tr.assets.meta["metric"]
     result = {
         "run": str(run_dir), "checkpoint": tr.checkpoint_dir.name, "split": split,
-        "data": str(data_dir), "metric": "asr", "decode": decode_cfg.__dict__, "rerank": None,
+        "data": str(data_dir), "metric": metric, "decode": decode_cfg.__dict__, "rerank": None,
         "inputs": len(entries), "seconds": seconds, "inputs_per_s": len(entries) / seconds,
         "audio_seconds": audio_s, "real_time_factor": seconds / max(audio_s, 1e-9),
         "threads": torch.get_num_threads(),
-        "scores": score("asr", hyps, refs),
-        "groups": {g: score("asr", [hyps[i] for i in idx], [refs[i] for i in idx])
+        "scores": score(metric, hyps, refs),
+        "groups": {g: score(metric, [hyps[i] for i in idx], [refs[i] for i in idx])
                    for g, idx in sorted(groups.items())},
     }
     return _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit,

@@ -134,7 +134,10 @@ def ctc_attention_loss(model, batch, smoothing: float):
     (w = ``model.ctc_weight``; Watanabe et al., 2017). The trainer divides by the target
     tokens, so each term is per token. The NLL returned is the attention decoder's (the CTC
     loss with w = 1). CTC targets are the tokens without EOS; blank is the padding id; an
-    utterance too short for its transcript contributes 0 (``zero_infinity``), not inf."""
+    utterance too short for its transcript contributes 0 (``zero_infinity``), not inf.
+
+    Speech translation adds ``model.aux_ctc_weight`` times the auxiliary CTC loss over the
+    source-language transcripts (``aux_ctc_loss``), summed the same way."""
     core = getattr(model, "module", model)
     w = core.cfg.ctc_weight
     hidden, encoder_out = model(batch.src_feats, batch.src_lengths, batch.tgt_in)
@@ -153,4 +156,20 @@ def ctc_attention_loss(model, batch, smoothing: float):
         loss = loss + w * ctc
         if w == 1.0:
             nll = ctc.detach()
+    if core.cfg.aux_ctc_weight > 0:
+        loss = loss + core.cfg.aux_ctc_weight * aux_ctc_loss(core, encoder_out, batch)
     return loss, nll
+
+
+def aux_ctc_loss(core, encoder_out, batch) -> torch.Tensor:
+    """CTC loss (summed over the batch) of the auxiliary head against the transcripts'
+    ids ``batch.src_text`` (B, U), PAD-padded; blank is the padding id, as for the main head."""
+    if batch.src_text is None:
+        from encdec.data.corpus import DataError
+
+        raise DataError("model.aux_ctc_weight > 0 but this batch has no transcripts: every "
+                        "split needs a transcript field (prepare the data again)")
+    log_probs = core.aux_ctc_log_probs(encoder_out)  # (B, S, V_transcript)
+    return F.ctc_loss(log_probs.transpose(0, 1), batch.src_text,  # (S, B, V)
+                      encoder_out.memory_mask.sum(dim=1), batch.src_text.ne(PAD).sum(dim=1),
+                      blank=PAD, reduction="sum", zero_infinity=True)

@@ -69,6 +69,47 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def copy_parts(model: torch.nn.Module, run_dir: str | Path, parts: tuple[str, ...]) -> int:
+    """Copy the parameters of ``parts`` (``model.PARTS`` names) from the best checkpoint of the
+    run ``run_dir`` into ``model``; returns how many tensors were copied. Exactly the model's
+    parameters under those parts' prefixes are copied, and the source must have each of them
+    with the same shape, and no others there (ConfigError names the parameter)."""
+    from encdec.data.prepare import load_meta
+
+    key = "train.init_from"
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{key}={str(run_dir)!r}: not a run directory (no config.yaml)")
+    source_cfg = Config.load(run_dir / "config.yaml")
+    source = model_for_data(source_cfg.model, load_meta(run_dir / "data"))
+    checkpoint.load_weights(source, checkpoint.resolve(run_dir, "best"))
+    # state_dict, not named_parameters: a tied output layer is there under both its names
+    src = source.state_dict()
+    prefixes = tuple(p for part in parts for p in model.PARTS[part])
+    wanted = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
+    src_names = {n for n, _ in source.named_parameters() if n.startswith(prefixes)}
+    if not wanted:
+        raise ConfigError(f"train.init_parts={list(parts)}: this model has no such parameters")
+    extra = sorted(src_names - set(wanted))
+    for name, param in wanted.items():
+        if name not in src:
+            raise ConfigError(f"{key}={str(run_dir)!r}: its model has no parameter {name} "
+                              f"(shape {tuple(param.shape)} here); compare model.* of both "
+                              "configs, or leave that part out of train.init_parts")
+        if src[name].shape != param.shape:
+            raise ConfigError(f"{key}={str(run_dir)!r}: parameter {name} has shape "
+                              f"{tuple(src[name].shape)} there but {tuple(param.shape)} here; "
+                              "the models' model.* settings differ")
+    if extra:
+        raise ConfigError(f"{key}={str(run_dir)!r}: its parameter {extra[0]} (shape "
+                          f"{tuple(src[extra[0]].shape)}) has no place in this model "
+                          f"({len(extra)} such); the models' model.* settings differ")
+    with torch.no_grad():
+        for name, param in wanted.items():
+            param.copy_(src[name])
+    return len(wanted)
+
+
 class MetricsLog:
     """metrics.jsonl in the run directory, plus TensorBoard events when tensorboard is installed."""
 
@@ -142,6 +183,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = model_for_data(cfg.model, meta).to(self.device)
+        if t.init_from and not resume:  # resumed runs have these weights in their checkpoint
+            copied = copy_parts(self.model, t.init_from, t.init_parts)
+            self.log(f"init: copied {copied} tensors ({', '.join(t.init_parts)}) from "
+                     f"{t.init_from}")
         self.optimizer = make_optimizer(self.model, t)
         self.ddp_model = self.model
         if self.dist.world_size > 1:

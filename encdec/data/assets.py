@@ -56,6 +56,7 @@ def copy_assets(data_dir: str | Path, dest: str | Path) -> None:
     data_dir, dest = Path(data_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     names = ["meta.json", "tgt.vocab"] + [p.name for p in data_dir.glob("spm.*")]
-    names += [n for n in ("src.vocab", "feats.stats.safetensors") if (data_dir / n).exists()]
+    names += [n for n in ("src.vocab", "feats.stats.safetensors", "transcript.vocab")
+              if (data_dir / n).exists()]
     for name in names:
         shutil.copyfile(data_dir / name, dest / name)

@@ -15,6 +15,11 @@ dev or test verses' "unseen" copies: the test split holds every test verse twice
 training ("seen") voice and once by a held-out ("unseen") one, so the two WERs compare the
 same sentences. Synthesis runs over both cores, writes each file under a temporary name and
 renames it, and skips files already there, so a killed prepare continues where it stopped.
+
+`bible-speech-es` (speech translation, English speech -> Spanish text) is built from a
+bible-speech directory without new audio: its manifests point at the same FLAC files
+(``../bible-speech/audio/...``), with the Spanish verse as "text" (the target) and the English
+transcript as "transcript" (for the auxiliary CTC loss); the real recordings have no Spanish.
 """
 
 from __future__ import annotations
@@ -256,4 +261,75 @@ def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verse
     for voice, d in sorted(per_voice.items()):
         log(f"  {voice:<26} " + ", ".join(f"{s} {h:.2f} h" for s, h in d.items()))
     log(f"dropped {dropped['over_max_seconds']} over {MAX_SECONDS:g} s -> {out}")
+    return meta
+
+
+ST_SPLITS = ("train", "dev", "test")  # the real recordings have no Spanish verse
+
+
+def prepare_speech_translation(out_dir: str | Path, speech_dir: str | Path = "data/bible-speech",
+                               *, vocab_size: int = 4000, transcript_vocab_size: int = 256,
+                               force: bool = False, log=print) -> dict:
+    """Build the bible-speech-es data directory ``out_dir`` from the bible-speech directory
+    ``speech_dir``: same audio, splits and groups; Spanish targets (SentencePiece unigram of
+    ``vocab_size``), English transcripts (their own unigram of ``transcript_vocab_size``),
+    BLEU/chrF as the metric; the feature statistics are the speech directory's."""
+    from encdec.data.prepare import check_replaceable, load_meta, new_tmp_dir, swap_into_place
+    from encdec.data.utterances import STATS_FILE, audio_file, finish_speech_dir, read_manifest
+
+    speech_dir, out = Path(speech_dir), Path(out_dir)
+    if not (speech_dir / "meta.json").exists():
+        raise DataError(f"{speech_dir}: no bible-speech data directory there (no meta.json); "
+                        "run `encdec prepare bible-speech` first, or give its folder with "
+                        "--speech-dir")
+    source = load_meta(speech_dir)
+    if source.get("modality") != "speech" or not (speech_dir / STATS_FILE).exists():
+        raise DataError(f"{speech_dir} is not a prepared speech data directory "
+                        f"({source.get('name', 'no name')}); run `encdec prepare bible-speech`")
+    check_replaceable(out, force)
+    manifests: dict[str, list[dict]] = {}
+    dropped = 0
+    for split in ST_SPLITS:
+        manifests[split] = []
+        for entry in read_manifest(speech_dir, split):
+            if "es" not in entry:
+                raise DataError(f"{speech_dir}/{split}.manifest.jsonl has no Spanish verses "
+                                "(\"es\"): made by an older encdec; prepare bible-speech again")
+            if not entry["es"].strip():
+                dropped += 1
+                continue
+            audio = audio_file(speech_dir, entry["audio"]).absolute()
+            fields = {k: v for k, v in entry.items() if k not in ("audio", "text", "es")}
+            manifests[split].append({**fields, "audio": os.path.relpath(audio, out.absolute()),
+                                     "text": entry["es"], "transcript": entry["text"]})
+        if not manifests[split]:
+            raise DataError(f"{speech_dir}: split {split!r} has no utterance with a Spanish verse")
+    tmp = new_tmp_dir(out)  # beside out, so the relative audio paths hold there too
+    try:
+        for split, m in manifests.items():
+            atomic_write_text(tmp / f"{split}.manifest.jsonl",
+                              "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in m))
+        targets = finish_speech_dir(tmp, manifests, vocab_size=vocab_size, metric="text",
+                                    transcript_vocab_size=transcript_vocab_size,
+                                    stats_from=speech_dir / STATS_FILE,
+                                    sample_rate=source["sample_rate"],
+                                    num_mel_bins=source["feature_bins"], log=log)
+        targets["energy_floor"] = source.get("energy_floor", False)  # the statistics' features
+        hours = {s: round(sum(e["duration"] for e in m) / 3600, 3) for s, m in manifests.items()}
+        meta = {"format": 1, "name": "bible-speech-es", "modality": "speech",
+                "sample_rate": source["sample_rate"], **targets,
+                "voices": source.get("voices", []), "hours": hours,
+                "utterances": {s: len(m) for s, m in manifests.items()},
+                "dropped": {"no_spanish": dropped},
+                "options": {"vocab_size": vocab_size, "transcript_vocab_size": transcript_vocab_size,
+                            "speech_dir": str(speech_dir),
+                            "speech_utterances": source.get("utterances")}}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for split, m in manifests.items():
+        log(f"{split:>6}: {len(m):>6} utterances, {hours[split]:.2f} h")
+    log(f"bible-speech-es: English speech of {speech_dir} -> Spanish text -> {out}")
     return meta

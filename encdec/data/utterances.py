@@ -8,6 +8,16 @@ the manifests and audio (see ``encdec.data.speech``)::
     SPLIT.tgt.tokens.npy / .offsets.npy  transcript ids, memory-mapped, one row per manifest line
     feats.stats.safetensors              per-bin feature sums for global mean/variance normalization
 
+Speech translation data (``encdec prepare bible-speech-es``, or an audio list with transcripts)
+has the translation as "text" (the target) and the source-language transcript as "transcript",
+binarized with a tokenizer of its own for the auxiliary CTC loss::
+
+    spm.transcript.model  transcript.vocab                   transcript tokenizer and vocabulary
+    SPLIT.transcript.tokens.npy / .offsets.npy               transcript ids
+
+Audio paths in a manifest are relative to its directory (``../bible-speech/audio/...`` when the
+audio is another data directory's) or absolute.
+
 Features are computed from the FLAC audio when a batch is built: a 10 s utterance costs about
 a millisecond to decode and featurize, far below its training step, and the waveform is where
 speed perturbation and additive noise belong (Ko et al., 2015). Augmentation draws from a
@@ -19,6 +29,7 @@ Dimensions: B utterances, N samples, T frames, F feature bins.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +41,16 @@ from encdec.audio.normalize import FeatureStats
 from encdec.audio.specaugment import SpecAugment
 from encdec.data.corpus import DataError
 from encdec.data.dataset import teacher_forcing
+from encdec.data.vocab import PAD
 
 STATS_FILE = "feats.stats.safetensors"
+TRANSCRIPT = "transcript"  # the manifest field and file stem of source-language transcripts
+
+
+def audio_file(data_dir: str | Path, audio: str) -> Path:
+    """The file of a manifest's ``audio`` entry: absolute, or relative to ``data_dir``. The
+    path is normalized as written (``a/b/../c`` is ``a/c``), the way ``os.path.relpath`` made it."""
+    return Path(os.path.normpath(Path(data_dir) / audio))
 
 
 def read_manifest(data_dir: str | Path, split: str) -> list[dict]:
@@ -147,8 +166,8 @@ class Augmenter:
 
 
 class UtteranceSplit:
-    """One split of a speech data directory: manifest entries, frame counts for batching and
-    the transcripts' token ids (memory-mapped)."""
+    """One split of a speech data directory: manifest entries, frame counts for batching, the
+    targets' token ids and, for speech translation data, the transcripts' (memory-mapped)."""
 
     def __init__(self, data_dir: str | Path, split: str, sample_rate: int = 16000):
         self.dir = Path(data_dir)
@@ -163,6 +182,15 @@ class UtteranceSplit:
             raise DataError(f"{data_dir}: {split}.manifest.jsonl and {split}.tgt.offsets.npy "
                             "disagree on the number of utterances; prepare the data again")
         self.tgt_lens = np.diff(self.tgt_offsets)
+        self.transcript_tokens = self.transcript_offsets = None
+        if (self.dir / f"{split}.{TRANSCRIPT}.offsets.npy").exists():
+            self.transcript_tokens = np.load(self.dir / f"{split}.{TRANSCRIPT}.tokens.npy",
+                                             mmap_mode="r")
+            self.transcript_offsets = np.load(self.dir / f"{split}.{TRANSCRIPT}.offsets.npy")
+            if len(self.transcript_offsets) != len(self.entries) + 1:
+                raise DataError(f"{data_dir}: {split}.manifest.jsonl and "
+                                f"{split}.{TRANSCRIPT}.offsets.npy disagree on the number of "
+                                "utterances; prepare the data again")
         opts = FbankOptions(sample_rate=sample_rate)
         self.frames = np.array([num_frames(round(e["duration"] * sample_rate), opts)
                                 for e in self.entries], dtype=np.int64)
@@ -174,8 +202,15 @@ class UtteranceSplit:
     def tgt(self, i: int) -> np.ndarray:
         return self.tgt_tokens[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]
 
+    @property
+    def has_transcripts(self) -> bool:
+        return self.transcript_offsets is not None
+
+    def transcript(self, i: int) -> np.ndarray:
+        return self.transcript_tokens[self.transcript_offsets[i]:self.transcript_offsets[i + 1]]
+
     def audio_path(self, i: int) -> Path:
-        return self.dir / self.entries[i]["audio"]
+        return audio_file(self.dir, self.entries[i]["audio"])
 
     def samples(self, i: int) -> np.ndarray:
         from encdec.audio.io import read_audio
@@ -190,12 +225,17 @@ class SpeechBatch:
     tgt_in: torch.Tensor  # (B, T') BOS + transcript
     tgt_out: torch.Tensor  # (B, T') transcript + EOS, PAD-padded
     num_tgt_tokens: int  # non-pad target tokens (including EOS)
+    # (B, U) source-language transcript ids, PAD-padded (no BOS/EOS), when the split has them:
+    # the auxiliary CTC loss's targets in speech translation
+    src_text: torch.Tensor | None = None
 
     def to(self, device) -> "SpeechBatch":
+        src_text = None if self.src_text is None else self.src_text.to(device, non_blocking=True)
         return SpeechBatch(self.src_feats.to(device, non_blocking=True),
                            self.src_lengths.to(device, non_blocking=True),
                            self.tgt_in.to(device, non_blocking=True),
-                           self.tgt_out.to(device, non_blocking=True), self.num_tgt_tokens)
+                           self.tgt_out.to(device, non_blocking=True), self.num_tgt_tokens,
+                           src_text)
 
 
 def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront,
@@ -214,57 +254,105 @@ def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront
         feats = augment.spec(feats, lengths, generator=generator)
     tgts = [split.tgt(int(i)) for i in indices]
     ntok = int(sum(len(t) for t in tgts)) + len(indices)
-    return SpeechBatch(feats, lengths, *teacher_forcing(tgts), ntok)
+    src_text = None
+    if split.has_transcripts:
+        rows = [split.transcript(int(i)) for i in indices]
+        src_text = torch.full((len(rows), max(1, max(len(r) for r in rows))), PAD,
+                              dtype=torch.long)  # (B, U)
+        for b, row in enumerate(rows):
+            src_text[b, : len(row)] = torch.from_numpy(row.astype(np.int64))
+    return SpeechBatch(feats, lengths, *teacher_forcing(tgts), ntok, src_text)
+
+
+def binarize_text_field(out: Path, manifests: dict[str, list[dict]], field: str, side: str, *,
+                        vocab_size: int, spm_type: str = "unigram",
+                        tokenizer: str = "sentencepiece"):
+    """Train a tokenizer (``spm.SIDE.model`` for SentencePiece) and a vocabulary (``SIDE.vocab``)
+    on the train manifest's ``field``, and write every split's ids (``SPLIT.SIDE.tokens.npy``,
+    ``.offsets.npy``); returns (tokenizer, vocab)."""
+    from collections import Counter
+
+    from encdec.data.prepare import _write_binarized
+    from encdec.data.tokenizers import SentencePieceTokenizer, tokenizer_from_spec
+    from encdec.data.vocab import Vocab
+
+    if tokenizer == "sentencepiece":
+        tokenizer = SentencePieceTokenizer.train([e[field] for e in manifests["train"]],
+                                                 out / f"spm.{side}", vocab_size, spm_type)
+    else:
+        tokenizer = tokenizer_from_spec({"kind": tokenizer}, out)
+    pieces = {s: [tokenizer.encode(e[field]) for e in m] for s, m in manifests.items()}
+    vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
+    vocab.save(out / f"{side}.vocab")
+    for split, rows in pieces.items():
+        _write_binarized(out, split, side, [vocab.encode(r) for r in rows])
+    return tokenizer, vocab
+
+
+def _has_transcripts(out: Path, manifests: dict[str, list[dict]]) -> bool:
+    """Whether the utterances carry transcripts: all of them, or none (else DataError)."""
+    have = [(s, e) for s, m in manifests.items() for e in m if e.get(TRANSCRIPT) is not None]
+    total = sum(len(m) for m in manifests.values())
+    if have and len(have) != total:
+        split, entry = next((s, e) for s, m in manifests.items() for e in m
+                            if e.get(TRANSCRIPT) is None)
+        raise DataError(f"{out}: {split} utterance {entry.get('id', entry['audio'])!r} has no "
+                        f"{TRANSCRIPT!r} while {len(have)} of {total} do: give every utterance "
+                        "of every split a transcript, or none")
+    return bool(have)
 
 
 def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, vocab_size: int = 256,
                       spm_type: str = "unigram", tokenizer: str = "sentencepiece",
-                      stats_utterances: int = 2000, sample_rate: int = 16000,
-                      num_mel_bins: int = 80, log=print) -> dict:
-    """Target tokenizer and vocabulary (from the train transcripts), transcript ids per split
-    and feature statistics (from up to ``stats_utterances`` train utterances, spread over the
-    split); returns the meta entries they add."""
-    from collections import Counter
+                      metric: str = "asr", transcript_vocab_size: int = 256,
+                      stats_from: str | Path | None = None, stats_utterances: int = 2000,
+                      sample_rate: int = 16000, num_mel_bins: int = 80, log=print) -> dict:
+    """Target tokenizer and vocabulary (from the train manifest's "text"), target ids per split,
+    and feature statistics (copied from ``stats_from``, or computed from up to
+    ``stats_utterances`` train utterances spread over the split); returns the meta entries they
+    add. Utterances with a "transcript" (speech translation) get its ids too, with a
+    SentencePiece unigram tokenizer of ``transcript_vocab_size`` of their own."""
+    import shutil
 
     from encdec.audio.io import read_audio
-    from encdec.data.prepare import _write_binarized
-    from encdec.data.tokenizers import SentencePieceTokenizer
-    from encdec.data.vocab import Vocab
 
     out = Path(out)
     train = manifests.get("train") or []
     if not train:
         raise DataError(f"{out}: no training utterances")
-    if tokenizer == "sentencepiece":
-        tokenizer = SentencePieceTokenizer.train([e["text"] for e in train], out / "spm.tgt",
-                                                 vocab_size, spm_type)
-    else:
-        from encdec.data.tokenizers import tokenizer_from_spec
-
-        tokenizer = tokenizer_from_spec({"kind": tokenizer}, out)
-    pieces = {s: [tokenizer.encode(e["text"]) for e in m] for s, m in manifests.items()}
-    vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
-    vocab.save(out / "tgt.vocab")
-    for split, rows in pieces.items():
-        _write_binarized(out, split, "tgt", [vocab.encode(r) for r in rows])
+    tokenizer, vocab = binarize_text_field(out, manifests, "text", "tgt", vocab_size=vocab_size,
+                                           spm_type=spm_type, tokenizer=tokenizer)
+    targets = {"metric": metric, "feature_bins": num_mel_bins, "energy_floor": True,
+               "src_tokenizer": None, "tgt_tokenizer": tokenizer.spec(), "src_vocab_size": 0,
+               "tgt_vocab_size": len(vocab), "max_len": 0}
+    log(f"targets: {len(vocab)} tokens ({tokenizer.kind})")
+    if _has_transcripts(out, manifests):
+        src_tokenizer, src_vocab = binarize_text_field(out, manifests, TRANSCRIPT, TRANSCRIPT,
+                                                       vocab_size=transcript_vocab_size)
+        targets.update(transcript_tokenizer=src_tokenizer.spec(),
+                       transcript_vocab_size=len(src_vocab))
+        log(f"transcripts: {len(src_vocab)} tokens ({src_tokenizer.kind})")
+    if stats_from is not None:
+        shutil.copyfile(stats_from, out / STATS_FILE)
+        log(f"feature statistics copied from {stats_from}")
+        return targets
     stats = FeatureStats(num_mel_bins)
     front = AudioFront(None, FbankOptions(sample_rate=sample_rate, num_mel_bins=num_mel_bins))
     step = max(1, len(train) // stats_utterances)
     for entry in train[::step][:stats_utterances]:
-        feats, frames = front.log_mel_energies([read_audio(out / entry["audio"], sample_rate)])
+        feats, frames = front.log_mel_energies([read_audio(audio_file(out, entry["audio"]),
+                                                           sample_rate)])
         stats.add(feats[0, : int(frames[0])])
     stats.save(out / STATS_FILE)
-    log(f"targets: {len(vocab)} tokens ({tokenizer.kind}); feature statistics from "
-        f"{stats.count} frames")
-    return {"metric": "asr", "feature_bins": num_mel_bins, "energy_floor": True,
-            "src_tokenizer": None,
-            "tgt_tokenizer": tokenizer.spec(), "src_vocab_size": 0, "tgt_vocab_size": len(vocab),
-            "max_len": 0}
+    log(f"feature statistics from {stats.count} frames")
+    return targets
 
 
 AUDIO_LIST_HELP = ("an audio list: a .tsv with lines AUDIO_PATH<TAB>TRANSCRIPT, or a .jsonl with "
                    'objects {"audio": PATH, "text": TRANSCRIPT} (optional "group", "voice"); '
-                   "relative paths are read from the list's folder")
+                   "relative paths are read from the list's folder. Speech translation: the "
+                   "target text, then the source-language transcript as a third column "
+                   '(AUDIO_PATH<TAB>TRANSLATION<TAB>TRANSCRIPT) or a "transcript" field')
 
 
 def is_audio_list(path: str | Path) -> bool:
@@ -285,8 +373,9 @@ def is_audio_list(path: str | Path) -> bool:
 
 
 def read_audio_list(path: str | Path) -> list[dict]:
-    """Manifest entries (absolute audio path, duration, text) of an audio list; a line whose
-    audio is missing or unreadable stops with its file and line number."""
+    """Manifest entries (absolute audio path, duration, text, and "transcript" where the list
+    gives one) of an audio list; a line whose audio is missing or unreadable stops with its file
+    and line number."""
     import soundfile
 
     from encdec.data.corpus import read_lines
@@ -300,30 +389,41 @@ def read_audio_list(path: str | Path) -> list[dict]:
             try:
                 obj = json.loads(line)
                 audio, text = obj["audio"], obj["text"]
-            except (ValueError, KeyError, TypeError):
+                transcript = obj.get(TRANSCRIPT)
+                if transcript is not None and not isinstance(transcript, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path}:{lineno}: expected an object with \"audio\" and "
-                                "\"text\"") from None
+                                "\"text\" (and optionally a \"transcript\" string)") from None
         else:
             fields = line.split("\t")
-            if len(fields) != 2:
-                raise DataError(f"{path}:{lineno}: expected AUDIO_PATH<TAB>TRANSCRIPT, found "
+            if len(fields) not in (2, 3):
+                raise DataError(f"{path}:{lineno}: expected AUDIO_PATH<TAB>TRANSCRIPT (or "
+                                "AUDIO_PATH<TAB>TRANSLATION<TAB>TRANSCRIPT), found "
                                 f"{len(fields)} fields")
-            obj, (audio, text) = {}, fields
+            obj, audio, text = {}, fields[0], fields[1]
+            transcript = fields[2] if len(fields) == 3 else None
         audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
         try:
             duration = soundfile.info(str(audio_path)).duration
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
             raise DataError(f"{path}:{lineno}: cannot read audio {audio_path} ({err})") from None
-        entries.append({"id": f"{path.stem}-{lineno}", "audio": str(audio_path.resolve()),
-                        "duration": round(duration, 3), "text": " ".join(str(text).split()),
-                        "voice": obj.get("voice", ""), "group": obj.get("group", "all")})
+        entry = {"id": f"{path.stem}-{lineno}", "audio": str(audio_path.resolve()),
+                 "duration": round(duration, 3), "text": " ".join(str(text).split()),
+                 "voice": obj.get("voice", ""), "group": obj.get("group", "all")}
+        if transcript is not None:
+            entry[TRANSCRIPT] = " ".join(transcript.split())
+        entries.append(entry)
     return entries
 
 
 def prepare_audio_list(out: str | Path, lists: dict[str, str], *, vocab_size: int = 256,
-                       tokenizer: str = "sentencepiece", force: bool = False, log=print) -> dict:
+                       tokenizer: str = "sentencepiece", metric: str | None = None,
+                       force: bool = False, log=print) -> dict:
     """A speech data directory from a user's audio lists (``lists``: split -> file; without
-    dev and test, 5% each are split off train by a hash of the audio path)."""
+    dev and test, 5% each are split off train by a hash of the audio path). ``metric``: asr
+    (WER/CER) or text (BLEU/chrF); by default text when the lists give transcripts (speech
+    translation), else asr."""
     from encdec.data.prepare import check_replaceable, new_tmp_dir, swap_into_place
     from encdec.data.recipes import hash_split
     from encdec.files import atomic_write_text
@@ -339,7 +439,7 @@ def prepare_audio_list(out: str | Path, lists: dict[str, str], *, vocab_size: in
     for split, entries in manifests.items():
         empty = [e for e in entries if not e["text"]]
         if empty:
-            log(f"{split}: dropped {len(empty)} utterances with an empty transcript")
+            log(f"{split}: dropped {len(empty)} utterances with an empty text")
         manifests[split] = [e for e in entries if e["text"]]
         if not manifests[split]:
             raise DataError(f"no {split} utterances (give --dev and --test lists, or more "
@@ -349,12 +449,14 @@ def prepare_audio_list(out: str | Path, lists: dict[str, str], *, vocab_size: in
         for split, entries in manifests.items():
             atomic_write_text(tmp / f"{split}.manifest.jsonl",
                               "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        if metric is None:
+            metric = "text" if any(TRANSCRIPT in e for e in manifests["train"]) else "asr"
         targets = finish_speech_dir(tmp, manifests, vocab_size=vocab_size, tokenizer=tokenizer,
-                                    log=log)
+                                    metric=metric, log=log)
         hours = {s: round(sum(e["duration"] for e in m) / 3600, 3) for s, m in manifests.items()}
         meta = {"format": 1, "name": "custom", "modality": "speech", "sample_rate": 16000,
                 **targets, "hours": hours, "utterances": {s: len(m) for s, m in manifests.items()},
-                "options": {"vocab_size": vocab_size, "tokenizer": tokenizer}}
+                "options": {"vocab_size": vocab_size, "tokenizer": tokenizer, "metric": metric}}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         swap_into_place(tmp, out)
     except BaseException:

@@ -1,6 +1,7 @@
 """Model families by name. Each builder takes (ModelConfig, source size, tgt_vocab_size): the
 source size is the source vocabulary for text models and the feature bins per frame for
-speech models (``model_for_data`` picks the right one from a data directory's meta)."""
+speech models (``model_for_data`` picks the right one from a data directory's meta). Speech
+models also take ``transcript_vocab_size`` (the auxiliary CTC head's vocabulary; 0 = none)."""
 
 from encdec.models.nat import NATransformer
 from encdec.models.recurrent import RecurrentSeq2Seq
@@ -11,12 +12,12 @@ MODELS = {"transformer": TransformerSeq2Seq, "nat": NATransformer, "lstm": Recur
           "gru": RecurrentSeq2Seq, "speech": SpeechTransformer}
 
 
-def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int):
+def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int, **sizes):
     if cfg.arch not in MODELS:
         from encdec.config import ConfigError
 
         raise ConfigError(f"model.arch={cfg.arch!r}: choose one of {', '.join(MODELS)}")
-    return MODELS[cfg.arch](cfg, src_vocab_size, tgt_vocab_size)
+    return MODELS[cfg.arch](cfg, src_vocab_size, tgt_vocab_size, **sizes)
 
 
 def model_for_data(cfg, meta: dict):
@@ -29,5 +30,13 @@ def model_for_data(cfg, meta: dict):
         raise ConfigError(f"model.arch={cfg.arch!r} does not fit {meta.get('name', 'the data')}, "
                           f"which is {what}: use model.arch=speech for audio inputs and "
                           "transformer, nat, lstm or gru for text")
-    src_size = meta["feature_bins"] if speech_data else meta["src_vocab_size"]
-    return build_model(cfg, src_size, meta["tgt_vocab_size"])
+    if not speech_data:
+        return build_model(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
+    if cfg.aux_ctc_weight > 0 and not meta.get("transcript_vocab_size"):
+        raise ConfigError(f"model.aux_ctc_weight={cfg.aux_ctc_weight} needs source-language "
+                          f"transcripts, and {meta.get('name', 'the data')} has none (no "
+                          "transcript_vocab_size in its meta.json): prepare speech translation "
+                          "data (encdec prepare bible-speech-es, or an audio list with a "
+                          "transcript field), or set model.aux_ctc_weight=0")
+    return build_model(cfg, meta["feature_bins"], meta["tgt_vocab_size"],
+                       transcript_vocab_size=meta.get("transcript_vocab_size", 0))

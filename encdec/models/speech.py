@@ -11,6 +11,10 @@ which model it has, and CTC best-path decoding (``method ctc``) is the speech NA
 
 With ``model.ctc_weight = 1`` there is no decoder: ``decode_step`` returns log-probability 0
 for every token, so beam search ranks by the CTC prefix score alone (CTC prefix beam search).
+
+Speech translation adds an auxiliary CTC head (``model.aux_ctc_weight``) over the vocabulary of
+the source-language transcripts: a training signal for the encoder only (Weiss et al., 2017,
+"Sequence-to-sequence models can directly translate foreign speech"), never used in decoding.
 """
 
 from __future__ import annotations
@@ -30,10 +34,26 @@ from encdec.nn.norms import make_norm
 from encdec.nn.subsampling import Conv2dSubsampling
 
 
+def _ctc_log_probs(head: nn.Linear, memory: torch.Tensor, not_labels: torch.Tensor) -> torch.Tensor:
+    """(B, S, V) CTC log-probabilities of ``head`` on the encoder output (B, S, d).
+
+    <s> and </s> are never CTC labels (blank is <pad>): they are ruled out of the head with a
+    finite floor (-inf makes the CTC loss's gradient nan)."""
+    logits = head(memory).float().index_fill(-1, not_labels.to(memory.device), -1e4)
+    return F.log_softmax(logits, dim=-1)
+
+
 class SpeechTransformer(TransformerSeq2Seq):
     non_autoregressive = False
+    # train.init_parts -> the parameter-name prefixes that make up each part (buffers such as
+    # the sinusoidal positions and rotary frequencies are rebuilt, not copied)
+    PARTS = {"front": ("front.",), "encoder": ("encoder.", "enc_norm."), "ctc": ("ctc.",),
+             "decoder": ("tgt_embed.", "decoder.", "dec_norm.", "output.")}
 
-    def __init__(self, cfg: ModelConfig, feature_bins: int, tgt_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, feature_bins: int, tgt_vocab_size: int,
+                 transcript_vocab_size: int = 0):
+        """``transcript_vocab_size``: the source-language transcripts' vocabulary, for the
+        auxiliary CTC head (``model.aux_ctc_weight`` > 0); 0 = the data has none."""
         nn.Module.__init__(self)
         self.cfg = cfg
         d = cfg.d_model
@@ -67,6 +87,15 @@ class SpeechTransformer(TransformerSeq2Seq):
             self.output = nn.Linear(d, tgt_vocab_size, bias=False)
         else:
             self.output = None
+        self.aux_ctc = None
+        if cfg.aux_ctc_weight > 0:
+            if not transcript_vocab_size:
+                from encdec.config import ConfigError
+
+                raise ConfigError(f"model.aux_ctc_weight={cfg.aux_ctc_weight} needs data with "
+                                  "source-language transcripts (a \"transcript\" field, e.g. "
+                                  "encdec prepare bible-speech-es); set it to 0 for this data")
+            self.aux_ctc = nn.Linear(d, transcript_vocab_size)
         self._init_linear()
         if self.has_decoder:
             if cfg.tie_output:
@@ -97,13 +126,12 @@ class SpeechTransformer(TransformerSeq2Seq):
                 x = layer(x, attn_mask, memory_mask)
         if self.enc_norm is not None:
             x = self.enc_norm(x, memory_mask)
-        ctc = None
-        if self.ctc is not None:
-            # <s> and </s> are never CTC labels (blank is <pad>): rule them out of the head,
-            # with a finite floor (-inf makes the CTC loss's gradient nan).
-            logits = self.ctc(x).float().index_fill(-1, self._not_labels.to(x.device), -1e4)
-            ctc = F.log_softmax(logits, dim=-1)  # (B, S, V)
+        ctc = _ctc_log_probs(self.ctc, x, self._not_labels) if self.ctc is not None else None
         return EncoderOut(x, memory_mask, ctc)
+
+    def aux_ctc_log_probs(self, encoder_out: EncoderOut) -> torch.Tensor:
+        """(B, S, V_transcript) log-probabilities of the auxiliary CTC head (training only)."""
+        return _ctc_log_probs(self.aux_ctc, encoder_out.memory, self._not_labels)
 
     def forward(self, src_feats: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor):
         """(decoder hidden states (B, T, d) or None without a decoder, encoder output)."""

@@ -1,0 +1,342 @@
+"""Speech translation foundations on tone words (each letter a tone; see conftest): the target is
+a "Spanish" word per letter, the transcript the letters. Three-field preparation (audio lists
+and bible-speech-es from a bible-speech-like directory), the auxiliary CTC loss (its gradient
+reaches the encoder only; the total is the sum of the terms), train.init_from (exactly the
+named parameters are copied; a mismatch is refused by name), and prepare -> train -> evaluate
+(BLEU/chrF per voice group) through the CLI."""
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import soundfile
+import torch
+
+from conftest import TINY_SPEECH_MODEL, tone_word, write_speech_config
+from encdec.cli import main
+from encdec.config import Config, ConfigError, ModelConfig
+from encdec.data.corpus import DataError
+from encdec.data.utterances import (AudioFront, SpeechBatch, UtteranceSplit, collate_speech,
+                                    prepare_audio_list)
+
+SPANISH = {"a": "dios", "b": "tierra", "c": "cielo", "d": "luz", "e": "agua", "f": "dijo"}
+ST_MODEL = {"aux_ctc_weight": 0.3}
+
+
+def _words(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 4))) for _ in range(n)]
+
+
+def write_st_list(folder: Path, name: str, n: int, seed: int, jsonl: bool = False) -> Path:
+    """n tone words as WAV files and their list: AUDIO<TAB>SPANISH<TAB>LETTERS lines, or (jsonl)
+    objects with a "transcript" and alternating seen/unseen groups."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, word in enumerate(_words(n, seed)):
+        rel = f"{name}/{i:03d}.wav"
+        soundfile.write(str(folder / rel), tone_word(word), 16000)
+        text, transcript = " ".join(SPANISH[ch] for ch in word), " ".join(word)
+        if jsonl:
+            lines.append(json.dumps({"audio": rel, "text": text, "transcript": transcript,
+                                     "group": ("seen", "unseen")[i % 2], "voice": f"v{i % 2}"}))
+        else:
+            lines.append(f"{rel}\t{text}\t{transcript}")
+    path = folder / f"{name}.{'jsonl' if jsonl else 'tsv'}"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def st_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_st")
+    train, dev = (write_st_list(root, s, n, seed) for s, n, seed in (("train", 120, 1),
+                                                                       ("dev", 10, 2)))
+    test = write_st_list(root, "test", 12, 3, jsonl=True)
+    out = root / "data"
+    assert main(["prepare", "--train", str(train), "--dev", str(dev), "--test", str(test),
+                 "--out", str(out), "--tgt-tokenizer", "whitespace"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def st_run(st_data, tmp_path_factory) -> Path:
+    """A few steps of speech translation with the auxiliary CTC loss, through the CLI."""
+    root = tmp_path_factory.mktemp("st_run")
+    cfg = write_speech_config(root / "st.yaml", st_data, root / "run", model=ST_MODEL,
+                              max_steps=8, valid_every=8)
+    assert main(["train", str(cfg)]) == 0
+    return root / "run"
+
+
+# ---- preparation ---------------------------------------------------------------------------
+def test_audio_lists_with_transcripts_are_binarized_on_their_own(st_data):
+    from encdec.data.tokenizers import tokenizer_from_spec
+    from encdec.data.vocab import Vocab
+
+    meta = json.loads((st_data / "meta.json").read_text())
+    assert meta["metric"] == "text"  # a list with transcripts is translation: BLEU/chrF
+    assert meta["transcript_tokenizer"]["model"] == "spm.transcript.model"
+    assert meta["tgt_vocab_size"] == 4 + len(SPANISH)  # specials + the whitespace words
+    vocab = Vocab.load(st_data / "transcript.vocab")
+    assert meta["transcript_vocab_size"] == len(vocab)
+    tokenizer = tokenizer_from_spec(meta["transcript_tokenizer"], st_data)
+    for split in ("train", "dev", "test"):
+        data = UtteranceSplit(st_data, split)
+        assert data.has_transcripts
+        for i in (0, len(data) - 1):
+            entry = data.entries[i]
+            assert tokenizer.decode(vocab.decode(data.transcript(i))) == entry["transcript"]
+            assert entry["text"] == " ".join(SPANISH[ch] for ch in entry["transcript"].split())
+    assert {e["group"] for e in UtteranceSplit(st_data, "test").entries} == {"seen", "unseen"}
+    # the batch carries the transcript ids, PAD-padded
+    data = UtteranceSplit(st_data, "dev")
+    batch = collate_speech(data, [0, 1, 2], AudioFront.load(st_data, meta))
+    for b in range(3):
+        row = batch.src_text[b]
+        assert row[row.ne(0)].tolist() == data.transcript(b).tolist()
+    assert batch.to("cpu").src_text is not None
+
+
+def test_transcripts_must_be_given_for_every_utterance_or_none(tmp_path):
+    lines = write_st_list(tmp_path, "train", 12, 4).read_text().splitlines()
+    mixed = tmp_path / "mixed.tsv"
+    mixed.write_text("\n".join(lines[:5] + ["\t".join(lines[5].split("\t")[:2])] + lines[6:])
+                     + "\n")
+    with pytest.raises(DataError, match=r"'mixed-6' has no 'transcript'"):
+        prepare_audio_list(tmp_path / "out", {"train": str(mixed), "dev": str(mixed),
+                                              "test": str(mixed)}, log=lambda *a: None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"audio": "train/000.wav", "text": "dios", "transcript": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*\"transcript\" string"):
+        prepare_audio_list(tmp_path / "out", {"train": str(bad)}, log=lambda *a: None)
+
+
+def _bible_speech_like(root: Path) -> Path:
+    """A small directory shaped like `encdec prepare bible-speech`'s: tone-word FLAC files,
+    manifests with the Spanish verse, a real split without it, statistics and meta."""
+    from encdec.data.utterances import finish_speech_dir
+
+    verses = [("in the beginning god created the heaven and the earth",
+               "EN el principio crió Dios los cielos y la tierra."),
+              ("and god said let there be light and there was light",
+               "Y dijo Dios: Sea la luz: y fué la luz."),
+              ("and god saw the light that it was good",
+               "Y vió Dios que la luz era buena."),
+              ("and the evening and the morning were the first day",
+               "Y fué la tarde y la mañana un día.")]
+    out = root / "bible-speech"
+    manifests = {"train": [], "dev": [], "test": [], "real": []}
+    plan = [("train", v, "seen") for v in range(4)] * 3 + [("dev", 0, "seen"), ("test", 1, "seen"),
+                                                         ("test", 1, "unseen"), ("real", 2, "real")]
+    for i, (split, v, group) in enumerate(plan):
+        rel = f"audio/{split}/{i:02d}.flac"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        wave = tone_word(_words(1, i)[0])
+        soundfile.write(str(out / rel), wave, 16000, format="FLAC")
+        en, es = verses[v]
+        manifests[split].append({
+            "id": f"1.1.{v + 1}.voice{i}", "audio": rel, "duration": round(len(wave) / 16000, 3),
+            "text": en, "voice": group if group == "real" else f"voice{i % 3}", "group": group,
+            "ref": "" if split == "real" else f"1.1.{v + 1}", "es": "" if split == "real" else es})
+    for split, m in manifests.items():
+        (out / f"{split}.manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in m))
+    targets = finish_speech_dir(out, manifests, vocab_size=60, log=lambda *a: None)
+    meta = {"format": 1, "name": "bible-speech", "modality": "speech", "sample_rate": 16000,
+            **targets, "utterances": {s: len(m) for s, m in manifests.items()}}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_bible_speech_es_reuses_the_audio_with_spanish_targets(tmp_path, capsys):
+    from encdec.data.utterances import STATS_FILE, read_manifest
+
+    speech = _bible_speech_like(tmp_path)
+    out = tmp_path / "bible-speech-es"
+    args = ["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(out),
+            "--vocab-size", "50"]
+    assert main(args) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["name"] == "bible-speech-es" and meta["metric"] == "text"
+    assert meta["utterances"] == {"train": 12, "dev": 1, "test": 2}  # no real split
+    assert not (out / "real.manifest.jsonl").exists()
+    assert meta["tgt_tokenizer"]["model"] == "spm.tgt.model"
+    assert meta["transcript_tokenizer"]["model"] == "spm.transcript.model"
+    assert meta["transcript_vocab_size"] > 4
+    for name in ("spm.transcript.model", "transcript.vocab", "test.transcript.tokens.npy",
+                 "test.transcript.offsets.npy", "test.tgt.tokens.npy"):
+        assert (out / name).exists(), name
+    assert (out / STATS_FILE).read_bytes() == (speech / STATS_FILE).read_bytes()
+    for split in ("train", "dev", "test"):
+        source = read_manifest(speech, split)
+        data = UtteranceSplit(out, split)
+        assert len(data) == len(source) and data.has_transcripts
+        for i, (new, old) in enumerate(zip(data.entries, source)):
+            assert new["audio"] == f"../bible-speech/{old['audio']}"
+            assert data.audio_path(i).samefile(speech / old["audio"])
+            assert new["text"] == old["es"] and new["transcript"] == old["text"]
+            assert {k: new[k] for k in ("id", "duration", "voice", "group", "ref")} == \
+                {k: old[k] for k in ("id", "duration", "voice", "group", "ref")}
+            assert "es" not in new
+    assert [e["group"] for e in UtteranceSplit(out, "test").entries] == ["seen", "unseen"]
+    # the audio is read through the relative paths
+    data = UtteranceSplit(out, "test")
+    batch = collate_speech(data, [0, 1], AudioFront.load(out, meta))
+    assert batch.src_feats.shape[0] == 2 and batch.src_text.shape[0] == 2
+    capsys.readouterr()
+    assert main(args) == 0 and "already prepared" in capsys.readouterr().out
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "es2")]) == 2
+    assert "run `encdec prepare bible-speech` first" in capsys.readouterr().err
+
+
+# ---- the auxiliary CTC loss ----------------------------------------------------------------
+def _st_model(aux_ctc_weight=0.5, seed=0):
+    from encdec.models import build_model
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TINY_SPEECH_MODEL, "aux_ctc_weight": aux_ctc_weight})
+    return build_model(cfg, 20, 9, transcript_vocab_size=7)
+
+
+def _st_batch(seed=1) -> SpeechBatch:
+    from encdec.data.dataset import pad, teacher_forcing
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([60, 44, 52])
+    feats = torch.randn(3, 60, 20, generator=g)
+    for b, n in enumerate(lengths):
+        feats[b, n:] = 0.0
+    tgts = [[4, 5, 6, 7], [8, 4], [5, 5, 6]]
+    transcripts = [[4, 5, 6], [3, 4, 4, 6], [6]]
+    return SpeechBatch(feats, lengths, *teacher_forcing(tgts), 9 + 3, pad(transcripts))
+
+
+def test_aux_ctc_gradient_reaches_the_encoder_only():
+    from encdec.losses import aux_ctc_loss
+
+    model = _st_model()
+    batch = _st_batch()
+    aux = aux_ctc_loss(model, model.encode(batch.src_feats, batch.src_lengths), batch)
+    aux.backward()
+    parts = {"front": ("front.",), "encoder": ("encoder.", "enc_norm."),
+             "aux_ctc": ("aux_ctc.",), "ctc": ("ctc.",),
+             "decoder": ("tgt_embed.", "decoder.", "dec_norm.", "output.")}
+    grads = {part: [p.grad for n, p in model.named_parameters() if n.startswith(prefixes)]
+             for part, prefixes in parts.items()}
+    for part in ("front", "encoder", "aux_ctc"):
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[part]), part
+    for part in ("ctc", "decoder"):
+        assert grads[part] and all(g is None for g in grads[part]), part
+
+
+def test_aux_ctc_term_adds_to_the_joint_loss_with_its_weight():
+    from encdec.losses import aux_ctc_loss, ctc_attention_loss
+
+    model = _st_model(aux_ctc_weight=0.5).eval()
+    batch = _st_batch()
+    with torch.no_grad():
+        total, nll = ctc_attention_loss(model, batch, 0.1)
+        aux = aux_ctc_loss(model, model.encode(batch.src_feats, batch.src_lengths), batch)
+        model.cfg = dataclasses.replace(model.cfg, aux_ctc_weight=0.0)
+        base, base_nll = ctc_attention_loss(model, batch, 0.1)
+    assert float(aux) > 0
+    assert float(total) == pytest.approx(float(base) + 0.5 * float(aux), rel=1e-6)
+    assert float(nll) == float(base_nll)  # the NLL stays the decoder's
+    with pytest.raises(DataError, match="no transcripts"):
+        model.cfg = dataclasses.replace(model.cfg, aux_ctc_weight=0.5)
+        ctc_attention_loss(model, dataclasses.replace(batch, src_text=None), 0.1)
+
+
+def test_aux_ctc_needs_data_with_transcripts(tiny_speech_data):
+    from encdec.models import model_for_data
+
+    meta = json.loads((tiny_speech_data / "meta.json").read_text())  # ASR: no transcripts
+    cfg = ModelConfig(**{**TINY_SPEECH_MODEL, **ST_MODEL})
+    with pytest.raises(ConfigError, match="model.aux_ctc_weight=0.3 needs source-language"):
+        model_for_data(cfg, meta)
+    with pytest.raises(ConfigError, match="model.aux_ctc_weight"):
+        Config.from_dict({"model": {"aux_ctc_weight": 0.3}})  # a text model
+
+
+# ---- train.init_from -----------------------------------------------------------------------
+def _trainer(st_data, run_dir: Path, model=None, **train):
+    from encdec.train import Trainer
+
+    cfg = write_speech_config(run_dir.with_suffix(".yaml"), st_data, run_dir,
+                              model={**ST_MODEL, **(model or {})}, **train)
+    logs = []
+    return Trainer(Config.load(cfg), log=logs.append, progress=False), logs
+
+
+def test_init_from_copies_exactly_the_named_parts(st_data, st_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from encdec.checkpoint import resolve
+    from encdec.models import model_for_data
+
+    source = load_file(str(resolve(st_run, "best") / "model.safetensors"))
+    trainer, logs = _trainer(st_data, tmp_path / "init", seed=7, init_from=str(st_run),
+                             init_parts=["front", "encoder"])
+    torch.manual_seed(7)  # the weights the run would start from without init_from
+    fresh = dict(model_for_data(trainer.cfg.model, trainer.assets.meta).named_parameters())
+    copied = 0
+    for name, param in trainer.model.named_parameters():
+        if name.startswith(("front.", "encoder.", "enc_norm.")):
+            torch.testing.assert_close(param.detach(), source[name], rtol=0, atol=0)
+            copied += 1
+        else:
+            torch.testing.assert_close(param.detach(), fresh[name].detach(), rtol=0, atol=0)
+    assert copied > 10 and any(f"copied {copied} tensors" in line for line in logs), logs
+    # not vacuous: the source's encoder is not what this seed would have drawn
+    assert any(not torch.equal(fresh[n].detach(), source[n]) for n in fresh
+               if n.startswith("encoder."))
+
+
+def test_init_from_refuses_a_mismatch_by_name(st_data, st_run, tmp_path, capsys):
+    from encdec.models import model_for_data
+    from encdec.train import copy_parts
+
+    meta = json.loads((st_data / "meta.json").read_text())
+    wider = ModelConfig(**{**TINY_SPEECH_MODEL, **ST_MODEL, "ffn_dim": 48})
+    source_cfg = Config.load(st_run / "config.yaml").model
+    here = dict(model_for_data(wider, meta).named_parameters())
+    there = dict(model_for_data(source_cfg, meta).named_parameters())
+    name = next(n for n in here if n.startswith("encoder.") and here[n].shape != there[n].shape)
+    with pytest.raises(ConfigError, match=re.escape(f"{name} has shape {tuple(there[name].shape)} "
+                                                   f"there but {tuple(here[name].shape)} here")):
+        copy_parts(model_for_data(wider, meta), st_run, ("encoder",))
+    deeper = ModelConfig(**{**TINY_SPEECH_MODEL, **ST_MODEL, "enc_layers": 3})
+    with pytest.raises(ConfigError, match=r"its model has no parameter encoder\.2\."):
+        copy_parts(model_for_data(deeper, meta), st_run, ("encoder",))
+    shallower = ModelConfig(**{**TINY_SPEECH_MODEL, **ST_MODEL, "enc_layers": 1})
+    with pytest.raises(ConfigError, match=r"its parameter encoder\.1\..* has no place"):
+        copy_parts(model_for_data(shallower, meta), st_run, ("encoder",))
+    # through the CLI: the key, the parameter and both shapes
+    cfg = write_speech_config(tmp_path / "c.yaml", st_data, tmp_path / "run",
+                              model={**ST_MODEL, "ffn_dim": 48},
+                              init_from=str(st_run), init_parts=["encoder"])
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.init_from" in err and name in err and str(tuple(here[name].shape)) in err
+    with pytest.raises(ConfigError, match="train.init_parts"):
+        Config.from_dict({"model": {"arch": "speech"}, "train": {"init_parts": ["encoders"]}})
+
+
+# ---- end to end ----------------------------------------------------------------------------
+def test_prepare_train_evaluate_prints_bleu_per_group(st_run, capsys):
+    records = [json.loads(line) for line in (st_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid_bleu" in r for r in records)  # validation scores by the data's metric
+    assert (st_run / "data" / "transcript.vocab").exists()
+    assert main(["evaluate", str(st_run), "--split", "test", "--method", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert "BLEU" in out and "chrF" in out and "nrefs:1" in out and "real-time factor" in out
+    lines = out.splitlines()
+    assert any(line.split()[:1] == ["seen"] and "BLEU" in line for line in lines), out
+    assert any(line.split()[:1] == ["unseen"] and "BLEU" in line for line in lines), out
+    result = json.loads((st_run / "eval" / "test-greedy.json").read_text())
+    assert result["metric"] == "text" and set(result["groups"]) == {"seen", "unseen"}
+    assert {"bleu", "chrf", "bleu_signature"} <= set(result["groups"]["seen"])
