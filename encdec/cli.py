@@ -1,5 +1,5 @@
-"""The `encdec` command: prepare, train, average, evaluate, translate, transcribe, distill,
-serve."""
+"""The `encdec` command: prepare, train, average, evaluate, translate, transcribe, pipeline,
+distill, serve."""
 
 from __future__ import annotations
 
@@ -198,6 +198,19 @@ def _transcribe(args) -> None:
             progress=not args.no_progress)
 
 
+def _pipeline(args) -> None:
+    from encdec.pipeline import run_cli
+
+    asr = {"method": args.asr_method, "beam_size": args.asr_beam,
+           "ctc_weight": args.asr_ctc_weight}
+    mt = {"beam_size": args.mt_beam}
+    stages = [{k: v for k, v in stage.items() if v is not None} for stage in (asr, mt)]
+    run_cli([args.asr_run, args.mt_run], args.inputs, checkpoint_name=args.checkpoint,
+            output_path=args.output, device=args.device, stage_overrides=stages,
+            asr_nbest=args.asr_nbest, rescore=args.rescore, show_transcript=args.show_transcript,
+            progress=not args.no_progress)
+
+
 def _distill(args) -> None:
     from encdec.distill import distill
 
@@ -219,7 +232,7 @@ def _serve(args) -> None:
 
     serve(args.run, host=args.host, port=args.port, checkpoint_name=args.checkpoint,
           device=args.device, overrides=args.overrides, access_log=args.access_log,
-          threads=args.threads, api_key_file=args.api_key_file)
+          threads=args.threads, api_key_file=args.api_key_file, then=args.then)
 
 
 def _decode_overrides(args) -> dict:
@@ -358,6 +371,32 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-progress", action="store_true", help="no progress bar")
     tc.set_defaults(func=_transcribe)
 
+    pl = sub.add_parser("pipeline", help="speech translation by a cascade: encdec pipeline "
+                                         "ASR_RUN MT_RUN FILE|DIR ...")
+    pl.add_argument("asr_run", help="speech run: audio -> transcript")
+    pl.add_argument("mt_run", help="text run: transcript -> output")
+    pl.add_argument("inputs", nargs="+", metavar="AUDIO",
+                    help="audio files (WAV, FLAC, OGG, ...) or directories of them")
+    pl.add_argument("--checkpoint", default="best",
+                    help="both runs' checkpoint: best, last, or a step-NNNNNNN name")
+    pl.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    pl.add_argument("--asr-method", choices=["greedy", "beam", "ctc"],
+                    help="the recognizer's search (default: its run's)")
+    pl.add_argument("--asr-beam", type=int, help="the recognizer's beam size")
+    pl.add_argument("--asr-ctc-weight", type=float,
+                    help="the recognizer's CTC weight in joint beam search")
+    pl.add_argument("--asr-nbest", type=int, default=1,
+                    help="transcripts per file (at most the recognizer's beam)")
+    pl.add_argument("--rescore", action="store_true",
+                    help="translate all --asr-nbest transcripts and keep the output with the "
+                         "best sum of recognizer and translation scores")
+    pl.add_argument("--mt-beam", type=int, help="the translation model's beam size (1 = greedy)")
+    pl.add_argument("--show-transcript", action="store_true",
+                    help="print the transcript the output came from as a third column")
+    pl.add_argument("--output", "-o", help="write FILE<TAB>output lines here (default stdout)")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pl.set_defaults(func=_pipeline)
+
     ds = sub.add_parser("distill", help="write a teacher run's outputs as a new training target set")
     decode_args(ds)
     ds.add_argument("--split", default="train", help="split of the teacher's data to translate")
@@ -390,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--checkpoint", default="best", help="best, last, avg-lastN or step-NNNNNNN")
     sv.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     sv.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0: all)")
+    sv.add_argument("--then", metavar="RUN",
+                    help="a pipeline: a text run that translates each transcript of the speech "
+                         "run RUN; POST /v1/transcribe then answers with a \"translation\" too")
     sv.add_argument("--access-log", action="store_true", help="log every request")
     sv.add_argument("--api-key-file", metavar="FILE",
                     help="require 'Authorization: Bearer <key>' with a key from FILE (one per "

@@ -2,7 +2,9 @@
 
     POST /v1/translate   {"inputs": [...], "beam": 5, "nbest": 1, "return_attention": false}
     POST /v1/transcribe  speech runs, instead: an audio upload (multipart field ``file``, or the
-                         body with an audio/* Content-Type) -> text, per-token times, attention
+                         body with an audio/* Content-Type) -> text, per-token times, attention;
+                         with ``encdec serve ASR_RUN --then MT_RUN`` also the transcript's
+                         ``translation`` by the text run (a pipeline, encdec.pipeline)
     GET  /v1/health      liveness and queue length
     GET  /v1/model       task, input ("text" or "audio"), sizes, decoding defaults, limits
     GET  /               the web page (outputs, token times and an attention heat map)
@@ -437,9 +439,13 @@ _DECODE_TO_REQUEST = {v: k for k, v in _REQUEST_TO_DECODE.items()}
 
 
 def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str = "encdec",
-               api_keys: list[str] | tuple[str, ...] = (), clock=time.monotonic):
+               api_keys: list[str] | tuple[str, ...] = (), clock=time.monotonic,
+               then: Translator | None = None):
     """The ASGI application serving ``translator``: FastAPI behind the middlewares above.
     A speech run's model is served at /v1/transcribe, a text model's at /v1/translate.
+
+    ``then``: a text run that translates each transcript of the speech run ``translator``
+    (on its own model thread and batcher), returned as ``translation`` beside the transcript.
 
     ``api_keys``: when given, requests need ``Authorization: Bearer <one of them>``.
     ``clock``: seconds, for the rate limiter (tests pass their own)."""
@@ -498,11 +504,20 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         time_ms: float
 
     batcher = Batcher(translator, cfg)
+    then_batcher = None
+    if then is not None:
+        from encdec.pipeline import check_stage
+
+        check_stage(0, translator, name)
+        check_stage(1, then, str(then.checkpoint_dir.parent.parent))
+        then_batcher = Batcher(then, cfg)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.close()
+        if then_batcher is not None:
+            then_batcher.close()
 
     # The docs pages load Swagger UI / ReDoc from a CDN: off unless asked for.
     app = FastAPI(title="encdec", version="1", summary=f"Sequence-to-sequence model {name}",
@@ -590,6 +605,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         }
         if speech:
             info.update(_audio_info(translator, cfg))
+        if then is not None:
+            info["stages"] = [_stage_info(translator), _stage_info(then)]
         return info
 
     async def translate(req: TranslateRequest):
@@ -645,7 +662,7 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         return settings
 
     if speech:
-        _add_transcribe(app, translator, cfg, batcher)
+        _add_transcribe(app, translator, cfg, batcher, then, then_batcher)
     else:
         app.post("/v1/translate", response_model=TranslateResponse, responses={
             413: {"description": "too many inputs, an input or the body too long"},
@@ -873,9 +890,22 @@ def _positions(transcriber, num_samples: int) -> int:
     return int(transcriber.model.front.output_lengths(torch.tensor([frames]))[0])
 
 
-def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher) -> None:
+def _stage_info(translator: Translator) -> dict:
+    """A pipeline stage as GET /v1/model lists it."""
+    meta, model_cfg = translator.assets.meta, translator.cfg.model
+    return {"run": translator.checkpoint_dir.parent.parent.name, "task": meta.get("name"),
+            "input": "audio" if translator.assets.speech else "text",
+            "checkpoint": translator.checkpoint_dir.name, "arch": model_cfg.arch,
+            "parameters": sum(p.numel() for p in translator.model.parameters()),
+            "tgt_tokenizer": (meta.get("tgt_tokenizer") or {}).get("kind"),
+            "decode": asdict(translator.cfg.decode)}
+
+
+def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher,
+                    then: Translator | None = None, then_batcher: Batcher | None = None) -> None:
     """POST /v1/transcribe on ``app``: an audio upload in; its transcript, each token's time
-    span and (``?attention=1``) the attention matrix out."""
+    span and (``?attention=1``) the attention matrix out; with ``then``, also the transcript
+    translated by that text run with its decoding defaults (``then_batcher`` decodes it)."""
     from fastapi import Request
     from pydantic import BaseModel, Field
 
@@ -903,6 +933,17 @@ def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher) -> Non
             None, description="with ?attention=1: (len(tokens) + 1) x time bins of "
                               "attention_step_s; the last row is for </s>")
         attention_step_s: float | None = None
+
+    class PipelineResponse(TranscribeResponse):
+        translation: str = Field(description="the transcript translated by the second stage")
+        translation_score: float
+        translation_decode_s: float = Field(description="seconds the second stage's model "
+                                                        "spent on the batch it was in")
+
+    if then is not None:
+        then_decode = then.decode_config()
+        then_settings = {k: getattr(then_decode, k) for k in _REQUEST_TO_DECODE.values()}
+        then_settings["return_attention"] = False
 
     async def transcribe(request: Request):
         content_type = request.headers.get("content-type", "")
@@ -939,8 +980,16 @@ def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher) -> Non
                             "cut at quiet points")
         job = await _decoded(batcher, [(wave[a:b], rate) for a, b in cuts], settings, field)
         # Token times and the matrix take up to ~40 ms for a minute of audio: off the loop too.
-        return await asyncio.to_thread(answer, job, cuts, duration_s, settings, warnings,
-                                       want_attention)
+        out = await asyncio.to_thread(answer, job, cuts, duration_s, settings, warnings,
+                                      want_attention)
+        if then is not None:
+            job = await _decoded(then_batcher, [out.text], then_settings, field)
+            (nbest,), then_warnings, _ = job.result
+            out.warnings += [m for _, m in then_warnings]
+            out = PipelineResponse(**dict(out), translation=nbest[0].text,
+                                   translation_score=round(float(nbest[0].score), 5),
+                                   translation_decode_s=round(job.decode_s, 4))
+        return out
 
     def answer(job: _Job, cuts: list[tuple[int, int]], duration_s: float, settings: dict,
                warnings: list[str], want_attention: bool) -> TranscribeResponse:
@@ -968,7 +1017,8 @@ def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher) -> Non
             out.attention_step_s = round(group * position_s, 4)
         return out
 
-    app.post("/v1/transcribe", response_model=TranscribeResponse,
+    app.post("/v1/transcribe", response_model=TranscribeResponse if then is None else
+             PipelineResponse,
              openapi_extra=_TRANSCRIBE_OPENAPI, responses={
                  413: {"description": "the body or the audio too long"},
                  415: {"description": "not audio/* or multipart/form-data"},
@@ -1005,7 +1055,7 @@ def load_api_keys(key_file: str | None, environ=os.environ) -> list[str]:
 
 def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint_name: str = "best",
           device: str = "cpu", overrides: list[str] | None = None, access_log: bool = False,
-          threads: int = 0, api_key_file: str | None = None) -> None:
+          threads: int = 0, api_key_file: str | None = None, then: str | None = None) -> None:
     import torch
     import uvicorn
 
@@ -1015,6 +1065,13 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
     if threads:
         torch.set_num_threads(threads)
     translator = Translator.from_run(run_dir, checkpoint_name, device)
+    second = None
+    if then is not None:  # a pipeline: the speech run, then a text run on its transcripts
+        from encdec.pipeline import check_stage
+
+        check_stage(0, translator, run_dir)  # before the second run loads
+        second = Translator.from_run(then, checkpoint_name, device)
+        check_stage(1, second, then)
     raw = {"serve": asdict(translator.cfg.serve)}
     for item in overrides or []:
         if not item.startswith("serve."):
@@ -1022,11 +1079,13 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
                               "(decoding settings come with each request)")
         apply_override(raw, item)
     cfg = Config.from_dict(raw, source="command line").serve
-    app = create_app(translator, cfg, name=Path(run_dir).resolve().name, api_keys=api_keys)
+    app = create_app(translator, cfg, name=Path(run_dir).resolve().name, api_keys=api_keys,
+                     then=second)
     docs = "/openapi.json, /docs" if cfg.docs else "/openapi.json"
     auth = f"{len(api_keys)} API key(s)" if api_keys else "no API key"  # never the keys
     rate = f"{cfg.rate_limit:g}/s per client" if cfg.rate_limit else "off"
-    print(f"encdec: serving {run_dir} ({translator.checkpoint_dir.name}) on http://{host}:{port}/ "
+    what = f"{run_dir} then {then}" if then else run_dir
+    print(f"encdec: serving {what} ({translator.checkpoint_dir.name}) on http://{host}:{port}/ "
           f"(API at {docs}; {auth}; rate limit {rate}; batches of up to {cfg.max_batch_size}, "
           f"wait {cfg.max_wait_ms:g} ms)", flush=True)
     # Access lines are logged at INFO: at "warning" --access-log would print nothing.
