@@ -9,7 +9,7 @@ import torch
 
 from encdec.config import DecodeConfig
 from encdec.decoding import generate
-from encdec.decoding.texts import Translation
+from encdec.decoding.texts import Translation, regroup
 
 
 
@@ -81,15 +81,4 @@ def decode_audio(model, waves: list[torch.Tensor], *, front, tgt_tokenizer, tgt_
                 progress(done)
     finally:
         model.train(was_training)
-    by_input: dict[int, list[list[Translation]]] = {}
-    for (i, _), res in zip(segments, results):
-        by_input.setdefault(i, []).append(res)
-    out = []
-    for i in range(len(waves)):
-        parts = by_input[i]
-        if len(parts) == 1:
-            out.append(parts[0])
-        else:
-            n = min(len(p) for p in parts)
-            out.append([_join([p[r] for p in parts]) for r in range(n)])
-    return out
+    return regroup([i for i, _ in segments], results, len(waves), lambda i, parts: _join(parts))

@@ -140,15 +140,23 @@ def decode_texts(model, texts: list[str], *, src_tokenizer, src_vocab, tgt_token
                 progress(done)
     finally:
         model.train(was_training)
-    by_input: dict[int, list[list[Translation]]] = {}
-    for (i, _), res in zip(segments, seg_results):
+    return regroup([i for i, _ in segments], seg_results, len(texts),
+                   lambda i, parts: _join(parts, src_pieces[i]))
+
+
+def regroup(owners: list[int], results: list, n_inputs: int, join) -> list[list]:
+    """Per input, its n-best list from its segments' n-best lists (``owners[k]``: the input of
+    segment k, in order); an input of several segments gets ``join(input, segment results)``
+    for each rank that every segment has."""
+    by_input: dict[int, list] = {}
+    for i, res in zip(owners, results):
         by_input.setdefault(i, []).append(res)
-    results = []
-    for i in range(len(texts)):
+    out = []
+    for i in range(n_inputs):
         parts = by_input[i]
         if len(parts) == 1:
-            results.append(parts[0])
+            out.append(parts[0])
         else:
             n = min(len(p) for p in parts)
-            results.append([_join([p[rank] for p in parts], src_pieces[i]) for rank in range(n)])
-    return results
+            out.append([join(i, [p[rank] for p in parts]) for rank in range(n)])
+    return out
