@@ -33,7 +33,7 @@ import torch
 from encdec.audio.io import AudioError
 from encdec.config import ConfigError
 from encdec.decoding.texts import Translation
-from encdec.transcribe import Transcriber, expand_inputs
+from encdec.transcribe import Transcriber, audio_batches, expand_inputs
 from encdec.translate import Translator
 
 
@@ -175,23 +175,11 @@ def run_cli(run_dirs: list[str], paths: list[str], *, checkpoint_name: str,
     tr = pipeline.transcriber
     files = expand_inputs(paths)
     audio_s = decode_s = 0.0
-    failed = 0
+    failures: list = []
     with open(output_path, "w", encoding="utf-8") if output_path else \
             contextlib.nullcontext(sys.stdout) as out, \
             tqdm(total=len(files), unit="file", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, len(files), batch_files):
-            chunk, waves = [], []
-            for f in files[start:start + batch_files]:
-                try:
-                    waves.append(tr.load(f, warn=lambda m: tqdm.write(
-                        f"encdec: warning: {m}", file=sys.stderr)))
-                    chunk.append(f)
-                except AudioError as err:
-                    tqdm.write(f"encdec: error: {err}", file=sys.stderr)
-                    failed += 1
-                    bar.update(1)
-            if not waves:
-                continue
+        for chunk, waves in audio_batches(tr, files, batch_files, bar, failures):
             began = time.perf_counter()
             results = pipeline.run_nbest(
                 [(w, tr.sample_rate) for w in waves], rescore=rescore, asr_nbest=asr_nbest,
@@ -205,9 +193,9 @@ def run_cli(run_dirs: list[str], paths: list[str], *, checkpoint_name: str,
                 out.write(f"{f}\t{best.text}{extra}\n")
             out.flush()
             bar.update(len(chunk))
-    print(f"encdec: ran {len(files) - failed} files through {len(run_dirs)} stages, "
+    print(f"encdec: ran {len(files) - len(failures)} files through {len(run_dirs)} stages, "
           f"{audio_s:.1f} s of audio in {decode_s:.1f} s (real-time factor "
           f"{decode_s / max(audio_s, 1e-9):.4f}, {torch.get_num_threads()} threads)",
           file=sys.stderr)
-    if failed:
-        raise AudioError(f"{failed} of {len(files)} files could not be read (see above)")
+    if failures:
+        raise AudioError(f"{len(failures)} of {len(files)} files could not be read (see above)")

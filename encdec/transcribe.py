@@ -86,6 +86,26 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
+def audio_batches(tr, files: list[Path], batch_files: int, bar, failures: list):
+    """(files, waveforms), ``batch_files`` files at a time. A file that cannot be read is
+    reported on stderr, appended to ``failures``, counted on ``bar`` and skipped."""
+    from tqdm import tqdm
+
+    for start in range(0, len(files), batch_files):
+        chunk, waves = [], []
+        for f in files[start:start + batch_files]:
+            try:
+                waves.append(tr.load(f, warn=lambda m: tqdm.write(f"encdec: warning: {m}",
+                                                                  file=sys.stderr)))
+                chunk.append(f)
+            except AudioError as err:
+                tqdm.write(f"encdec: error: {err}", file=sys.stderr)
+                failures.append(f)
+                bar.update(1)
+        if waves:
+            yield chunk, waves
+
+
 def run_cli(run_dir: str, paths: list[str], *, checkpoint_name: str, output_path: str | None,
             device: str, overrides: dict, progress: bool = True, batch_files: int = 64) -> None:
     """Print ``FILE<TAB>transcript`` per input file; the real-time factor at the end.
@@ -99,23 +119,10 @@ def run_cli(run_dir: str, paths: list[str], *, checkpoint_name: str, output_path
     files = expand_inputs(paths)
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     audio_s = decode_s = 0.0
-    failed = 0
+    failures: list = []
     try:
         with tqdm(total=len(files), unit="file", file=sys.stderr, disable=not progress) as bar:
-            for start in range(0, len(files), batch_files):
-                chunk, waves = [], []
-                for f in files[start:start + batch_files]:
-                    def warn(message, f=f):
-                        tqdm.write(f"encdec: warning: {message}", file=sys.stderr)
-                    try:
-                        waves.append(tr.load(f, warn=warn))
-                        chunk.append(f)
-                    except AudioError as err:
-                        tqdm.write(f"encdec: error: {err}", file=sys.stderr)
-                        failed += 1
-                        bar.update(1)
-                if not waves:
-                    continue
+            for chunk, waves in audio_batches(tr, files, batch_files, bar, failures):
                 began = time.perf_counter()
                 results = decode_audio(tr.model, waves, cfg=cfg, device=tr.device,
                                        max_segment_s=tr.max_segment_s, progress=bar.update,
@@ -130,8 +137,8 @@ def run_cli(run_dir: str, paths: list[str], *, checkpoint_name: str, output_path
     finally:
         if output_path:
             out.close()
-    print(f"encdec: transcribed {len(files) - failed} files, {audio_s:.1f} s of audio in "
+    print(f"encdec: transcribed {len(files) - len(failures)} files, {audio_s:.1f} s of audio in "
           f"{decode_s:.1f} s (real-time factor {decode_s / max(audio_s, 1e-9):.4f}, "
           f"{torch.get_num_threads()} threads)", file=sys.stderr)
-    if failed:
-        raise AudioError(f"{failed} of {len(files)} files could not be read (see above)")
+    if failures:
+        raise AudioError(f"{len(failures)} of {len(files)} files could not be read (see above)")
