@@ -69,7 +69,7 @@ class SpeechTransformer(TransformerSeq2Seq):
                 ConformerLayer(d, cfg.n_heads, cfg.ffn_dim, cfg.conv_kernel, cfg.dropout,
                                cfg.attention_dropout, cfg.activation_dropout)
                 for _ in range(cfg.enc_layers))
-            self.enc_norm = None  # each Conformer block ends in its own LayerNorm
+            self.enc_norm = make_norm(cfg.norm_type, d)  # the blocks' residual stream, once
         else:
             self.rotary = None
             self.src_positions = Positions("sinusoidal", d, cfg.max_positions)

@@ -5,6 +5,13 @@ a convolution module after the self-attention: attention for global context, a d
 convolution for local patterns such as formant transitions. Positions come from rotating
 queries and keys (RoPE) instead of the paper's relative positional encoding.
 
+Unlike the paper, a block does not end in its own LayerNorm: the residual stream runs through
+the whole stack and the encoder normalizes it once at the end, as a pre-norm Transformer does.
+With a LayerNorm closing every block, 8 blocks x 192 trained on 480 short utterances (CTC only,
+AdamW at 1.5e-3) sat at the blank-and-prior plateau (CTC loss 4.8 per token) for 200 updates;
+without it the loss fell to 2.3 by update 175. The paper's recipe has tens of thousands of
+warm-up updates to get past that plateau; an hour on a CPU has two or three thousand.
+
 Dimensions: B batch, T positions, d model width, nh heads.
 """
 
@@ -75,7 +82,6 @@ class ConformerLayer(nn.Module):
         self.conv = ConvModule(d_model, kernel_size)
         self.ffn2_norm = nn.LayerNorm(d_model)
         self.ffn2 = SwishFeedForward(d_model, ffn_dim, activation_dropout)
-        self.final_norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -90,6 +96,5 @@ class ConformerLayer(nn.Module):
         # 3 convolution module
         x = x + self.dropout(self.conv(self.conv_norm(x), pad_mask))
         # 4 feed-forward, second half step
-        x = x + 0.5 * self.dropout(self.ffn2(self.ffn2_norm(x)))
-        # 5 LayerNorm of the block's output (paper, equation 1)
-        return self.final_norm(x)
+        # (the paper's closing LayerNorm is the encoder's, once after the last block)
+        return x + 0.5 * self.dropout(self.ffn2(self.ffn2_norm(x)))
