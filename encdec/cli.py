@@ -1,5 +1,5 @@
 """The `encdec` command: prepare, train, average, evaluate, translate, transcribe, pipeline,
-distill, serve."""
+distill, export, serve."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def _translate(args) -> None:
             output_path=args.output, scores=args.scores, device=args.device,
             overrides=dict(_decode_overrides(args), nbest=args.nbest),
             long_inputs=args.long_inputs, progress=False if args.no_progress else None,
-            rerank=args.rerank)
+            rerank=args.rerank, engine=args.engine, export_dir=args.export)
 
 
 def _transcribe(args) -> None:
@@ -218,6 +218,19 @@ def _distill(args) -> None:
             device=args.device, force=args.force, **_decode_overrides(args))
 
 
+def _export(args) -> None:
+    from encdec.export import DEFAULT_DIR, export_ctranslate2, read_info
+
+    out = export_ctranslate2(args.run, args.out, quantization=args.quantization,
+                             checkpoint_name=args.checkpoint)
+    info = read_info(out)
+    use = f"encdec translate {args.run} --engine ctranslate2"
+    if out.resolve() != (Path(args.run) / DEFAULT_DIR).resolve():
+        use += f" --export {out}"
+    print(f"exported {args.run} ({info['checkpoint']}) to {out} (CTranslate2, "
+          f"{info['quantization']} weights)\nuse it with: {use}")
+
+
 def _experiment(args) -> None:
     from encdec.experiments import run_experiment
 
@@ -232,7 +245,8 @@ def _serve(args) -> None:
 
     serve(args.run, host=args.host, port=args.port, checkpoint_name=args.checkpoint,
           device=args.device, overrides=args.overrides, access_log=args.access_log,
-          threads=args.threads, api_key_file=args.api_key_file, then=args.then)
+          threads=args.threads, api_key_file=args.api_key_file, then=args.then,
+          engine=args.engine, export_dir=args.export)
 
 
 def _decode_overrides(args) -> dict:
@@ -248,6 +262,12 @@ def _decode_overrides(args) -> dict:
             "length_scale": args.length_scale, "batch_size": args.batch_size,
             "early_exit": args.early_exit, "ctc_weight": args.ctc_weight}
 
+
+ENGINE_HELP = ("encdec: decode with encdec's own search on the PyTorch model (the default); "
+               "ctranslate2: with CTranslate2 on an export of the same checkpoint (greedy and "
+               "beam search; same outputs), RUN/export/ctranslate2 unless --export is given, "
+               "exported on first use")
+EXPORT_HELP = "the export to decode with (encdec export RUN --out DIR) for --engine ctranslate2"
 
 RERANK_HELP = ("an autoregressive run that re-orders the candidates (every candidate length "
                "with --decoder nat --length-beam L, every beam with --beam N) by its own "
@@ -361,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "a warning names the line either way")
     tl.add_argument("--no-progress", action="store_true", help="no progress bar for --input")
     tl.add_argument("--rerank", metavar="RUN", help=RERANK_HELP)
+    tl.add_argument("--engine", choices=["encdec", "ctranslate2"], default="encdec",
+                    help=ENGINE_HELP)
+    tl.add_argument("--export", metavar="DIR", help=EXPORT_HELP)
     tl.set_defaults(func=_translate)
 
     tc = sub.add_parser("transcribe", help="speech to text: encdec transcribe RUN FILE|DIR ...")
@@ -405,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace an --out directory that is not an encdec data directory")
     ds.set_defaults(func=_distill)
 
+    xp = sub.add_parser("export", help="write a Transformer run as a CTranslate2 model: "
+                                       "encdec export RUN --format ctranslate2 --out DIR")
+    xp.add_argument("run", help="run directory (model.arch transformer)")
+    xp.add_argument("--format", choices=["ctranslate2"], default="ctranslate2",
+                    help="what to export to (default ctranslate2)")
+    xp.add_argument("--quantization", choices=["int8", "int8_float32", "float16"],
+                    help="weight type (default: float32, the same outputs as encdec)")
+    xp.add_argument("--out", metavar="DIR",
+                    help="directory to write (default RUN/export/ctranslate2, the one "
+                         "--engine ctranslate2 uses); an earlier export there is replaced")
+    xp.add_argument("--checkpoint", default="best", help="best, last, avg-lastN or step-NNNNNNN")
+    xp.set_defaults(func=_export)
+
     from encdec.experiments import EXPERIMENTS
 
     ex = sub.add_parser("experiment", help="train variants for a fixed budget and compare them")
@@ -436,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", metavar="FILE",
                     help="require 'Authorization: Bearer <key>' with a key from FILE (one per "
                          "line); wins over $ENCDEC_API_KEY. GET /v1/health and the page stay open")
+    sv.add_argument("--engine", choices=["encdec", "ctranslate2"], default="encdec",
+                    help=ENGINE_HELP + "; ctranslate2 returns no attention")
+    sv.add_argument("--export", metavar="DIR", help=EXPORT_HELP)
     sv.set_defaults(func=_serve)
     return p
 

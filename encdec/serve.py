@@ -602,6 +602,7 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
             "tgt_tokenizer": (meta.get("tgt_tokenizer") or {}).get("kind"),
             "max_src_tokens": None if speech else translator.max_src_tokens,
             "decode": asdict(translator.cfg.decode), "limits": asdict(cfg),
+            "engine": translator.engine, "attention": translator.engine == "encdec",
         }
         if speech:
             info.update(_audio_info(translator, cfg))
@@ -648,6 +649,10 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         if req.beam is not None and req.beam > cfg.max_beam:
             raise RequestError(422, "beam", f"beam {req.beam} is over this server's limit "
                                             f"of {cfg.max_beam}")
+        if req.return_attention and translator.engine != "encdec":
+            raise RequestError(422, "return_attention", f"this server decodes with "
+                               f"{translator.engine}, which returns no attention weights; ask "
+                               "for none (or serve with --engine encdec)")
         overrides = {_REQUEST_TO_DECODE[k]: getattr(req, k) for k in _REQUEST_TO_DECODE}
         try:
             decode = translator.decode_config(**overrides)
@@ -1055,7 +1060,8 @@ def load_api_keys(key_file: str | None, environ=os.environ) -> list[str]:
 
 def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint_name: str = "best",
           device: str = "cpu", overrides: list[str] | None = None, access_log: bool = False,
-          threads: int = 0, api_key_file: str | None = None, then: str | None = None) -> None:
+          threads: int = 0, api_key_file: str | None = None, then: str | None = None,
+          engine: str = "encdec", export_dir: str | None = None) -> None:
     import torch
     import uvicorn
 
@@ -1064,7 +1070,8 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
     api_keys = load_api_keys(api_key_file)  # before the model loads: fail fast
     if threads:
         torch.set_num_threads(threads)
-    translator = Translator.from_run(run_dir, checkpoint_name, device)
+    translator = Translator.from_run(run_dir, checkpoint_name, device, engine=engine,
+                                     export_dir=export_dir)
     second = None
     if then is not None:  # a pipeline: the speech run, then a text run on its transcripts
         from encdec.pipeline import check_stage
@@ -1085,6 +1092,8 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
     auth = f"{len(api_keys)} API key(s)" if api_keys else "no API key"  # never the keys
     rate = f"{cfg.rate_limit:g}/s per client" if cfg.rate_limit else "off"
     what = f"{run_dir} then {then}" if then else run_dir
+    if translator.search is not None:
+        what += f" with {translator.engine} ({translator.search.export_dir})"
     print(f"encdec: serving {what} ({translator.checkpoint_dir.name}) on http://{host}:{port}/ "
           f"(API at {docs}; {auth}; rate limit {rate}; batches of up to {cfg.max_batch_size}, "
           f"wait {cfg.max_wait_ms:g} ms)", flush=True)

@@ -17,36 +17,70 @@ from encdec.data.assets import load_assets
 from encdec.data.corpus import decode_line
 from encdec.data.dataset import pad, teacher_forcing
 from encdec.data.vocab import PAD
+from encdec.decoding import generate
 from encdec.decoding.texts import Translation, decode_texts
 from encdec.files import atomic_write_text
 from encdec.models import model_for_data
 from encdec.models.base import EncoderOut
 
+ENGINES = ("encdec", "ctranslate2")
+
 
 class Translator:
-    """A trained model with its tokenizers, vocabularies and decoding defaults."""
+    """A trained model with its tokenizers, vocabularies and decoding defaults.
 
-    def __init__(self, model, assets, cfg: Config, device: torch.device, checkpoint_dir: Path):
+    ``search`` (None: encdec's own, ``encdec.decoding.generate``) finds the hypotheses; the
+    ctranslate2 engine's runs a CTranslate2 export of the same weights instead."""
+
+    def __init__(self, model, assets, cfg: Config, device: torch.device, checkpoint_dir: Path,
+                 search=None):
         self.model = model.eval()
         self.assets = assets
         self.cfg = cfg
         self.device = device
         self.checkpoint_dir = checkpoint_dir
+        self.search = search
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint_name: str = "best",
-                 device: str = "cpu") -> "Translator":
+                 device: str = "cpu", engine: str = "encdec",
+                 export_dir: str | Path | None = None) -> "Translator":
+        """``engine="ctranslate2"``: decode with CTranslate2 on the export ``export_dir``
+        (made from this checkpoint), by default RUN/export/ctranslate2, which is exported on
+        first use and again once the checkpoint's weights changed."""
         run_dir = Path(run_dir)
+        if engine not in ENGINES:
+            from encdec.config import ConfigError
+            raise ConfigError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
         if not (run_dir / "config.yaml").exists():
             raise checkpoint.CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
         cfg = Config.load(run_dir / "config.yaml")
+        if engine == "ctranslate2":
+            from encdec.export import check_exportable
+            check_exportable(cfg, run_dir)  # before anything loads
         assets = load_assets(run_dir / "data")
         model = model_for_data(cfg.model, assets.meta)
         ckpt = checkpoint.resolve(run_dir, checkpoint_name)
         checkpoint.load_weights(model, ckpt)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
-        return cls(model.to(dev), assets, cfg, dev, ckpt)
+        search = None
+        if engine == "ctranslate2":
+            from encdec.decoding.ctranslate2 import CTranslate2Search
+            from encdec.export import ensure_export
+            path = ensure_export(run_dir, ckpt, export_dir)
+            search = CTranslate2Search(path, device, threads=torch.get_num_threads())
+            if (search.src_vocab.itos, search.tgt_vocab.itos) != (assets.src_vocab.itos,
+                                                                  assets.tgt_vocab.itos):
+                from encdec.config import ConfigError
+                raise ConfigError(f"{path}: its vocabularies are not those of {run_dir}; "
+                                  f"export the run again (encdec export {run_dir})")
+        return cls(model.to(dev), assets, cfg, dev, ckpt, search)
+
+    @property
+    def engine(self) -> str:
+        """What decodes: encdec (its own search on the PyTorch model) or ctranslate2."""
+        return getattr(self.search, "engine", "encdec")
 
     def decode_config(self, **overrides) -> DecodeConfig:
         """The run's decoding defaults with ``overrides`` (None values ignored) applied."""
@@ -58,6 +92,8 @@ class Translator:
             values["ctc_weight"] = 0.0  # the run's joint-decoding weight is for beam search
         cfg = DecodeConfig(**values)
         Config(model=self.cfg.model, decode=cfg)  # validates (ConfigError names the key)
+        if self.search is not None:
+            self.search.check(cfg)  # what the engine cannot do
         return cfg
 
     @property
@@ -81,6 +117,8 @@ class Translator:
                               "takes audio, not text (encdec transcribe RUN FILE..., or "
                               "encdec.transcribe.Transcriber in Python)")
         cfg = self.decode_config(**decode_overrides)
+        if self.search is not None:
+            self.search.check(cfg, need_attention)
         wanted = cfg.nbest
         if rerank is not None:
             if cfg.method == "nat" and cfg.length_beam > 1:
@@ -95,7 +133,8 @@ class Translator:
         results = decode_texts(self.model, list(inputs), cfg=cfg, device=self.device,
                                need_attention=need_attention, progress=progress,
                                max_src_tokens=self.max_src_tokens, long_inputs=long_inputs,
-                               warn=warn, **self.assets.text_kwargs())
+                               warn=warn, search=self.search or generate,
+                               **self.assets.text_kwargs())
         if rerank is None:
             return results
         scores = rerank.score_candidates(list(inputs), [[t.text for t in nb] for nb in results],
@@ -207,8 +246,10 @@ def _stdin_blocks(stream, max_lines: int, wait: float = 0.05, name: str = "<stdi
 
 def run_cli(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
             scores: bool, device: str, overrides: dict, long_inputs: str = "split",
-            progress: bool | None = None, rerank: str | None = None) -> None:
-    tr = Translator.from_run(run_dir, checkpoint_name, device)
+            progress: bool | None = None, rerank: str | None = None, engine: str = "encdec",
+            export_dir: str | None = None) -> None:
+    tr = Translator.from_run(run_dir, checkpoint_name, device, engine=engine,
+                             export_dir=export_dir)
     cfg = tr.decode_config(**overrides)  # bad settings fail before any input is read
     reranker = Translator.from_run(rerank, device=device) if rerank else None
     if reranker is not None:

@@ -68,12 +68,16 @@ def _join(parts: list[Translation], src_pieces: list[str]) -> Translation:
 def decode_texts(model, texts: list[str], *, src_tokenizer, src_vocab, tgt_tokenizer, tgt_vocab,
                  cfg: DecodeConfig, device="cpu", need_attention: bool = False,
                  max_src_tokens: int = 0, long_inputs: str = "split", progress=None,
-                 warn=None, generator: torch.Generator | None = None) -> list[list[Translation]]:
+                 warn=None, generator: torch.Generator | None = None,
+                 search=generate) -> list[list[Translation]]:
     """For each input, its n-best translations (best first). Empty inputs give empty outputs.
 
     Inputs longer than ``max_src_tokens`` (0: no limit) are split into segments translated
     separately and joined (``long_inputs="split"``), or cut (``"truncate"``); ``warn(index,
     message)`` is told, as it is about source tokens outside the vocabulary.
+
+    ``search``: what finds the hypotheses of a padded batch, called like ``generate``; another
+    engine's (``encdec.decoding.ctranslate2``) can stand in.
     """
     if long_inputs not in ("split", "truncate"):
         raise ValueError(f"long_inputs must be split or truncate, not {long_inputs!r}")
@@ -121,8 +125,8 @@ def decode_texts(model, texts: list[str], *, src_tokenizer, src_vocab, tgt_token
         for start in range(0, len(order), cfg.batch_size):
             chunk = order[start:start + cfg.batch_size]
             src = pad([seg_ids[k] for k in chunk])
-            hyps = generate(model, src.to(device), cfg, need_attention=need_attention,
-                            generator=generator)
+            hyps = search(model, src.to(device), cfg, need_attention=need_attention,
+                          generator=generator)
             for k, nbest in zip(chunk, hyps):
                 outs = []
                 for h in nbest:
