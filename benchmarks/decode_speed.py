@@ -20,6 +20,24 @@ and follow the same search rules, so they should agree on every input) and score
 Differences that remain: the reference's encoder is nn.TransformerEncoder (its inference fast
 path when PyTorch takes it); the reference copies each input's cross-attention keys/values to
 its beams once, where encdec shares one copy between the beams (a design choice measured here).
+
+Against CTranslate2 on the same weights:
+
+    python benchmarks/decode_speed.py RUN --engines encdec,ctranslate2 [--batches 64,1]
+                                      [--thread-counts 1,2] [--batch1-limit 300]
+
+encdec's own search and CTranslate2's (``translate_batch`` on the fp32 export that ``encdec
+export`` writes, RUN/export/ctranslate2, made on first use) decode the split, greedy and beam
+``--beam``, at every batch size and thread count: one table of inputs/s (words for G2P,
+sentences for translation), medians of ``--repeats`` alternating runs after an untimed
+warm-up each. Both tokenize and detokenize with the run's tokenizers and sort the inputs by
+length before batching (CTranslate2 inside ``translate_batch``, given all inputs at once).
+CTranslate2 gets the run's length penalty and the longest length limit of the inputs (one
+number per call; outputs end at </s> long before it), and runs with ``intra_threads`` = the
+thread count and one translator. Batch-1 rows decode the first ``--batch1-limit`` inputs only
+(the same ones for both engines). The outputs are compared and scored: CTranslate2
+renormalizes without <pad>/<s> and ends beams its own way, so a few may differ (``encdec
+translate --engine ctranslate2`` makes them equal; that is not what is timed here).
 """
 
 from __future__ import annotations
@@ -59,6 +77,93 @@ def reference_decoder(tr: Translator, ref: ReferenceTransformer, batch: int, sea
     return run
 
 
+def ctranslate2_decoder(tr: Translator, translator, batch: int, beam: int, cfg):
+    """inputs -> output strings by CTranslate2's own search on the export of the same weights."""
+    a = tr.assets
+
+    def run(texts: list[str]) -> list[str]:
+        tokens = [a.src_tokenizer.encode(t) for t in texts]
+        limit = int(cfg.max_len_a * max(len(t) for t in tokens) + cfg.max_len_b)
+        results = translator.translate_batch(
+            tokens, max_batch_size=batch, beam_size=beam, length_penalty=cfg.length_penalty,
+            max_decoding_length=limit, return_scores=False)
+        return [a.tgt_tokenizer.decode(r.hypotheses[0]) for r in results]
+
+    return run
+
+
+def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
+    import ctranslate2
+
+    from encdec.export import ensure_export
+
+    export = ensure_export(args.run, tr.checkpoint_dir)
+    engines = args.engines.split(",")
+    for engine in engines:
+        if engine not in ("encdec", "ctranslate2"):
+            sys.exit(f"decode_speed.py: --engines takes encdec and ctranslate2, not {engine!r}")
+    batches = [int(b) for b in args.batches.split(",")]
+    thread_counts = [int(t) for t in args.thread_counts.split(",")]
+    K = args.beam
+    metric = tr.assets.meta["metric"]
+    key = "wer" if metric == "g2p" else "bleu"
+    translators = {t: ctranslate2.Translator(str(export), device="cpu", compute_type="float32",
+                                             intra_threads=t, inter_threads=1)
+                   for t in thread_counts}
+    table: dict = {}
+    notes = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for batch in batches:
+            texts = words if batch > 1 or not args.batch1_limit else words[: args.batch1_limit]
+            for method, beam in (("greedy", 1), (f"beam {K}", K)):
+                cfg = tr.decode_config(method="greedy" if beam == 1 else "beam", beam_size=K,
+                                       nbest=1)
+                runs = {}
+                if "encdec" in engines:
+                    runs["encdec"] = (lambda b=batch, m=cfg.method: tr.translate(
+                        texts, method=m, beam_size=K, nbest=1, batch_size=b))
+                if "ctranslate2" in engines:
+                    fn = ctranslate2_decoder(tr, translators[threads], batch, beam, cfg)
+                    runs["ctranslate2"] = (lambda f=fn: f(texts))
+                outputs = {name: fn() for name, fn in runs.items()}  # warm-up, untimed
+                times = {name: [] for name in runs}
+                for r in range(args.repeats):
+                    for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                        start = time.perf_counter()
+                        outputs[name] = runs[name]()
+                        times[name].append(time.perf_counter() - start)
+                for name, ts in times.items():
+                    table[(name, method, batch, threads)] = len(texts) / statistics.median(ts)
+                    print(f"  {name:<12} {method:<7} batch {batch:<3} {threads} thread(s): "
+                          f"{len(texts) / statistics.median(ts):8,.1f} inputs/s (runs: "
+                          + ", ".join(f"{len(texts) / t:,.1f}" for t in ts) + ")", flush=True)
+                if len(runs) == 2 and threads == thread_counts[0]:
+                    same = sum(x == y for x, y in zip(outputs["encdec"], outputs["ctranslate2"]))
+                    quality = {n: score(metric, o, refs[: len(texts)])[key]
+                               for n, o in outputs.items()}
+                    notes.append(f"{method}, batch {batch}: outputs equal for {same}/{len(texts)}; "
+                                 f"{args.split} {key.upper()} encdec {quality['encdec']:.2f}, "
+                                 f"ctranslate2 {quality['ctranslate2']:.2f}")
+    cols = [(b, t) for b in batches for t in thread_counts]
+    print(f"\n{args.run}: {len(words)} {args.split} inputs (batch 1: the first "
+          f"{min(len(words), args.batch1_limit or len(words))}), inputs/s, median of "
+          f"{args.repeats}; torch {torch.__version__}, ctranslate2 {ctranslate2.__version__} "
+          "float32")
+    print("| engine | search | " + " | ".join(f"batch {b}, {t} thr" for b, t in cols) + " |")
+    print("|---|---|" + "---:|" * len(cols))
+    for method in ("greedy", f"beam {K}"):
+        for name in engines:
+            print(f"| {name} | {method} | " + " | ".join(
+                f"{table[(name, method, b, t)]:,.0f}" for b, t in cols) + " |")
+        if len(engines) == 2:
+            print(f"| encdec / ctranslate2 | {method} | " + " | ".join(
+                f"{table[('encdec', method, b, t)] / table[('ctranslate2', method, b, t)]:.2f}x"
+                for b, t in cols) + " |")
+    for note in notes:
+        print("  " + note)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", nargs="?", default=DEFAULT_RUN,
@@ -69,6 +174,12 @@ def main():
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="only the first N inputs")
+    ap.add_argument("--engines", default="encdec,reference",
+                    help="encdec,reference (default) or encdec,ctranslate2")
+    ap.add_argument("--batches", default="64,1", help="with ctranslate2: batch sizes")
+    ap.add_argument("--thread-counts", default="1,2", help="with ctranslate2: thread counts")
+    ap.add_argument("--batch1-limit", type=int, default=300,
+                    help="with ctranslate2: batch-1 rows decode the first N inputs (0: all)")
     args = ap.parse_args()
     if not (Path(args.run) / "config.yaml").exists():
         sys.exit(f"decode_speed.py: no trained run at {args.run}; train one with `encdec train "
@@ -79,6 +190,9 @@ def main():
     entries = read_eval(tr.cfg.data.dir, args.split)
     entries = entries[: args.limit] if args.limit else entries
     words, refs = [e["src"] for e in entries], [e["refs"] for e in entries]
+    if "ctranslate2" in args.engines:
+        compare_engines(args, tr, words, refs)
+        return
     ref = ReferenceTransformer(tr.cfg.model, tr.assets.meta["src_vocab_size"],
                                tr.assets.meta["tgt_vocab_size"]).load_encdec(tr.model)
     ref = ref.to(tr.device).eval()

@@ -38,6 +38,9 @@ def _prepare(args) -> None:
     if args.recipe == "bible-speech-es":
         _prepare_speech_translation(args)
         return
+    if args.stream and (args.recipe or not args.train):
+        raise DataError("--stream prepares a user corpus given with --train FILE (a recipe is "
+                        "built in memory)")
     if args.recipe:
         if args.recipe not in RECIPES:
             raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: "
@@ -64,6 +67,8 @@ def _prepare(args) -> None:
         from encdec.data.utterances import is_audio_list, prepare_audio_list
 
         if len(args.train) == 1 and is_audio_list(args.train[0]):
+            if args.stream:
+                raise DataError(f"--stream prepares text pairs; {args.train[0]} is an audio list")
             lists = {"train": args.train[0]}
             if args.dev or args.test:
                 if not (args.dev and args.test):
@@ -79,6 +84,18 @@ def _prepare(args) -> None:
         if args.metric == "asr":
             raise DataError("--metric asr scores speech recognition: give an audio list "
                             "(--train LIST.tsv|.jsonl), or use --metric text or g2p")
+        if args.stream:
+            from encdec.data.stream import prepare_stream
+
+            options = {k: given[k] if given[k] is not None else defaults[k] for k in defaults}
+            prepare_stream(args.train, args.out, dev=args.dev, test=args.test,
+                           src_tokenizer={"kind": args.src_tokenizer, "lowercase": args.lowercase},
+                           tgt_tokenizer={"kind": args.tgt_tokenizer or args.src_tokenizer,
+                                          "lowercase": args.lowercase},
+                           metric=args.metric or "text", group_refs=args.group_refs,
+                           tokenizer_sample=args.tokenizer_sample, chunk_pairs=args.chunk_pairs,
+                           workers=args.workers, force=args.force, **options)
+            return
         out = Path(args.out)
         check_replaceable(out, args.force)
         splits = {"train": read_pairs(*args.train)}
@@ -313,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--speech-dir", metavar="DIR",
                     help="bible-speech-es: the bible-speech directory whose audio it uses "
                          "(default data/bible-speech)")
+    pr.add_argument("--stream", action="store_true",
+                    help="corpora larger than memory: tokenize in chunks over --workers "
+                         "processes straight into the memory-mapped arrays, SentencePiece "
+                         "trained on a sample (text pairs only)")
+    pr.add_argument("--tokenizer-sample", type=int, default=1_000_000, metavar="N",
+                    help="--stream: train SentencePiece on a uniform sample of N training pairs "
+                         "(default 1,000,000)")
+    pr.add_argument("--chunk-pairs", type=int, default=100_000, metavar="N",
+                    help="--stream: lines per chunk a worker tokenizes (default 100,000)")
+    pr.add_argument("--workers", type=int, metavar="N",
+                    help="--stream: worker processes (default: one per core, at most 8)")
     pr.add_argument("--force", action="store_true",
                     help="prepare a recipe again; replace an --out directory that is not an "
                          "encdec data directory")

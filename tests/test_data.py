@@ -144,8 +144,64 @@ def test_token_batches_respect_budget_and_are_deterministic():
     for batch in a:
         width = max(max(src[batch]), max(tgt[batch]) + 1)
         assert width * len(batch) <= 200 or len(batch) == 1
-    r0, r1 = shard(a, 0, 2), shard(a, 1, 2)
-    assert len(r0) == len(r1) and not set(map(id, r0)) & set(map(id, r1))
+
+
+def _batches_one_pair_at_a_time(src, tgt, max_tokens, seed, epoch, shuffle=True, max_len=0):
+    """token_batches written plainly: sort with np.lexsort, grow each batch pair by pair."""
+    rng = np.random.default_rng([seed, epoch])
+    idx = np.arange(len(src))
+    if max_len:
+        idx = idx[(src <= max_len) & (tgt <= max_len)]
+    noise = rng.random(len(idx)) if shuffle else np.arange(len(idx))
+    order = idx[np.lexsort((noise, src[idx], tgt[idx]))]
+    batches, start, widest = [], 0, 0
+    for pos in range(len(order)):
+        w = int(max(src[order[pos]], tgt[order[pos]] + 1))
+        if pos > start and max(widest, w) * (pos - start + 1) > max_tokens:
+            batches.append(order[start:pos])
+            start, widest = pos, 0
+        widest = max(widest, w)
+    if start < len(order):
+        batches.append(order[start:])
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_batches_equal_the_plain_pair_by_pair_packing(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    src, tgt = rng.integers(1, 300, n), rng.integers(1, 300, n)
+    for max_tokens, max_len, shuffle in [(200, 0, True), (4096, 256, True), (50, 0, False),
+                                         (100_000, 100, True)]:
+        got = token_batches(src, tgt, max_tokens, seed=seed, epoch=2, shuffle=shuffle,
+                            max_len=max_len)
+        want = _batches_one_pair_at_a_time(src, tgt, max_tokens, seed, 2, shuffle, max_len)
+        assert [b.tolist() for b in got] == [b.tolist() for b in want]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 7])
+def test_ranks_batches_together_are_the_epoch_without_drops_or_repeats(world):
+    rng = np.random.default_rng(world)
+    for n, budget in [(500, 200), (37, 120), (world, 30), (9, 30)]:
+        src, tgt = rng.integers(1, 30, n), rng.integers(1, 30, n)
+        if budget == 30:
+            src[:] = 30  # one pair per batch: nothing to halve
+        epoch = token_batches(src, tgt, budget, seed=1, epoch=0)
+        ranks = [shard(epoch, r, world) for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1  # lock-step
+        seen = np.sort(np.concatenate([b for r in ranks for b in r]))
+        if budget == 30:  # the remainder (fewer than `world` pairs) is left out, nothing repeated
+            assert len(seen) == n - n % world and len(set(seen)) == len(seen)
+        else:
+            assert (seen == np.arange(n)).all(), (n, budget)  # every pair once
+        for batch in (b for r in ranks for b in r):
+            width = max(max(src[batch]), max(tgt[batch]) + 1)
+            assert len(batch) and (width * len(batch) <= budget or len(batch) == 1)
+        full_rounds = len(epoch) // world * world - world  # untouched before the last round
+        evened = [b for step in zip(*ranks) for b in step]
+        assert all((x == y).all() for x, y in zip(epoch[:max(full_rounds, 0)], evened))
 
 
 def test_collate_adds_bos_and_eos(tiny_data):

@@ -165,6 +165,40 @@ def test_ddp_with_accumulation_equals_one_process(tiny_data, tmp_path):
     assert info_one["tokens_seen"] == info_two["tokens_seen"]
 
 
+def test_two_nodes_rendezvous_rank_zero_writes_and_the_epoch_is_trained_once(tiny_data, tmp_path):
+    """`torchrun --nnodes 2` on one machine: two launchers (one per "node", each in its own
+    working directory with a relative train.run_dir) meet at a c10d rendezvous endpoint. Only
+    rank 0 writes a run directory, and one epoch over the two ranks sees exactly the target
+    tokens of one epoch trained by one process (no batch dropped or repeated)."""
+    common = dict(max_steps=0, max_epochs=1, valid_every=1000, log_every=1, valid_max_inputs=4,
+                  max_tokens=150)
+    one = write_config(tmp_path / "one.yaml", tiny_data, tmp_path / "one", **common)
+    assert main(["train", str(one)]) == 0
+    cfg = write_config(tmp_path / "nodes.yaml", tiny_data, Path("run"), **common)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    nodes = []
+    for node in range(2):
+        (tmp_path / f"node{node}").mkdir()
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "encdec-test", "-m", "encdec.cli", "train",
+             str(cfg)], cwd=tmp_path / f"node{node}", env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in nodes]
+    assert all(proc.returncode == 0 for proc in nodes), "\n".join(o[-3000:] for o in outputs)
+    written = [tmp_path / f"node{n}" / "run" for n in range(2)
+               if (tmp_path / f"node{n}" / "run").exists()]
+    assert len(written) == 1, written  # rank 0's node only
+    assert (written[0] / "checkpoints" / "last").exists()
+    assert "2 process(es)" in "".join(outputs)
+    last = json.loads((checkpoint.resolve(written[0], "last") / "trainer.json").read_text())
+    ref = json.loads((checkpoint.resolve(tmp_path / "one", "last") / "trainer.json").read_text())
+    assert last["epoch"] == ref["epoch"] == 0 and last["batch_in_epoch"] > 0
+    assert last["tokens_seen"] == ref["tokens_seen"]
+
+
 def _trainer(tiny_data, tmp_path, **train):
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg_path = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", **train)

@@ -49,42 +49,51 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> list[tuple[str,
     return list(zip(src, tgt))
 
 
+def parse_tsv(line: str, path, lineno: int) -> tuple[str, str]:
+    """One TSV line as a (source, target) pair; DataError naming ``path:lineno`` otherwise."""
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise DataError(f"{path}:{lineno}: expected 2 tab-separated fields (source, target), "
+                        f"found {len(fields)}")
+    return fields[0], fields[1]
+
+
+def parse_jsonl(line: str, path, lineno: int) -> tuple[str, str]:
+    """One JSONL line as a (source, target) pair; a blank line is an empty pair (counted as
+    empty, like an empty line elsewhere)."""
+    if not line.strip():
+        return "", ""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{lineno}: invalid JSON at column {err.colno}: {err.msg}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("src"), str) \
+            or not isinstance(obj.get("tgt"), str):
+        raise DataError(f'{path}:{lineno}: expected an object with string fields "src" and "tgt"')
+    return obj["src"], obj["tgt"]
+
+
 def read_tsv(path: str | Path) -> list[tuple[str, str]]:
-    pairs = []
-    for lineno, line in enumerate(read_lines(path), 1):
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise DataError(f"{path}:{lineno}: expected 2 tab-separated fields (source, target), "
-                            f"found {len(fields)}")
-        pairs.append((fields[0], fields[1]))
-    return pairs
+    return [parse_tsv(line, path, n) for n, line in enumerate(read_lines(path), 1)]
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    pairs = []
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            pairs.append(("", ""))  # counted as an empty pair, like an empty line elsewhere
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid JSON at column {err.colno}: {err.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("src"), str) \
-                or not isinstance(obj.get("tgt"), str):
-            raise DataError(f'{path}:{lineno}: expected an object with string fields "src" and "tgt"')
-        pairs.append((obj["src"], obj["tgt"]))
-    return pairs
+    return [parse_jsonl(line, path, n) for n, line in enumerate(read_lines(path), 1)]
+
+
+def pair_format(path: str | Path) -> str:
+    """"tsv" or "jsonl" by the file's suffix; DataError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    raise DataError(f"{path}: cannot tell the format; use a .tsv or .jsonl file, "
+                    "or give source and target as two parallel files")
 
 
 def read_pairs(path: str | Path, tgt_path: str | Path | None = None) -> list[tuple[str, str]]:
     """Pairs from a TSV/JSONL file, or from a source file plus a parallel target file."""
     if tgt_path is not None:
         return read_parallel(path, tgt_path)
-    suffix = Path(path).suffix.lower()
-    if suffix in (".tsv", ".tab"):
-        return read_tsv(path)
-    if suffix in (".jsonl", ".json"):
-        return read_jsonl(path)
-    raise DataError(f"{path}: cannot tell the format; use a .tsv or .jsonl file, "
-                    "or give source and target as two parallel files")
+    return read_tsv(path) if pair_format(path) == "tsv" else read_jsonl(path)

@@ -20,13 +20,14 @@ class BinarizedSplit:
         d = Path(data_dir)
         try:
             self.src_tokens = np.load(d / f"{split}.src.tokens.npy", mmap_mode="r")
-            self.src_offsets = np.load(d / f"{split}.src.offsets.npy")
+            self.src_offsets = np.load(d / f"{split}.src.offsets.npy", mmap_mode="r")
             self.tgt_tokens = np.load(d / f"{split}.tgt.tokens.npy", mmap_mode="r")
-            self.tgt_offsets = np.load(d / f"{split}.tgt.offsets.npy")
+            self.tgt_offsets = np.load(d / f"{split}.tgt.offsets.npy", mmap_mode="r")
         except FileNotFoundError as err:
             raise DataError(f"{data_dir}: split {split!r} is missing ({Path(err.filename).name})") from None
-        self.src_lens = np.diff(self.src_offsets)
-        self.tgt_lens = np.diff(self.tgt_offsets)
+        # lengths in memory (4 bytes a pair and side), for batching; ids and offsets stay on disk
+        self.src_lens = np.diff(self.src_offsets).astype(np.int32)
+        self.tgt_lens = np.diff(self.tgt_offsets).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.src_lens)
@@ -60,30 +61,65 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, max_tokens: int, *
     if max_len:
         idx = idx[(src_lens <= max_len) & (tgt_lens <= max_len)]
     noise = rng.random(len(idx)) if shuffle else np.arange(len(idx))
-    order = idx[np.lexsort((noise, src_lens[idx], tgt_lens[idx]))]
+    # By target length, then source length, then the random noise: stable sorts from the least
+    # significant key (np.lexsort's order; lengths sort as 16-bit ints, by radix, when they fit)
+    order = idx[np.argsort(noise, kind="stable")]
+    for lens in (src_lens, tgt_lens):
+        key = lens[order]
+        if len(key) and key.max() < 2 ** 16 and key.min() >= 0:
+            key = key.astype(np.uint16)
+        order = order[np.argsort(key, kind="stable")]
     width = np.maximum(src_lens[order], tgt_lens[order] + 1)  # +1: BOS/EOS on the target side
-    batches, start = [], 0
-    widest = 0
-    for pos in range(len(order)):
-        w = int(width[pos])
-        if pos > start and max(widest, w) * (pos - start + 1) > max_tokens:
-            batches.append(order[start:pos])
-            start, widest = pos, 0
-        widest = max(widest, w)
-    if start < len(order):
-        batches.append(order[start:])
+    batches, start, window = [], 0, 64
+    while start < len(order):
+        # the longest run from `start` whose size x widest stays within max_tokens (at least one
+        # pair): the cost grows with the run, so it is a search in its running maximum
+        while True:
+            end = min(start + window, len(order))
+            cost = np.maximum.accumulate(width[start:end]) * np.arange(1, end - start + 1)
+            take = max(1, int(np.searchsorted(cost, max_tokens, side="right")))
+            if take < end - start or end == len(order):
+                break
+            window *= 2
+        batches.append(order[start:start + take])
+        start += take
+        window = max(64, 2 * take)
     if shuffle:
         perm = rng.permutation(len(batches))
         batches = [batches[i] for i in perm]
     return batches
 
 
+def even_out(batches: list, world_size: int) -> list:
+    """The epoch's batches, their number made a multiple of ``world_size`` by halving batches
+    at its end (a half of a batch is within the token budget too), so that every process takes
+    as many batches as the others and no pair is dropped or repeated. The batches before the
+    last round stay as they are. Only when the tail is made of single pairs that cannot be
+    halved enough is the remainder (fewer than ``world_size`` batches) left out."""
+    if world_size <= 1 or len(batches) % world_size == 0:
+        return batches
+    region = len(batches) % world_size
+    while True:
+        tail = list(batches[len(batches) - region:])
+        need = -len(tail) % world_size
+        while need and max(len(b) for b in tail) > 1:
+            i = max(range(len(tail)), key=lambda j: len(tail[j]))  # the first of the largest
+            half = (len(tail[i]) + 1) // 2
+            tail[i:i + 1] = [tail[i][:half], tail[i][half:]]
+            need -= 1
+        if not need:
+            return list(batches[:len(batches) - region]) + tail
+        if region == len(batches):
+            return list(batches[:len(batches) - len(batches) % world_size])
+        region += world_size
+
+
 def shard(batches: list, rank: int, world_size: int) -> list:
-    """This rank's batches; every rank gets the same number so DDP steps stay in lock-step."""
+    """This rank's batches of an epoch evened out by ``even_out``: every rank gets the same
+    number (DDP steps stay in lock-step) and together they hold every batch once."""
     if world_size == 1:
         return batches
-    per_rank = len(batches) // world_size
-    return batches[rank: per_rank * world_size: world_size]
+    return even_out(batches, world_size)[rank::world_size]
 
 
 @dataclass

@@ -118,6 +118,20 @@ def _dropped(st: dict, max_len: int) -> str:
             f"{st['dropped_too_long']} dropped as over {max_len} tokens (--max-len)")
 
 
+def refuse_empty_splits(kept: dict[str, int], stats: dict, max_len: int,
+                        split_by_hash: bool) -> None:
+    """DataError when cleaning left train, dev or test without pairs, saying why."""
+    for split in ("train", "dev", "test"):
+        if split in kept and not kept[split]:
+            hint = {"train": "nothing to train on",
+                    "dev": "validation would score nothing (and call it perfect)",
+                    "test": "evaluation would score nothing"}[split]
+            if split != "train" and split_by_hash:
+                hint += (f"; the {split} split is 5% of the pairs by a hash of the source, too "
+                         "few for this corpus: give --dev and --test files")
+            raise DataError(f"no {split} pairs left: {_dropped(stats[split], max_len)}; {hint}")
+
+
 def _build(corpus: Corpus, tmp: Path, *, max_len: int, vocab_size: int, spm_type: str,
            joint_vocab: bool, min_freq: int, name: str) -> tuple[dict, list[str]]:
     # 1. Clean: strip whitespace, drop empty pairs (counted).
@@ -161,15 +175,8 @@ def _build(corpus: Corpus, tmp: Path, *, max_len: int, vocab_size: int, spm_type
                 rows.append((s_tok, t_tok, i))
         stats[split].setdefault("dropped_too_long", 0)
         tokenized[split] = rows
-    for split in ("train", "dev", "test"):
-        if split in tokenized and not tokenized[split]:
-            hint = {"train": "nothing to train on",
-                    "dev": "validation would score nothing (and call it perfect)",
-                    "test": "evaluation would score nothing"}[split]
-            if split != "train" and corpus.split_by_hash:
-                hint += (f"; the {split} split is 5% of the pairs by a hash of the source, too "
-                         "few for this corpus: give --dev and --test files")
-            raise DataError(f"no {split} pairs left: {_dropped(stats[split], max_len)}; {hint}")
+    refuse_empty_splits({k: len(v) for k, v in tokenized.items()}, stats, max_len,
+                        corpus.split_by_hash)
 
     # 4. Vocabularies from the training split.
     src_counts = Counter(tok for s, _, _ in tokenized["train"] for tok in s)
@@ -188,26 +195,13 @@ def _build(corpus: Corpus, tmp: Path, *, max_len: int, vocab_size: int, spm_type
         pairs = [cleaned[split][i] for _, _, i in rows]
         (tmp / f"{split}.src.txt").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
         (tmp / f"{split}.tgt.txt").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
-        refs: dict[str, list[str]] = {}
-        entries = []
-        for s, t in pairs:
-            if corpus.group_refs:
-                if s not in refs:
-                    refs[s] = []
-                    entries.append(s)
-                refs[s].append(t)
-            else:
-                entries.append((s, t))
-        with open(tmp / f"{split}.eval.jsonl", "w", encoding="utf-8") as f:
-            for e in entries:
-                src, ref_list = (e, refs[e]) if corpus.group_refs else (e[0], [e[1]])
-                f.write(json.dumps({"src": src, "refs": ref_list}, ensure_ascii=False) + "\n")
+        n_eval = write_eval(tmp / f"{split}.eval.jsonl", pairs, corpus.group_refs)
         for side, col in (("src", 0), ("tgt", 1)):
             ids = [vocabs[side].encode(r[col]) for r in rows]
             _write_binarized(tmp, split, side, ids)
         src_unk = sum(vocabs["src"].encode(r[0]).count(3) for r in rows)
         stats[split].update({
-            "pairs": len(rows), "eval_inputs": len(entries),
+            "pairs": len(rows), "eval_inputs": n_eval,
             "src_tokens": int(sum(len(r[0]) for r in rows)),
             "tgt_tokens": int(sum(len(r[1]) for r in rows)),
             "src_unk": int(src_unk),
@@ -220,11 +214,33 @@ def _build(corpus: Corpus, tmp: Path, *, max_len: int, vocab_size: int, spm_type
         "tgt_vocab_size": len(vocabs["tgt"]), "max_len": max_len, "splits": stats,
         "skipped": corpus.skipped,
     }
-    summary = [f"{split:>6}: {st['pairs']:>7} pairs ({st['eval_inputs']} eval inputs), "
-               f"{st['src_tokens']} src / {st['tgt_tokens']} tgt tokens; dropped "
-               f"{st['dropped_empty']} empty, {st['dropped_too_long']} over {max_len} tokens"
-               for split, st in stats.items()]
+    summary = [dropped_summary(split, st, max_len) for split, st in stats.items()]
     return meta, summary
+
+
+def write_eval(path: Path, pairs, group_refs: bool) -> int:
+    """``{split}.eval.jsonl``: one line per evaluation input with its references, in corpus
+    order; with ``group_refs`` every target of the same source is a reference of one input.
+    Returns the number of inputs."""
+    with open(path, "w", encoding="utf-8") as f:
+        if not group_refs:
+            n = 0
+            for s, t in pairs:
+                f.write(json.dumps({"src": s, "refs": [t]}, ensure_ascii=False) + "\n")
+                n += 1
+            return n
+        refs: dict[str, list[str]] = {}
+        for s, t in pairs:
+            refs.setdefault(s, []).append(t)
+        for s, ref_list in refs.items():  # dicts keep first-seen order
+            f.write(json.dumps({"src": s, "refs": ref_list}, ensure_ascii=False) + "\n")
+        return len(refs)
+
+
+def dropped_summary(split: str, st: dict, max_len: int) -> str:
+    return (f"{split:>6}: {st['pairs']:>7} pairs ({st['eval_inputs']} eval inputs), "
+            f"{st['src_tokens']} src / {st['tgt_tokens']} tgt tokens; dropped "
+            f"{st['dropped_empty']} empty, {st['dropped_too_long']} over {max_len} tokens")
 
 
 def _write_binarized(directory: Path, split: str, side: str, ids: list[list[int]]) -> None:

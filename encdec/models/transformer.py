@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encdec.config import ModelConfig
+from encdec.config import ConfigError, ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.base import DecoderState, EncoderOut
 from encdec.nn.attention import MultiHeadAttention
@@ -109,8 +109,10 @@ class TransformerSeq2Seq(nn.Module):
         self.src_embed = Embedding(src_vocab_size, cfg.d_model, positions, cfg.dropout)
         if cfg.share_embeddings:
             if src_vocab_size != tgt_vocab_size:
-                raise ValueError("model.share_embeddings needs a joint vocabulary "
-                                 f"(source {src_vocab_size} vs target {tgt_vocab_size} tokens)")
+                raise ConfigError("model.share_embeddings needs a joint vocabulary (source "
+                                  f"{src_vocab_size} vs target {tgt_vocab_size} tokens): "
+                                  "prepare the data with --joint-vocab, or set "
+                                  "model.share_embeddings=false")
             self.tgt_embed = Embedding(tgt_vocab_size, cfg.d_model, positions, cfg.dropout)
             self.tgt_embed.tokens = self.src_embed.tokens
         else:
