@@ -103,3 +103,68 @@ def test_griffin_lim_inverts_the_front_end_and_momentum_converges_faster():
         assert wave.abs().max() <= 1.0 and wave.size(1) == (feats.size(1) - 1) * 160 + 400
     assert results["fast"][0] < 0.5 < results["random phase"][0]  # log-mel error, nats
     assert results["fast"][1] < results["plain"][1] < results["random phase"][1]
+
+
+def _toy_tts_batch(gen, protos, B=16):
+    """Tokens whose frames are their own noisy prototype vector, held for 2-6 frames (no token
+    twice in a row, so every boundary is visible in the frames)."""
+    V = protos.size(0)
+    toks, mels, durs = [], [], []
+    for _ in range(B):
+        n = int(torch.randint(3, 8, (1,), generator=gen))
+        t = torch.randint(4, V, (n,), generator=gen)
+        for i in range(1, n):
+            if t[i] == t[i - 1]:
+                t[i] = 4 + (t[i] - 3) % (V - 4)
+        d = torch.randint(2, 7, (n,), generator=gen)
+        toks.append(t)
+        durs.append(d)
+        mels.append(protos[t].repeat_interleave(d, 0)
+                    + 0.1 * torch.randn(int(d.sum()), protos.size(1), generator=gen))
+    N, T = max(len(t) for t in toks), max(len(m) for m in mels)
+    tok = torch.zeros(B, N, dtype=torch.long)
+    mel = torch.zeros(B, T, protos.size(1))
+    dur = torch.zeros(B, N, dtype=torch.long)
+    for i, (t, m, d) in enumerate(zip(toks, mels, durs)):
+        tok[i, :len(t)], mel[i, :len(m)], dur[i, :len(d)] = t, m, d
+    return tok, mel, torch.tensor([len(m) for m in mels]), dur
+
+
+def test_fastspeech_learns_durations_without_an_aligner_and_length_scale_controls_them():
+    from encdec.config import ModelConfig
+    from encdec.models.tts import FastSpeech
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    protos = torch.randn(12, 16, generator=gen) * 2
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0)
+    model = FastSpeech(cfg, 12, n_mels=16, predictor_channels=32, postnet_layers=2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(220):
+        tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
+        loss, _ = model.loss(tok, mel, lengths, binarize=step >= 100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    tok, mel, lengths, true = _toy_tts_batch(gen, protos)
+    real = tok.ne(0)
+    with torch.no_grad():
+        _, parts = model.loss(tok, mel, lengths)
+    learned = parts["durations"]  # the alignment's (MAS) durations of unseen utterances
+    assert float(((learned - true).abs() <= 1)[real].float().mean()) >= 0.85
+    assert (learned.sum(dim=1) == lengths).all()
+    out = model.synthesize(tok)
+    slow = model.synthesize(tok, length_scale=2.0)
+    total = float(lengths.sum())
+    assert abs(float(out.frame_lengths.sum()) - total) < 0.15 * total  # predicted durations
+    assert float(slow.frame_lengths.sum()) == pytest.approx(2 * float(out.frame_lengths.sum()),
+                                                            rel=0.05)
+    assert out.mels.shape == (16, int(out.frame_lengths.max()), 16)
+    given = model.synthesize(tok, durations=true)  # durations from elsewhere (e.g. a teacher)
+    assert torch.equal(given.frame_lengths, lengths)
+    twice_first = torch.ones_like(tok, dtype=torch.float)
+    twice_first[:, 0] = 2.0
+    per_token = model.synthesize(tok, token_scales=twice_first)
+    assert (per_token.durations[:, 1:] == out.durations[:, 1:]).all()
+    assert (per_token.durations[:, 0] >= 2 * out.durations[:, 0] - 1).all()

@@ -32,9 +32,14 @@ def _masked(log_probs: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor
     return log_probs.masked_fill(~real[:, None, :], NEG_INF)
 
 
-def _shift_right(x: torch.Tensor) -> torch.Tensor:
-    """x[:, j - 1] at column j, -inf at column 0."""
-    return torch.cat([x.new_full((x.size(0), 1), NEG_INF), x[:, :-1]], dim=1)
+def _shift_right(x: torch.Tensor, fill: float = NEG_INF) -> torch.Tensor:
+    """x[:, j - 1] at column j, ``fill`` at column 0."""
+    return torch.cat([x.new_full((x.size(0), 1), fill), x[:, :-1]], dim=1)
+
+
+# The forward algorithm runs on log-probabilities clamped to this (not -inf): the gradient of
+# logaddexp(-inf, -inf) is NaN, and unreachable cells would spread it to every parameter.
+NEVER = -1e9
 
 
 def forward_sum_loss(log_probs: torch.Tensor, text_lengths: torch.Tensor,
@@ -43,18 +48,20 @@ def forward_sum_loss(log_probs: torch.Tensor, text_lengths: torch.Tensor,
     each row's frame count. A row with fewer frames than tokens has no path: it contributes 0
     (and no gradient), like CTC's ``zero_infinity``."""
     B, T, N = log_probs.shape
-    lp = _masked(log_probs, text_lengths)
-    alpha = lp[:, 0].masked_fill(torch.arange(N, device=lp.device)[None, :] > 0, NEG_INF)
+    lp = _masked(log_probs, text_lengths).clamp(min=NEVER)
+    first = torch.arange(N, device=lp.device)[None, :] > 0
+    alpha = lp[:, 0].masked_fill(first, NEVER)
     total = lp.new_zeros(B)
     last = (frame_lengths - 1).clamp(min=0)
     end_token = (text_lengths - 1).clamp(min=0)
     for t in range(T):
         if t:
-            alpha = torch.logaddexp(alpha, _shift_right(alpha)) + lp[:, t]
+            alpha = torch.logaddexp(alpha, _shift_right(alpha, NEVER)) + lp[:, t]
+            alpha = alpha.clamp(min=NEVER)
         done = last == t
         if done.any():
             total = torch.where(done, alpha.gather(1, end_token[:, None]).squeeze(1), total)
-    ok = torch.isfinite(total) & (frame_lengths >= text_lengths) & (text_lengths > 0)
+    ok = (total > NEVER / 2) & (frame_lengths >= text_lengths) & (text_lengths > 0)
     nll = torch.where(ok, -total, torch.zeros_like(total)) / frame_lengths.clamp(min=1)
     return nll.mean()
 
