@@ -168,3 +168,47 @@ def test_fastspeech_learns_durations_without_an_aligner_and_length_scale_control
     per_token = model.synthesize(tok, token_scales=twice_first)
     assert (per_token.durations[:, 1:] == out.durations[:, 1:]).all()
     assert (per_token.durations[:, 0] >= 2 * out.durations[:, 0] - 1).all()
+
+
+def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_durations():
+    from encdec.config import ModelConfig
+    from encdec.models.tts import TransformerTTS, durations_from_attention
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    protos = torch.randn(12, 16, generator=gen) * 2
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0)
+    model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2,
+                           prenet_dropout=0.2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
+        loss, _ = model.loss(tok, mel, lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok, mel, lengths, true = _toy_tts_batch(gen, protos)
+    model.eval()
+    model.prenet_dropout = 0.0  # deterministic, for the equivalence below
+    with torch.no_grad():
+        _, parts = model.loss(tok, mel, lengths)
+    # the teacher way to durations: the guided attention, read by MAS
+    got = durations_from_attention(parts["attention"], tok.ne(0).sum(1), lengths)
+    assert (got.sum(dim=1) == lengths).all()
+    assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
+    # one cached step at a time, fed the true previous frames = the teacher-forced pass
+    with torch.no_grad():
+        memory, mask = model.encode(tok)
+        caches = model.init_caches(memory)
+        prev = mel.new_zeros(mel.size(0), 16)
+        steps = []
+        for s in range(-(-mel.size(1) // 2)):
+            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
+            steps.append(out)
+            prev = mel[:, min(2 * s + 1, mel.size(1) - 1)]
+    stepped = torch.cat(steps, dim=1)[:, :mel.size(1)]
+    real = torch.arange(mel.size(1))[None, :] < lengths[:, None]
+    torch.testing.assert_close(stepped[real], parts["before"][real], rtol=1e-4, atol=1e-4)
+    out = model.synthesize(tok, max_frames=60)
+    assert out.mels.shape[0] == 16 and (out.frame_lengths <= 60).all()
+    assert (out.durations.sum(dim=1) == out.frame_lengths).all()

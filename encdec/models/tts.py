@@ -185,3 +185,177 @@ class FastSpeech(nn.Module):
             durations = frames.round().long().clamp(min=1).masked_fill(~mask, 0)
         _, after, frame_lengths = self.decode(memory, durations)
         return TTSOutput(after, frame_lengths, durations)
+
+
+def guided_attention_loss(attention: torch.Tensor, text_lengths: torch.Tensor,
+                          frame_lengths: torch.Tensor, sigma: float = 0.2) -> torch.Tensor:
+    """Mean attention mass (B, T, N) far from the diagonal, weighted by
+    1 - exp(-(n / N - t / T)^2 / (2 sigma^2)) (Tachibana et al. 2018): a prior that makes
+    attention align monotonically on a small corpus."""
+    B, T, N = attention.shape
+    t = torch.arange(T, device=attention.device)[None, :, None] / frame_lengths[:, None, None]
+    n = torch.arange(N, device=attention.device)[None, None, :] / text_lengths[:, None, None]
+    weight = 1 - torch.exp(-(n - t).square() / (2 * sigma ** 2))
+    real = lengths_mask(frame_lengths, T)[:, :, None] & lengths_mask(text_lengths, N)[:, None, :]
+    return (attention * weight)[real].sum() / real.sum().clamp(min=1)
+
+
+def durations_from_attention(attention: torch.Tensor, text_lengths: torch.Tensor,
+                             frame_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, N) frames per token read off an autoregressive model's cross-attention (B, T, N)
+    (the teacher way to durations): the most probable monotonic path through it (MAS), so every
+    token gets at least one frame and the durations sum to the frame count."""
+    log_attention = attention.clamp(min=1e-8).log()
+    return hard_durations(monotonic_alignment_search(log_attention, text_lengths, frame_lengths))
+
+
+class TransformerTTS(nn.Module):
+    """Autoregressive text-to-speech: tokens -> mel frames, ``reduction`` frames per decoder
+    step, with a stop-token head, a pre-net, a post-net and guided attention. The decoder
+    layers and their key/value caches are the text decoder's. Dimensions as in FastSpeech;
+    S = T / reduction decoder steps."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80, reduction: int = 2,
+                 prenet_dropout: float = 0.5, postnet_layers: int = 5,
+                 stop_pos_weight: float = 5.0):
+        super().__init__()
+        from encdec.models.transformer import DecoderLayer
+
+        self.stop_pos_weight = stop_pos_weight
+        self.cfg = cfg
+        self.n_mels = n_mels
+        self.reduction = reduction
+        positions = Positions(cfg.positions, cfg.d_model, cfg.max_positions)
+        self.embed = Embedding(vocab_size, cfg.d_model, positions, cfg.dropout)
+        self.step_positions = positions
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        pre = cfg.norm == "pre"
+        self.enc_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
+        self.dec_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
+        self.prenet = nn.ModuleList([nn.Linear(n_mels, cfg.d_model), nn.Linear(cfg.d_model,
+                                                                                cfg.d_model)])
+        self.prenet_dropout = prenet_dropout
+        self.mel_out = nn.Linear(cfg.d_model, n_mels * reduction)
+        self.stop_out = nn.Linear(cfg.d_model, reduction)
+        self.postnet = ConvStack(n_mels, 256, postnet_layers - 1, 5, cfg.dropout) \
+            if postnet_layers > 1 else None
+        self.postnet_out = nn.Linear(256, n_mels) if postnet_layers > 1 else None
+
+    def encode(self, tokens: torch.Tensor):
+        mask = tokens.ne(PAD)
+        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
+        x = self.embed(tokens)
+        for layer in self.encoder:
+            x = layer(x, attn_mask, mask)
+        return (self.enc_norm(x, mask) if self.enc_norm is not None else x), mask
+
+    def _prenet(self, frames: torch.Tensor) -> torch.Tensor:
+        # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
+        for linear in self.prenet:
+            frames = F.dropout(F.relu(linear(frames)), self.prenet_dropout, training=True)
+        return frames
+
+    def _postnet(self, mels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.postnet is None:
+            return mels
+        return mels + self.postnet_out(self.postnet(mels, mask))
+
+    def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
+             guided_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
+        cross-entropy on the stop flags (1 at each row's last frame, weighted
+        ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
+        cross-attention. Returns the attention (B, T, N) and the frames before the post-net
+        (B, T, M) too."""
+        memory, mask = self.encode(tokens)
+        B, T, M = mels.shape
+        r = self.reduction
+        S = -(-T // r)
+        padded = F.pad(mels, (0, 0, 0, S * r - T))
+        steps = padded.view(B, S, r, M)
+        # the input of step s is the last frame of step s - 1 (zeros at the start)
+        prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)
+        x = self._prenet(prev) + self.step_positions(S)[None]
+        step_lengths = -(-mel_lengths // r)
+        step_mask = lengths_mask(step_lengths, S)
+        cross_mask = mask[:, None, None, :]
+        weights = None
+        for i, layer in enumerate(self.decoder):
+            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
+                               need_attention=i == len(self.decoder) - 1)
+        if self.dec_norm is not None:
+            x = self.dec_norm(x, step_mask)
+        before = self.mel_out(x).view(B, S * r, M)[:, :T]
+        frame_mask = lengths_mask(mel_lengths, T)
+        after = self._postnet(before, frame_mask)
+        stop_logits = self.stop_out(x).view(B, S * r)[:, :T]
+        stop_target = (torch.arange(T, device=mels.device)[None, :] >= (mel_lengths - 1)[:, None])
+        m = frame_mask[..., None].expand_as(mels)
+        parts = {"mel": F.l1_loss(before[m], mels[m]), "postnet": F.l1_loss(after[m], mels[m]),
+                 "stop": F.binary_cross_entropy_with_logits(
+                     stop_logits[frame_mask], stop_target[frame_mask].float(),
+                     pos_weight=stop_logits.new_tensor(self.stop_pos_weight))}
+        attention = weights.mean(dim=1)  # (B, S, N): per decoder step
+        attention_frames = attention.repeat_interleave(r, dim=1)[:, :T]
+        parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths)
+        total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
+        return total, {k: float(v.detach()) for k, v in parts.items()} | {
+            "attention": attention_frames.detach(), "before": before.detach()}
+
+    def init_caches(self, memory: torch.Tensor) -> list[dict]:
+        caches = []
+        for layer in self.decoder:
+            k, v = layer.cross_attn.project_memory(memory)
+            caches.append({"self": {}, "cross_k": k, "cross_v": v})
+        return caches
+
+    def decode_step(self, prev: torch.Tensor, caches: list[dict], cross_mask: torch.Tensor,
+                    step: int):
+        """One decoder step from the previous frame (B, M): its ``reduction`` frames
+        (B, r, M) before the post-net, stop logits (B, r) and attention (B, N)."""
+        B = prev.size(0)
+        x = self._prenet(prev)[:, None] + self.step_positions(1, offset=step)[None]
+        weights = None
+        for i, layer in enumerate(self.decoder):
+            x, weights = layer(x, None, cross_mask, cache=caches[i],
+                               need_attention=i == len(self.decoder) - 1)
+        if self.dec_norm is not None:
+            x = self.dec_norm(x)
+        out = self.mel_out(x[:, 0]).view(B, self.reduction, self.n_mels)
+        return out, self.stop_out(x[:, 0]), weights.mean(dim=1)[:, 0]
+
+    @torch.no_grad()
+    def synthesize(self, tokens: torch.Tensor, max_frames: int = 1000,
+                   stop_threshold: float = 0.5) -> TTSOutput:
+        """Frames step by step with the decoder's key/value caches until every row's stop
+        probability passes ``stop_threshold`` (or ``max_frames``). ``durations`` of the result
+        are read off the attention (``durations_from_attention``)."""
+        memory, mask = self.encode(tokens)
+        B, r, M = tokens.size(0), self.reduction, self.n_mels
+        caches = self.init_caches(memory)
+        cross_mask = mask[:, None, None, :]
+        prev = memory.new_zeros(B, M)
+        frames, attention = [], []
+        frame_lengths = torch.full((B,), -1, dtype=torch.long, device=tokens.device)
+        for step in range(-(-max_frames // r)):
+            out, stop_logits, weights = self.decode_step(prev, caches, cross_mask, step)
+            frames.append(out)
+            attention.append(weights)
+            stop = torch.sigmoid(stop_logits) > stop_threshold  # (B, r)
+            first = torch.where(stop.any(dim=1), stop.float().argmax(dim=1), r)
+            ends = step * r + first + 1
+            frame_lengths = torch.where((frame_lengths < 0) & (first < r), ends, frame_lengths)
+            prev = out[:, -1]
+            if bool((frame_lengths >= 0).all()):
+                break
+        mels = torch.cat(frames, dim=1)
+        T = mels.size(1)
+        frame_lengths = torch.where(frame_lengths < 0, torch.full_like(frame_lengths, T),
+                                    frame_lengths).clamp(max=T)
+        frame_mask = lengths_mask(frame_lengths, T)
+        mels = self._postnet(mels.masked_fill(~frame_mask[..., None], 0.0), frame_mask)
+        att = torch.stack(attention, dim=1).repeat_interleave(r, dim=1)[:, :T]
+        durations = durations_from_attention(att, mask.sum(dim=1), frame_lengths)
+        return TTSOutput(mels.masked_fill(~frame_mask[..., None], 0.0), frame_lengths,
+                         durations, att)
