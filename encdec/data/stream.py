@@ -50,6 +50,9 @@ class Source:
     """One split's input: a TSV/JSONL file, or a source file and a parallel target file."""
 
     def __init__(self, paths: list[str | Path]):
+        if not 1 <= len(paths) <= 2:
+            raise DataError(f"expected a TSV/JSONL file or a source and a target file, got "
+                            f"{len(paths)} files: {' '.join(map(str, paths))}")
         self.paths = [Path(p) for p in paths]
         for p in self.paths:
             if not p.is_file():
