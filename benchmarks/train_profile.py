@@ -1,0 +1,126 @@
+"""Where one training step's time goes: data, forward by module, loss, backward by operator,
+optimizer, and what is left (Python and framework overhead).
+
+    python benchmarks/train_profile.py [--config configs/g2p-small.yaml] [--warmup 10]
+                                       [--steps 30] [--threads 2]
+
+The trainer's own step (``Trainer._train_step``) runs on the batches ``train_speed.py`` times
+(seed 1, epoch 0, the config's token budget), ``--warmup`` steps untimed, then ``--steps``
+steps under ``torch.profiler`` (CPU). Forward time per top-level module (embeddings, each
+layer, final norms, the output projection the loss calls) is its wall time between forward
+hooks (CPU execution is synchronous). Backward and optimizer times are the profiler's
+``autograd::engine`` and ``Optimizer.*`` ranges; the rest of the step is the loss, gradient
+clipping and overhead. The matrix-multiply share is the self time of aten::mm/addmm/bmm/linear and the
+attention kernel over the whole step; the rest of the operators are listed by self time.
+Collation (data) is timed separately, as the trainer runs it before each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from encdec.config import Config  # noqa: E402
+from encdec.data.dataset import BinarizedSplit, collate, token_batches  # noqa: E402
+from encdec.train import Trainer  # noqa: E402
+
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+          "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def module_timers(model: torch.nn.Module, totals: dict) -> list:
+    """Forward wall time per top-level part: embeddings, each encoder and decoder layer, the
+    final norms and the output projection (called by the loss)."""
+    handles = []
+    parts = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            parts += [(f"{name}.{i}", layer) for i, layer in enumerate(child)]
+        else:
+            parts.append((name, child))
+    for name, module in parts:
+        starts: list[float] = []
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, s=starts: s.append(time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, n=name, s=starts: totals.__setitem__(
+                n, totals[n] + time.perf_counter() - s.pop())))
+    return handles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/g2p-small.yaml")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Config.load(args.config, [f"train.num_threads={args.threads}", "train.device=cpu",
+                                        f"train.run_dir={tmp}/run"])
+        split = BinarizedSplit(cfg.data.dir, "train")
+        order = token_batches(split.src_lens, split.tgt_lens, cfg.train.max_tokens, seed=1,
+                              epoch=0)[: args.warmup + args.steps]
+        data_s = []
+        batches = []
+        for idx in order:
+            start = time.perf_counter()
+            batches.append(collate(split, idx))
+            data_s.append(time.perf_counter() - start)
+        trainer = Trainer(cfg, log=lambda *a: None, progress=False)
+        trainer.model.train()
+        for b in batches[: args.warmup]:
+            trainer._train_step([b])
+        forward = defaultdict(float)
+        handles = module_timers(trainer.model, forward)
+        steps_s, tokens = [], 0
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[args.warmup:]:
+                start = time.perf_counter()
+                tokens += trainer._train_step([b])[2]
+                steps_s.append(time.perf_counter() - start)
+        for h in handles:
+            h.remove()
+    n = len(steps_s)
+    step_ms = 1000 * sum(steps_s) / n
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+
+    backward = sum(e.cpu_time_total for e in events
+                   if e.key.startswith("autograd::engine::evaluate_function")) / 1000 / n
+    optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.")) / 1000 / n
+    modules_ms = {k: 1000 * v / n for k, v in forward.items()}
+    model_fwd = sum(modules_ms.values())
+    matmul = sum(by_name[k].self_cpu_time_total for k in MATMUL if k in by_name) / 1000 / n
+    print(f"{args.config}: {cfg.model.enc_layers}+{cfg.model.dec_layers} x {cfg.model.d_model}, "
+          f"{tokens / n:.0f} target tokens/step, {args.threads} threads, torch "
+          f"{torch.__version__}; steps {args.warmup}-{args.warmup + n}, per step (mean of {n})")
+    print("| part | ms/step | share |\n|---|---:|---:|")
+    rows = [("data: collate (before the step)", 1000 * statistics.mean(data_s))]
+    rows += [(f"forward: {k}", v) for k, v in modules_ms.items()]
+    rows.append(("backward (autograd engine)", backward))
+    rows.append(("optimizer (AdamW step, zero_grad)", optimizer))
+    rows.append(("the rest: loss, gradient clipping, Python and framework overhead",
+                 step_ms - model_fwd - backward - optimizer))
+    for name, value in rows:
+        print(f"| {name} | {value:.1f} | {100 * value / step_ms:.0f} % |")
+    print(f"| **step** (wall) | {step_ms:.1f} | 100 % |")
+    print(f"matrix multiplies (mm/addmm/bmm, attention kernels; self time): {matmul:.1f} ms/step = "
+          f"{100 * matmul / step_ms:.0f} % of the step")
+    print("top operators by self CPU time (ms/step):")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  {e.key:<60} {e.self_cpu_time_total / 1000 / n:7.2f}  x{e.count // n}")
+
+
+if __name__ == "__main__":
+    main()
