@@ -93,14 +93,26 @@ def prepare(corpus: Corpus, out_dir: str | Path, *, max_len: int = 256, vocab_si
     check_replaceable(out, force)
     if "train" not in corpus.splits or not corpus.splits["train"]:
         raise DataError("the corpus has no training pairs")
-    tmp = new_tmp_dir(out)
-    try:
+
+    def build(tmp: Path) -> tuple[dict, list[str]]:
         meta, summary = _build(corpus, tmp, max_len=max_len, vocab_size=vocab_size,
                                spm_type=spm_type, joint_vocab=joint_vocab, min_freq=min_freq,
                                name=name)
         meta["options"] = options if options is not None else {
             "max_len": max_len, "vocab_size": vocab_size, "spm_type": spm_type,
             "joint_vocab": joint_vocab}
+        return meta, summary
+
+    return write_data_dir(out, build, log)
+
+
+def write_data_dir(out: Path, build, log=print) -> dict:
+    """Build a data directory beside ``out`` with ``build(tmp) -> (meta, summary lines)``,
+    write its meta.json and swap it into place; nothing is left behind on error. Logs the
+    summary and returns the meta dict."""
+    tmp = new_tmp_dir(out)
+    try:
+        meta, summary = build(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
         swap_into_place(tmp, out)

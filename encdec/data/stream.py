@@ -37,7 +37,7 @@ import numpy as np
 
 from encdec.data.corpus import DataError, decode_line, pair_format, parse_jsonl, parse_tsv
 from encdec.data.prepare import (FORMAT_VERSION, check_replaceable, dropped_summary,
-                                 new_tmp_dir, refuse_empty_splits, swap_into_place, write_eval)
+                                 refuse_empty_splits, write_data_dir, write_eval)
 from encdec.data.recipes import hash_split
 from encdec.data.tokenizers import SentencePieceTokenizer, _normalize, tokenizer_from_spec
 from encdec.data.vocab import UNK, Vocab
@@ -362,24 +362,12 @@ def prepare_stream(train: list[str | Path], out_dir: str | Path, *, dev=None, te
     sources = {"train": Source(train)}
     if dev:
         sources.update(dev=Source(dev), test=Source(test))
-    tmp = new_tmp_dir(out)
-    try:
-        meta, summary = _build(sources, tmp, split_by_hash=split_by_hash, src_spec=src_tokenizer,
-                               tgt_spec=tgt_tokenizer, metric=metric, group_refs=group_refs,
-                               max_len=max_len, vocab_size=vocab_size, spm_type=spm_type,
-                               joint_vocab=joint_vocab, min_freq=min_freq,
-                               tokenizer_sample=tokenizer_sample, chunk_pairs=chunk_pairs,
-                               workers=workers, seed=seed, log=log)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for line in summary:
-        log(line)
-    log(f"vocab: {meta['src_vocab_size']} src / {meta['tgt_vocab_size']} tgt -> {out}")
-    return meta
+    return write_data_dir(out, lambda tmp: _build(
+        sources, tmp, split_by_hash=split_by_hash, src_spec=src_tokenizer, tgt_spec=tgt_tokenizer,
+        metric=metric, group_refs=group_refs, max_len=max_len, vocab_size=vocab_size,
+        spm_type=spm_type, joint_vocab=joint_vocab, min_freq=min_freq,
+        tokenizer_sample=tokenizer_sample, chunk_pairs=chunk_pairs, workers=workers, seed=seed,
+        log=log), log)
 
 
 def _build(sources, tmp: Path, *, split_by_hash, src_spec, tgt_spec, metric, group_refs,

@@ -88,31 +88,24 @@ class TTSOutput:
     alignment: torch.Tensor | None = None  # (B, T, N) soft alignment (training, joint)
 
 
-class FastSpeech(nn.Module):
-    """Tokens -> mel frames in one pass. Dimensions: B batch, N tokens, T frames, M mel bins."""
+class TextToFrames(nn.Module):
+    """What both TTS models share: token embedding with positions, the Transformer encoder
+    (the text encoder's layers), the post-net, and the frame/step positions."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80,
-                 predictor_channels: int = 256, postnet_layers: int = 5):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int, postnet_layers: int):
         super().__init__()
         self.cfg = cfg
         self.n_mels = n_mels
-        positions = Positions(cfg.positions, cfg.d_model, cfg.max_positions)
-        self.embed = Embedding(vocab_size, cfg.d_model, positions, cfg.dropout)
-        self.frame_positions = positions
+        self.positions = Positions(cfg.positions, cfg.d_model, cfg.max_positions)
+        self.embed = Embedding(vocab_size, cfg.d_model, self.positions, cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))
         pre = cfg.norm == "pre"
         self.enc_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
         self.dec_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
-        self.duration_predictor = ConvStack(cfg.d_model, predictor_channels, 2, 3, cfg.dropout)
-        self.duration_out = nn.Linear(predictor_channels, 1)
-        self.aligner = AlignmentModule(cfg.d_model, n_mels)
-        self.mel_out = nn.Linear(cfg.d_model, n_mels)
         self.postnet = ConvStack(n_mels, 256, postnet_layers - 1, 5, cfg.dropout) \
             if postnet_layers > 1 else None
         self.postnet_out = nn.Linear(256, n_mels) if postnet_layers > 1 else None
 
-    # ---- pieces -------------------------------------------------------------------------
     def _stack(self, layers, norm, x, mask):
         attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
         for layer in layers:
@@ -123,6 +116,24 @@ class FastSpeech(nn.Module):
         mask = tokens.ne(PAD)
         return self._stack(self.encoder, self.enc_norm, self.embed(tokens), mask), mask
 
+    def _postnet(self, mels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.postnet is None:
+            return mels
+        return mels + self.postnet_out(self.postnet(mels, mask))
+
+
+class FastSpeech(TextToFrames):
+    """Tokens -> mel frames in one pass. Dimensions: B batch, N tokens, T frames, M mel bins."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80,
+                 predictor_channels: int = 256, postnet_layers: int = 5):
+        super().__init__(cfg, vocab_size, n_mels, postnet_layers)
+        self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.duration_predictor = ConvStack(cfg.d_model, predictor_channels, 2, 3, cfg.dropout)
+        self.duration_out = nn.Linear(predictor_channels, 1)
+        self.aligner = AlignmentModule(cfg.d_model, n_mels)
+        self.mel_out = nn.Linear(cfg.d_model, n_mels)
+
     def predict_log_durations(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N) predicted log(1 + frames) per token."""
         h = self.duration_predictor(memory.detach(), mask)
@@ -131,12 +142,10 @@ class FastSpeech(nn.Module):
     def decode(self, memory: torch.Tensor, durations: torch.Tensor, max_frames: int | None = None):
         frames, frame_lengths = length_regulate(memory, durations, max_frames)
         frame_mask = lengths_mask(frame_lengths, frames.size(1))
-        x = frames + self.frame_positions(frames.size(1))[None]
+        x = frames + self.positions(frames.size(1))[None]
         x = self._stack(self.decoder, self.dec_norm, x, frame_mask)
         before = self.mel_out(x)
-        after = before
-        if self.postnet is not None:
-            after = before + self.postnet_out(self.postnet(before, frame_mask))
+        after = self._postnet(before, frame_mask)
         m = frame_mask[..., None]
         return before.masked_fill(~m, 0.0), after.masked_fill(~m, 0.0), frame_lengths
 
@@ -209,7 +218,7 @@ def durations_from_attention(attention: torch.Tensor, text_lengths: torch.Tensor
     return hard_durations(monotonic_alignment_search(log_attention, text_lengths, frame_lengths))
 
 
-class TransformerTTS(nn.Module):
+class TransformerTTS(TextToFrames):
     """Autoregressive text-to-speech: tokens -> mel frames, ``reduction`` frames per decoder
     step, with a stop-token head, a pre-net, a post-net and guided attention. The decoder
     layers and their key/value caches are the text decoder's. Dimensions as in FastSpeech;
@@ -218,48 +227,23 @@ class TransformerTTS(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80, reduction: int = 2,
                  prenet_dropout: float = 0.5, postnet_layers: int = 5,
                  stop_pos_weight: float = 5.0):
-        super().__init__()
+        super().__init__(cfg, vocab_size, n_mels, postnet_layers)
         from encdec.models.transformer import DecoderLayer
 
         self.stop_pos_weight = stop_pos_weight
-        self.cfg = cfg
-        self.n_mels = n_mels
         self.reduction = reduction
-        positions = Positions(cfg.positions, cfg.d_model, cfg.max_positions)
-        self.embed = Embedding(vocab_size, cfg.d_model, positions, cfg.dropout)
-        self.step_positions = positions
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        pre = cfg.norm == "pre"
-        self.enc_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
-        self.dec_norm = make_norm(cfg.norm_type, cfg.d_model) if pre else None
         self.prenet = nn.ModuleList([nn.Linear(n_mels, cfg.d_model), nn.Linear(cfg.d_model,
                                                                                 cfg.d_model)])
         self.prenet_dropout = prenet_dropout
         self.mel_out = nn.Linear(cfg.d_model, n_mels * reduction)
         self.stop_out = nn.Linear(cfg.d_model, reduction)
-        self.postnet = ConvStack(n_mels, 256, postnet_layers - 1, 5, cfg.dropout) \
-            if postnet_layers > 1 else None
-        self.postnet_out = nn.Linear(256, n_mels) if postnet_layers > 1 else None
-
-    def encode(self, tokens: torch.Tensor):
-        mask = tokens.ne(PAD)
-        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
-        x = self.embed(tokens)
-        for layer in self.encoder:
-            x = layer(x, attn_mask, mask)
-        return (self.enc_norm(x, mask) if self.enc_norm is not None else x), mask
 
     def _prenet(self, frames: torch.Tensor) -> torch.Tensor:
         # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
         for linear in self.prenet:
             frames = F.dropout(F.relu(linear(frames)), self.prenet_dropout, training=True)
         return frames
-
-    def _postnet(self, mels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.postnet is None:
-            return mels
-        return mels + self.postnet_out(self.postnet(mels, mask))
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
              guided_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
@@ -276,7 +260,7 @@ class TransformerTTS(nn.Module):
         steps = padded.view(B, S, r, M)
         # the input of step s is the last frame of step s - 1 (zeros at the start)
         prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)
-        x = self._prenet(prev) + self.step_positions(S)[None]
+        x = self._prenet(prev) + self.positions(S)[None]
         step_lengths = -(-mel_lengths // r)
         step_mask = lengths_mask(step_lengths, S)
         cross_mask = mask[:, None, None, :]
@@ -315,7 +299,7 @@ class TransformerTTS(nn.Module):
         """One decoder step from the previous frame (B, M): its ``reduction`` frames
         (B, r, M) before the post-net, stop logits (B, r) and attention (B, N)."""
         B = prev.size(0)
-        x = self._prenet(prev)[:, None] + self.step_positions(1, offset=step)[None]
+        x = self._prenet(prev)[:, None] + self.positions(1, offset=step)[None]
         weights = None
         for i, layer in enumerate(self.decoder):
             x, weights = layer(x, None, cross_mask, cache=caches[i],
