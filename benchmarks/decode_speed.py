@@ -60,6 +60,19 @@ from encdec.translate import Translator  # noqa: E402
 DEFAULT_RUN = "runs/bench-g2p"
 
 
+def alternate(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each run once untimed (warm-up), then ``repeats`` rounds in turn, the order reversed every
+    other round; returns the last outputs and the seconds of every timed run, by name."""
+    outputs = {name: fn() for name, fn in runs.items()}
+    times = {name: [] for name in runs}
+    for r in range(repeats):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            outputs[name] = runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return outputs, times
+
+
 def reference_decoder(tr: Translator, ref: ReferenceTransformer, batch: int, search):
     """inputs -> output strings, the way encdec's decode_texts batches them."""
     a = tr.assets
@@ -126,13 +139,7 @@ def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
                 if "ctranslate2" in engines:
                     fn = ctranslate2_decoder(tr, translators[threads], batch, beam, cfg)
                     runs["ctranslate2"] = (lambda f=fn: f(texts))
-                outputs = {name: fn() for name, fn in runs.items()}  # warm-up, untimed
-                times = {name: [] for name in runs}
-                for r in range(args.repeats):
-                    for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                        start = time.perf_counter()
-                        outputs[name] = runs[name]()
-                        times[name].append(time.perf_counter() - start)
+                outputs, times = alternate(runs, args.repeats)
                 for name, ts in times.items():
                     table[(name, method, batch, threads)] = len(texts) / statistics.median(ts)
                     print(f"  {name:<12} {method:<7} batch {batch:<3} {threads} thread(s): "
@@ -211,13 +218,7 @@ def main():
     }
     runs = {name: (fn if name.startswith("encdec") else (lambda f=fn: f(words)))
             for name, fn in runs.items()}
-    outputs = {name: fn() for name, fn in runs.items()}  # warm-up, untimed
-    times = {name: [] for name in runs}
-    for r in range(args.repeats):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            start = time.perf_counter()
-            outputs[name] = runs[name]()
-            times[name].append(time.perf_counter() - start)
+    outputs, times = alternate(runs, args.repeats)
     metric = tr.assets.meta["metric"]
     key = "wer" if metric == "g2p" else "bleu"
     print(f"{args.run}: {len(words)} {args.split} inputs, batch {args.batch}, "
