@@ -1,12 +1,22 @@
-"""Training throughput: encdec vs a plain torch.nn.Transformer loop on the same batches.
+"""Training throughput: encdec vs a plain torch.nn.Transformer loop (and fairseq) on the same batches.
 
     python benchmarks/train_speed.py [--config configs/g2p-small.yaml] [--repeats 3]
                                      [--warmup 20] [--steps 100] [--device cpu|cuda]
+                                     [--peer fairseq]
 
 Throughput = target tokens (EOS included) per second over steps 20-120 (``--warmup`` steps
-untimed, then ``--steps`` timed), on the same token-based batches. Runs alternate
-(encdec, reference, reference, encdec, ...) and the medians of ``--repeats`` and their ratio
-are printed. On CUDA both train with bf16 autocast (encdec's ``train.precision=auto``).
+untimed, then ``--steps`` timed), on the same token-based batches (encdec's batching of the
+config's train split, seed 1, epoch 0). Every run is a fresh process, so each system's peak
+RSS is its own; runs alternate, each repeat starting with a different system, and the medians
+of ``--repeats`` are printed in one table. On CUDA encdec and the reference train with bf16
+autocast (encdec's ``train.precision=auto``).
+
+``--peer fairseq`` adds fairseq 0.12 (``benchmarks/peers/``: installed once into its own
+virtual environment with encdec's torch; the data directory converted with fairseq-preprocess).
+fairseq runs its own model, criterion, optimizer (its Adam), schedule and ``Trainer.train_step``
+on fairseq's collation of the same pairs in the same batches; the source sentences lose the
+EOS fairseq-preprocess appends, so both read the same tokens. What stays fairseq's own: it
+computes logits and the loss at padded positions too, and left-pads the source.
 
 The reference (``benchmarks/reference.py``) is put on equal footing with encdec's trainer:
 - the same optimizer: encdec's ``make_optimizer`` (fused AdamW, weight decay on >= 2-D
@@ -32,21 +42,27 @@ Differences that remain, and why:
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+import fairseq_peer  # noqa: E402
 from reference import ReferenceTransformer, count_parameters  # noqa: E402
 
 from encdec.config import Config  # noqa: E402
 from encdec.data.dataset import BinarizedSplit, collate, token_batches  # noqa: E402
 from encdec.data.prepare import load_meta  # noqa: E402
+from encdec.data.vocab import PAD  # noqa: E402
 from encdec.losses import sequence_loss  # noqa: E402
 from encdec.models import build_model  # noqa: E402
 from encdec.train import Trainer, lr_at, make_optimizer  # noqa: E402
@@ -68,13 +84,14 @@ def _timed(step, batches, warmup: int, steps: int, device: torch.device) -> floa
     return tokens / (time.perf_counter() - start)
 
 
-def run_ours(cfg: Config, batches, warmup: int, steps: int) -> float:
+def run_ours(cfg: Config, batches, warmup: int, steps: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.run_dir = tmp
         trainer = Trainer(cfg, log=lambda *a: None, progress=False)
         trainer.model.train()
-        return _timed(lambda i, b: trainer._train_step([b])[2], batches, warmup, steps,
+        rate = _timed(lambda i, b: trainer._train_step([b])[2], batches, warmup, steps,
                       trainer.device)
+        return rate, count_parameters(trainer.model)
 
 
 def build_reference(cfg: Config, meta: dict, device: torch.device) -> ReferenceTransformer:
@@ -87,7 +104,7 @@ def build_reference(cfg: Config, meta: dict, device: torch.device) -> ReferenceT
 
 
 def run_reference(cfg: Config, meta: dict, batches, warmup: int, steps: int,
-                  device: torch.device) -> float:
+                  device: torch.device) -> tuple[float, int]:
     t = cfg.train
     model = build_reference(cfg, meta, device).train()
     opt = make_optimizer(model, t)
@@ -108,7 +125,7 @@ def run_reference(cfg: Config, meta: dict, batches, warmup: int, steps: int,
         float(loss.detach())
         return b.num_tgt_tokens
 
-    return _timed(step, batches, warmup, steps, device)
+    return _timed(step, batches, warmup, steps, device), count_parameters(model)
 
 
 @torch.no_grad()
@@ -126,6 +143,47 @@ def check_same_model(cfg: Config, meta: dict, batch, device: torch.device) -> No
     print(line)
 
 
+def _padding(batches) -> tuple[float, float]:
+    """Mean fraction of padding in the source and in the target (decoder output) tensors."""
+    src = statistics.mean(float(b.src_tokens.eq(PAD).float().mean()) for b in batches)
+    tgt = statistics.mean(float(b.tgt_out.eq(PAD).float().mean()) for b in batches)
+    return src, tgt
+
+
+def measure_one(args) -> None:
+    """One timed run of one system in this process; prints a JSON line (for main)."""
+    torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    split = BinarizedSplit(cfg.data.dir, "train")
+    saved = np.load(args.batches)
+    order = np.split(saved["indices"], np.cumsum(saved["sizes"])[:-1])
+    batches = [collate(split, idx) for idx in order[: args.warmup + args.steps]]
+    device = torch.device(args.device)
+    if args.one == "encdec":
+        rate, params = run_ours(cfg, batches, args.warmup, args.steps)
+    else:
+        rate, params = run_reference(cfg, load_meta(cfg.data.dir), batches, args.warmup,
+                                     args.steps, device)
+    timed = batches[args.warmup:]
+    src_pad, tgt_pad = _padding(timed)
+    print(json.dumps({"tokens_per_s": rate, "parameters": params,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "tgt_tokens_per_batch": statistics.mean(b.num_tgt_tokens for b in timed),
+                      "src_padding": src_pad, "tgt_padding": tgt_pad}))
+
+
+def _config(args) -> Config:
+    return Config.load(args.config, [f"train.num_threads={args.threads}",
+                                     f"train.device={args.device}"])
+
+
+def _run(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{out.stderr}\nfailed ({out.returncode}): {' '.join(cmd)}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/g2p-small.yaml")
@@ -134,34 +192,65 @@ def main():
     ap.add_argument("--steps", type=int, default=100, help="timed steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--peer", choices=["fairseq"], help="also time this toolkit on the same batches")
+    ap.add_argument("--one", choices=["encdec", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        return measure_one(args)
+    if args.peer and args.device != "cpu":
+        sys.exit("--peer fairseq runs on the CPU only")
     torch.set_num_threads(args.threads)
-    cfg = Config.load(args.config, [f"train.num_threads={args.threads}", f"train.device={args.device}"])
+    cfg = _config(args)
     device = torch.device(args.device)
     split = BinarizedSplit(cfg.data.dir, "train")
     meta = load_meta(cfg.data.dir)
     order = token_batches(split.src_lens, split.tgt_lens, cfg.train.max_tokens, seed=1, epoch=0)
-    batches = [collate(split, idx) for idx in order[: args.warmup + args.steps]]
-    mean_tokens = statistics.mean(b.num_tgt_tokens for b in batches)
+    order = order[: args.warmup + args.steps]
     print(f"{args.config}: {cfg.model.enc_layers}+{cfg.model.dec_layers} x {cfg.model.d_model}, "
-          f"ffn {cfg.model.ffn_dim}, {mean_tokens:.0f} target tokens/batch, steps "
-          f"{args.warmup}-{args.warmup + args.steps}, "
+          f"ffn {cfg.model.ffn_dim}, max_tokens {cfg.train.max_tokens}, steps "
+          f"{args.warmup}-{args.warmup + args.steps} timed, "
           f"{args.device if args.device != 'cpu' else f'{args.threads} threads'}, "
           f"torch {torch.__version__}")
-    check_same_model(cfg, meta, batches[0], device)
-    ours, ref = [], []
+    check_same_model(cfg, meta, collate(split, order[0]), device)
+    tmp = tempfile.TemporaryDirectory()
+    batches_file = Path(tmp.name) / "batches.npz"
+    np.savez(batches_file, indices=np.concatenate(order), sizes=np.array([len(o) for o in order]))
+    common = ["--config", args.config, "--warmup", str(args.warmup), "--steps", str(args.steps),
+              "--threads", str(args.threads), "--device", args.device, "--batches", str(batches_file)]
+    here = str(Path(__file__).resolve())
+    systems = {"encdec": [sys.executable, here, "--one", "encdec"] + common,
+               "torch.nn.Transformer": [sys.executable, here, "--one", "reference"] + common}
+    if args.peer == "fairseq":
+        python = fairseq_peer.install()
+        data = fairseq_peer.convert(cfg.data.dir, python)
+        lens = Path(tmp.name) / "src_lens.npy"
+        np.save(lens, split.src_lens)
+        systems["fairseq 0.12"] = [python, str(fairseq_peer.DRIVER), "--data", str(data),
+                                   "--batches", str(batches_file), "--src-lens", str(lens),
+                                   "--warmup", str(args.warmup), "--steps", str(args.steps),
+                                   "--threads", str(args.threads), "--"] + fairseq_peer.train_args(cfg)
+    names = list(systems)
+    results = {n: [] for n in names}
     for r in range(args.repeats):
-        pair = [("encdec", lambda: run_ours(cfg, batches, args.warmup, args.steps), ours),
-                ("reference", lambda: run_reference(cfg, meta, batches, args.warmup, args.steps,
-                                                    device), ref)]
-        for _, fn, out in pair if r % 2 == 0 else pair[::-1]:  # ABBA: no side always first
-            out.append(fn())
-        print(f"  run {r + 1}: encdec {ours[-1]:,.0f} tok/s   torch.nn.Transformer {ref[-1]:,.0f} tok/s"
-              f"   ratio {ours[-1] / ref[-1]:.2f}", flush=True)
-    mo, mr = statistics.median(ours), statistics.median(ref)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"median of {args.repeats}: encdec {mo:,.0f} tok/s, torch.nn.Transformer {mr:,.0f} tok/s, "
-          f"ratio {mo / mr:.2f}x (peak RSS of this process {peak:,.0f} MB)")
+        # each system starts each repeat in a different position: none is always first
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            results[name].append(_run(systems[name]))
+        print(f"  run {r + 1}: " + "   ".join(f"{n} {results[n][-1]['tokens_per_s']:,.0f}"
+                                            for n in names) + " tok/s", flush=True)
+    base = statistics.median(x["tokens_per_s"] for x in results["encdec"])
+    print(f"\nmedian of {args.repeats} (target tokens/s over the same {args.steps} batches):")
+    print("| system | tokens/s | encdec / system | parameters | target tokens/batch | "
+          "padding src / tgt | peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n in names:
+        rate = statistics.median(x["tokens_per_s"] for x in results[n])
+        last = results[n][-1]
+        print(f"| {n} | {rate:,.0f} | {base / rate:.2f}x | {last['parameters']:,} | "
+              f"{last['tgt_tokens_per_batch']:,.0f} | {last['src_padding']:.1%} / "
+              f"{last['tgt_padding']:.1%} | "
+              f"{statistics.median(x['peak_rss_mb'] for x in results[n]):,.0f} MB |")
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import nn
 from encdec.config import ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.base import DecoderState, EncoderOut
+from encdec.nn.dropout import Dropout
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -84,7 +85,7 @@ class RecurrentSeq2Seq(nn.Module):
                             dropout=cfg.dropout if cfg.dec_layers > 1 else 0.0)
         self.attention = Attention(d, cfg.rnn_attention)
         self.combine = nn.Linear(2 * d, d, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.output = nn.Linear(d, tgt_vocab_size, bias=False)
         for emb in (self.src_embed, self.tgt_embed):
             nn.init.normal_(emb.weight, std=d ** -0.5)

@@ -29,6 +29,7 @@ from encdec.config import ModelConfig
 from encdec.data.vocab import BOS, EOS
 from encdec.models.base import DecoderState, EncoderOut
 from encdec.models.transformer import DecoderLayer, EncoderLayer, TransformerSeq2Seq
+from encdec.nn.dropout import dropout
 from encdec.nn.layers import Embedding, Positions
 from encdec.nn.norms import make_norm
 from encdec.nn.subsampling import Conv2dSubsampling
@@ -117,7 +118,7 @@ class SpeechTransformer(TransformerSeq2Seq):
         x = x * self.front_scale
         if not self.conformer:
             x = x + self.src_positions(S)
-        x = F.dropout(x, self.cfg.dropout, training=self.training)
+        x = dropout(x, self.cfg.dropout, self.training)
         attn_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]
         for layer in self.encoder:
             if self.conformer:

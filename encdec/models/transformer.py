@@ -10,6 +10,7 @@ from encdec.config import ConfigError, ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.base import DecoderState, EncoderOut
 from encdec.nn.attention import MultiHeadAttention
+from encdec.nn.dropout import residual_dropout
 from encdec.nn.layers import Embedding, FeedForward, Positions
 from encdec.nn.norms import make_norm
 
@@ -24,13 +25,10 @@ class Sublayer(nn.Module):
         self.dropout = dropout
         self.pre_norm = pre_norm
 
-    def _drop(self, h: torch.Tensor) -> torch.Tensor:
-        return F.dropout(h, self.dropout, training=True) if self.training and self.dropout else h
-
     def forward(self, x: torch.Tensor, fn, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:
-            return x + self._drop(fn(self.norm(x, pad_mask)))
-        return self.norm(x + self._drop(fn(x)), pad_mask)
+            return residual_dropout(x, fn(self.norm(x, pad_mask)), self.dropout, self.training)
+        return self.norm(residual_dropout(x, fn(x), self.dropout, self.training), pad_mask)
 
 
 class EncoderLayer(nn.Module):

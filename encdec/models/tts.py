@@ -31,6 +31,7 @@ from encdec.data.vocab import PAD
 from encdec.models.transformer import EncoderLayer
 from encdec.nn.alignment import (binarization_loss, durations as hard_durations,
                                  forward_sum_loss, length_regulate, monotonic_alignment_search)
+from encdec.nn.dropout import dropout
 from encdec.nn.layers import Embedding, Positions
 from encdec.nn.norms import make_norm
 
@@ -54,7 +55,7 @@ class ConvStack(nn.Module):
         m = mask[..., None].to(x.dtype)
         for conv, norm in zip(self.convs, self.norms):
             x = conv((x * m).transpose(1, 2)).transpose(1, 2)
-            x = F.dropout(norm(F.relu(x)), self.dropout, self.training)
+            x = dropout(norm(F.relu(x)), self.dropout, self.training)
         return x * m
 
 
@@ -242,7 +243,7 @@ class TransformerTTS(TextToFrames):
     def _prenet(self, frames: torch.Tensor) -> torch.Tensor:
         # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
         for linear in self.prenet:
-            frames = F.dropout(F.relu(linear(frames)), self.prenet_dropout, training=True)
+            frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=True)
         return frames
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,

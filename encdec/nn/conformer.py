@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encdec.nn.attention import MultiHeadAttention
+from encdec.nn.dropout import Dropout
 from encdec.nn.rotary import Rotary
 
 
@@ -32,7 +33,7 @@ class SwishFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(F.silu(self.fc1(x))))
@@ -82,7 +83,7 @@ class ConformerLayer(nn.Module):
         self.conv = ConvModule(d_model, kernel_size)
         self.ffn2_norm = nn.LayerNorm(d_model)
         self.ffn2 = SwishFeedForward(d_model, ffn_dim, activation_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
                 pad_mask: torch.Tensor | None, rotary: Rotary) -> torch.Tensor:

@@ -8,14 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encdec.nn.dropout import Dropout
+
 
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int, activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d_model)
-        self.act = F.relu if activation == "relu" else F.gelu
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # ReLU in place on fc1's fresh output (addmm does not keep it for its backward)
+        self.act = F.relu_ if activation == "relu" else F.gelu
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
@@ -69,7 +72,7 @@ class Embedding(nn.Module):
             self.tokens.weight[padding_idx].zero_()
         self.scale = math.sqrt(d_model)
         self.positions = positions
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         x = self.tokens(tokens) * self.scale + self.positions(tokens.size(1), offset)  # (B, T, d)
