@@ -27,6 +27,7 @@ from encdec.data.corpus import DataError
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
+from encdec.host import retain_freed_memory
 from encdec.losses import sampling_prob, sequence_loss
 from encdec.metrics import METRICS, score
 from encdec.models import model_for_data
@@ -152,6 +153,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        if self.device.type == "cpu" and t.retain_freed_memory:
+            retain_freed_memory()
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.run_dir = Path(t.run_dir)
         self.assets = load_assets(cfg.data.dir)
