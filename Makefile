@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MINUTES ?= 15
 NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
-.PHONY: setup sysdeps demo test bible asr bench clean
+.PHONY: setup sysdeps demo test bible asr tts bench clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,19 @@ asr: $(VENV)/.installed sysdeps
 	$(VENV)/bin/encdec train $(ASR_CONFIG) train.run_dir=$(ASR_RUN) train.max_minutes=$(ASR_MINUTES)
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split test
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split real
+
+# Text-to-speech (README "Speech synthesis"): synthesize bible-tts (one flite voice, resumable),
+# train the FastSpeech preset for TTS_MINUTES, judge the test verses with pocketsphinx
+# (recording, vocoder copy-synthesis and the model) and write a few WAVs under RUN/eval/.
+TTS_MINUTES ?= 60
+TTS_CONFIG ?= configs/tts-nat.yaml
+TTS_RUN ?= runs/$(basename $(notdir $(TTS_CONFIG)))
+TTS_LIMIT ?= 100
+tts: $(VENV)/.installed sysdeps
+	$(VENV)/bin/encdec prepare bible-tts
+	rm -rf $(TTS_RUN)
+	$(VENV)/bin/encdec train $(TTS_CONFIG) train.run_dir=$(TTS_RUN) train.max_minutes=$(TTS_MINUTES)
+	$(VENV)/bin/encdec evaluate $(TTS_RUN) --split test --limit $(TTS_LIMIT)
 
 # Benchmarks (README "Benchmarks"): GEMM peak and FLOPs per token/word, training throughput,
 # and decoding speed of BENCH_RUN, which is trained first (g2p-small for BENCH_MINUTES of wall

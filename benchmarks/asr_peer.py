@@ -14,8 +14,8 @@ real-time factor (decode seconds / audio seconds, all utterances) and the speed 
 PocketSphinx (its RTF over the row's). WER = word edits / reference words over the group
 (corpus level); CER = character edits (spaces included) / reference characters.
 
-Scoring: references and both systems' outputs pass through ``normalize_transcript`` (lowercase
-words, apostrophes kept) and ``SPOKEN_FORMS``, so both are scored the same way.
+Scoring: references and both systems' outputs pass through ``encdec.audio.judge.judge_text``
+(lowercase words, apostrophes kept, abbreviations spelled out), so both are scored the same way.
 
 Timing: the audio is loaded first (FLAC -> float32 at 16 kHz); each system is set up once
 (PocketSphinx decoder created, encdec run loaded), decodes the first utterance once untimed
@@ -47,20 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encdec.audio.io import read_audio  # noqa: E402
-from encdec.data.speech import normalize_transcript  # noqa: E402
+from encdec.audio.judge import SAMPLE_RATE, Judge, judge_text as scoring_text  # noqa: E402
 from encdec.metrics import edit_distance  # noqa: E402
 
-SAMPLE_RATE = 16000  # the bundled en-us acoustic model's rate, and bible-speech's
 GROUP_ORDER = ("seen", "unseen", "real")
-# PocketSphinx's LM writes some words as abbreviations that its dictionary pronounces exactly as
-# the spelled-out word (mr = mister = M IH S T ER; mrs = missus = M IH S IH Z), where our
-# transcripts spell them out: counted as errors, they would be spelling, not recognition.
-SPOKEN_FORMS = {"mr": "mister", "mrs": "missus"}
-
-
-def scoring_text(text: str) -> str:
-    """What is compared: normalized words, abbreviations with one pronunciation spelled out."""
-    return " ".join(SPOKEN_FORMS.get(w, w) for w in normalize_transcript(text).split())
 
 
 def wer_counts(hyps: list[str], refs: list[str]) -> tuple[int, int]:
@@ -112,30 +102,9 @@ def read_manifests(data_dir: Path, splits: list[str], limit: int) -> list[dict]:
 
 
 def pocketsphinx_system():
-    """(name, decode(waves) -> texts): the default en-us decoder, created once."""
-    from pocketsphinx import Decoder
-
-    decoder = Decoder(loglevel="FATAL")  # default config = bundled en-us model, LM, dictionary
-    if int(decoder.config["samprate"]) != SAMPLE_RATE:
-        sys.exit(f"asr_peer.py: pocketsphinx expects {decoder.config['samprate']} Hz audio")
-
-    def decode(waves: list[np.ndarray]) -> list[str]:
-        texts = []
-        for wave in waves:
-            # soundfile reads 16-bit audio as int / 32768: this gives back the exact samples
-            pcm = np.clip(np.round(wave * 32768.0), -32768, 32767).astype("<i2").tobytes()
-            # The front end carries its noise estimate from one utterance to the next, which
-            # changed words of the next utterance in our test; reset it (0.25 ms) so every
-            # transcript is independent of the order and of --limit, like encdec's.
-            decoder.reinit_feat()
-            decoder.start_utt()
-            decoder.process_raw(pcm, full_utt=True)  # whole utterance: batch CMN, not live
-            decoder.end_utt()
-            hyp = decoder.hyp()  # None when nothing was recognized
-            texts.append(hyp.hypstr if hyp is not None else "")
-        return texts
-
-    return f"pocketsphinx {importlib.metadata.version('pocketsphinx')}", decode
+    """(name, decode(waves) -> texts): the default en-us decoder (``encdec.audio.judge``)."""
+    judge = Judge()
+    return judge.name, judge.transcribe
 
 
 def encdec_systems(run: str, args) -> dict:

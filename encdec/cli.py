@@ -1,5 +1,5 @@
-"""The `encdec` command: prepare, train, average, evaluate, translate, transcribe, pipeline,
-distill, export, serve."""
+"""The `encdec` command: prepare, train, average, evaluate, translate, transcribe, speak,
+pipeline, distill, export, serve."""
 
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ def _prepare(args) -> None:
                 return
         prepare_speech(out, train_hours=hours, vocab_size=vocab_size)
         return
+    if args.recipe == "bible-tts":
+        _prepare_tts(args)
+        return
+    if args.voice is not None or args.inputs is not None or args.g2p is not None:
+        raise DataError("--voice, --inputs and --g2p are options of the bible-tts recipe")
     if args.hours is not None:
-        raise DataError("--hours is an option of the bible-speech recipe")
+        raise DataError("--hours is an option of the bible-speech and bible-tts recipes")
     if args.speech_dir is not None and args.recipe != "bible-speech-es":
         raise DataError("--speech-dir is an option of the bible-speech-es recipe")
     if args.recipe == "bible-speech-es":
@@ -44,7 +49,7 @@ def _prepare(args) -> None:
     if args.recipe:
         if args.recipe not in RECIPES:
             raise DataError(f"unknown recipe {args.recipe!r}; built-in recipes: "
-                            f"{', '.join(RECIPES)}, bible-speech, bible-speech-es")
+                            f"{', '.join(RECIPES)}, bible-speech, bible-speech-es, bible-tts")
         recipe = RECIPES[args.recipe]
         options = {k: given[k] if given[k] is not None else recipe.options.get(k, defaults[k])
                    for k in defaults}
@@ -117,6 +122,24 @@ def _prepare(args) -> None:
     prepare(corpus, out, name=name, options=options, force=args.force, **options)
 
 
+def _prepare_tts(args) -> None:
+    from encdec.data.prepare import load_meta
+    from encdec.data.tts import prepare_tts
+
+    out = Path(args.out or "data/bible-tts")
+    options = {"train_hours": args.hours or 3.0, "inputs": args.inputs or "phonemes",
+               "g2p": args.g2p or ""}
+    voice = args.voice or "flite-slt"
+    if (out / "meta.json").exists() and not args.force:
+        meta = load_meta(out)
+        have = meta.get("options", {})
+        if meta.get("voice") == voice and all(have.get(k) == v for k, v in options.items()):
+            print(f"{out}: already prepared (bible-tts, {voice}); --force to redo")
+            return
+    prepare_tts(out, voice=voice, inputs=options["inputs"], train_hours=options["train_hours"],
+                g2p_run=args.g2p)
+
+
 def _prepare_speech_translation(args) -> None:
     from encdec.data.prepare import load_meta
     from encdec.data.speech import prepare_speech_translation
@@ -155,12 +178,27 @@ def _average(args) -> None:
           f"use it with: encdec evaluate {args.run} --checkpoint {path.name}")
 
 
+def _print_tts_scores(r: dict) -> None:
+    names = {"reference": "reference recording", "copy": "copy synthesis (vocoder)",
+             "model": f"{r['arch']} (length_scale {r['length_scale']:g})"}
+    rows = "".join(f"\n  {names[k]:<34} WER {v['wer']:6.2f}  CER {v['cer']:6.2f}  "
+                   f"{v['seconds']:8.1f} s" for k, v in r["systems"].items())
+    print(f"{r['split']} ({r['inputs']} utterances, judge {r['judge']}, checkpoint "
+          f"{r['checkpoint']}):{rows}\n  MCD (DTW) {r['mcd_db']:.2f} dB, duration "
+          f"{r['duration_ratio']:.3f}x the recordings'; real-time factor: mel "
+          f"{r['mel_rtf']:.4f}, vocoder {r['vocoder_rtf']:.4f} on {r['threads']} threads\n"
+          f"  -> {r['written_to']}")
+
+
 def _evaluate(args) -> None:
     from encdec.evaluate import evaluate
 
     result = evaluate(args.run, split=args.split, checkpoint_name=args.checkpoint,
                       data_dir=args.data, device=args.device, limit=args.limit,
                       rerank=args.rerank, **_decode_overrides(args))
+    if result.get("metric") == "tts":
+        _print_tts_scores(result)
+        return
     s = result["scores"]
     d = result["decode"]
     how = f"beam {d['beam_size']}" if d["method"] == "beam" else d["method"]
@@ -213,6 +251,14 @@ def _transcribe(args) -> None:
     run_cli(args.run, args.inputs, checkpoint_name=args.checkpoint, output_path=args.output,
             device=args.device, overrides=_decode_overrides(args),
             progress=not args.no_progress)
+
+
+def _speak(args) -> None:
+    from encdec.speak import run_cli
+
+    run_cli(args.run, text=args.text, input_path=args.input, output=args.output,
+            length_scale=args.length_scale, batch_size=args.batch_size,
+            checkpoint_name=args.checkpoint, device=args.device)
 
 
 def _pipeline(args) -> None:
@@ -327,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--hours", type=float,
                     help="bible-speech: hours of training audio to synthesize (default 10); "
                          "a killed or smaller earlier run is continued")
+    pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-slt; "
+                                    "the bible-speech voices: flite-rms, flite-awb, flite-slt, ...)")
+    pr.add_argument("--inputs", choices=["phonemes", "chars"],
+                    help="bible-tts: what the model reads (default phonemes: CMUdict, then --g2p)")
+    pr.add_argument("--g2p", metavar="RUN",
+                    help="bible-tts: an encdec G2P run that pronounces the corpus words CMUdict "
+                         "lacks (default: spell them letter by letter)")
     pr.add_argument("--speech-dir", metavar="DIR",
                     help="bible-speech-es: the bible-speech directory whose audio it uses "
                          "(default data/bible-speech)")
@@ -422,6 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-progress", action="store_true", help="no progress bar")
     tc.set_defaults(func=_transcribe)
 
+    sp = sub.add_parser("speak", help='text to speech: encdec speak RUN "text" -o out.wav, '
+                                      "or -i lines.txt -o DIR/")
+    sp.add_argument("run", help="a text-to-speech run (fastspeech or transformer_tts)")
+    sp.add_argument("text", nargs="?", help="what to say (or -i FILE)")
+    sp.add_argument("-i", "--input", help="a text file: one utterance per line, to DIR/NNNN.wav")
+    sp.add_argument("-o", "--output", required=True, help="a .wav file (one text) or a directory")
+    sp.add_argument("--length-scale", type=float, default=1.0,
+                    help="multiplies the predicted durations: 1.2 speaks 20%% slower (fastspeech)")
+    sp.add_argument("--batch-size", type=int, default=16, help="texts synthesized together")
+    sp.add_argument("--checkpoint", default="best")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=_speak)
+
     pl = sub.add_parser("pipeline", help="speech translation by a cascade: encdec pipeline "
                                          "ASR_RUN MT_RUN FILE|DIR ...")
     pl.add_argument("asr_run", help="speech run: audio -> transcript")
@@ -511,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     from encdec.checkpoint import CheckpointError
     from encdec.config import ConfigError
     from encdec.data.corpus import DataError
+    from encdec.speak import SpeakError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -522,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, SpeakError) as err:
         print(f"encdec: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:

@@ -25,7 +25,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"  # name in encdec.models.MODELS: transformer | nat | lstm | gru | speech
+    arch: str = "transformer"  # encdec.models.MODELS: transformer | nat | lstm | gru | speech | fastspeech | transformer_tts
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
@@ -61,6 +61,13 @@ class ModelConfig:
     # transcripts (the data's "transcript" field, tokenized with its own vocabulary), added to the
     # loss above; 0 = no auxiliary head. Its head is used in training only.
     aux_ctc_weight: float = 0.0
+    # Text-to-speech (arch: fastspeech | transformer_tts): tokens -> 80-bin log-mel frames.
+    tts_reduction: int = 2  # transformer_tts: frames per decoder step (Tacotron's r)
+    tts_guided_weight: float = 1.0  # transformer_tts: guided-attention (diagonal prior) loss weight
+    # fastspeech: durations learned jointly (forward-sum over monotonic paths + MAS); the
+    # binarization loss joins after this many steps, once the soft alignment has converged a bit
+    tts_binarize_from: int = 1000
+    tts_align_weight: float = 1.0  # fastspeech: weight of the forward-sum and binarization losses
 
 
 @dataclass
@@ -107,6 +114,9 @@ class TrainConfig:
     # norm), ctc (the CTC head), decoder (target embedding, blocks, final norm, output layer).
     init_from: str = ""
     init_parts: tuple[str, ...] = ("encoder",)
+    # fastspeech: durations read off a trained transformer_tts run's attention (the teacher
+    # way, FastSpeech's) instead of learned jointly; the run must be on the same data
+    durations_from: str = ""
 
 
 @dataclass

@@ -17,11 +17,25 @@ from encdec.metrics import score
 from encdec.translate import Translator
 
 
+def _modality(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "data" / "meta.json").read_text()).get("modality", "text")
+    except (OSError, ValueError):
+        return "text"  # Translator.from_run says what is wrong with the run
+
+
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best",
              data_dir: str | None = None, device: str = "cpu", limit: int = 0,
              rerank: str | Path | None = None, **decode_overrides) -> dict:
     """Decode and score a split; ``rerank`` is a run whose model re-orders the candidates."""
     run_dir = Path(run_dir)
+    if _modality(run_dir) == "tts":
+        from encdec.evaluate_tts import evaluate_tts
+
+        if rerank:
+            raise DataError("--rerank applies to text models")
+        return evaluate_tts(run_dir, split, checkpoint_name, data_dir, device, limit,
+                            length_scale=decode_overrides.get("length_scale") or 1.0)
     tr = Translator.from_run(run_dir, checkpoint_name, device)
     if tr.assets.speech:
         if rerank:

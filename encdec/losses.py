@@ -173,3 +173,28 @@ def aux_ctc_loss(core, encoder_out, batch) -> torch.Tensor:
     return F.ctc_loss(log_probs.transpose(0, 1), batch.src_text,  # (S, B, V)
                       encoder_out.memory_mask.sum(dim=1), batch.src_text.ne(PAD).sum(dim=1),
                       blank=PAD, reduction="sum", zero_infinity=True)
+
+
+def tts_loss(model, batch, step: int = 0, teacher=None):
+    """Text-to-speech: (loss_sum, mel_sum), each a per-frame mean times the batch's frames (the
+    trainer divides by the frames). The loss is the model's total (mel L1 before and after the
+    post-net, durations, alignment or stop and guided attention); the second value is the L1
+    after the post-net. FastSpeech learns its durations jointly unless a ``teacher``
+    (a TransformerTTS) gives them from its attention."""
+    from encdec.models.tts import FastSpeech, durations_from_attention
+
+    core = getattr(model, "module", model)
+    frames = batch.num_tgt_tokens
+    if isinstance(core, FastSpeech):
+        kwargs = {"binarize": step >= core.cfg.tts_binarize_from,
+                  "align_weight": core.cfg.tts_align_weight}
+        if teacher is not None:
+            with torch.no_grad():
+                _, parts = teacher.loss(batch.tokens, batch.mels, batch.mel_lengths)
+            kwargs["durations"] = durations_from_attention(
+                parts["attention"], batch.tokens.ne(PAD).sum(dim=1), batch.mel_lengths)
+        total, parts = model(batch.tokens, batch.mels, batch.mel_lengths, **kwargs)
+    else:
+        total, parts = model(batch.tokens, batch.mels, batch.mel_lengths,
+                             guided_weight=core.cfg.tts_guided_weight)
+    return total * frames, torch.tensor(parts["postnet"] * frames)

@@ -28,7 +28,7 @@ from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
 from encdec.host import retain_freed_memory
-from encdec.losses import sampling_prob, sequence_loss
+from encdec.losses import sampling_prob, sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import model_for_data
 
@@ -160,7 +160,15 @@ class Trainer:
         self.assets = load_assets(cfg.data.dir)
         meta = self.assets.meta
         self.speech = self.assets.speech
-        if self.speech:
+        self.tts = self.assets.tts
+        if self.tts:
+            from encdec.data.tts import TTSSplit
+
+            rate = meta["sample_rate"]
+            self.train_split = TTSSplit(cfg.data.dir, "train", rate)
+            self.dev_split = TTSSplit(cfg.data.dir, "dev", rate)
+            self.dev_eval = self.dev_split.entries
+        elif self.speech:
             from encdec.data.utterances import Augmenter, UtteranceSplit
 
             rate = meta["sample_rate"]
@@ -182,7 +190,10 @@ class Trainer:
         if t.valid_max_inputs:
             self.dev_eval = self.dev_eval[: t.valid_max_inputs]
         self.metric = meta["metric"]
-        _, self.metric_key, self.higher_better = METRICS[self.metric]
+        if self.tts:  # no decoding in validation: the dev frames' L1 after the post-net
+            self.metric_key, self.higher_better = "mel_l1", False
+        else:
+            _, self.metric_key, self.higher_better = METRICS[self.metric]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = model_for_data(cfg.model, meta).to(self.device)
@@ -190,6 +201,7 @@ class Trainer:
             copied = copy_parts(self.model, t.init_from, t.init_parts)
             self.log(f"init: copied {copied} tensors ({', '.join(t.init_parts)}) from "
                      f"{t.init_from}")
+        self.teacher = self._load_teacher(t.durations_from) if t.durations_from else None
         self.optimizer = make_optimizer(self.model, t)
         self.ddp_model = self.model
         if self.dist.world_size > 1:
@@ -210,6 +222,27 @@ class Trainer:
         self._saved_step = -1  # the step of the newest checkpoint this process wrote or loaded
         self._signal = 0  # the signal (SIGINT, SIGTERM) that asked training to stop
         self._prepare_run_dir(resume)
+
+    def _load_teacher(self, run_dir: str):
+        """fastspeech with train.durations_from: the transformer_tts run whose attention gives
+        the durations (its best checkpoint, frozen, in eval mode)."""
+
+        if self.cfg.model.arch != "fastspeech":
+            raise ConfigError(f"train.durations_from={run_dir!r} is for model.arch=fastspeech, "
+                              f"not {self.cfg.model.arch!r}")
+        teacher_cfg = Config.load(Path(run_dir) / "config.yaml")
+        if teacher_cfg.model.arch != "transformer_tts":
+            raise ConfigError(f"train.durations_from={run_dir!r}: durations come from a "
+                              f"transformer_tts run, and this one is {teacher_cfg.model.arch!r}")
+        teacher_meta = load_assets(Path(run_dir) / "data").meta
+        if teacher_meta.get("src_vocab_size") != self.assets.meta["src_vocab_size"] or \
+                teacher_meta.get("src_tokenizer") != self.assets.meta["src_tokenizer"]:
+            raise ConfigError(f"train.durations_from={run_dir!r} was trained on other inputs "
+                              f"than {self.cfg.data.dir}; train the teacher on the same data")
+        teacher = model_for_data(teacher_cfg.model, teacher_meta)
+        checkpoint.load_weights(teacher, checkpoint.resolve(run_dir, "best"))
+        self.log(f"durations: from the attention of {run_dir}")
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     # ---- run directory / resume ---------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -304,6 +337,8 @@ class Trainer:
         """Length-bucketed batches: of at most train.max_tokens padded tokens (text), or of
         train.max_frames padded feature frames (speech, whose frames outnumber its tokens)."""
         t = self.cfg.train
+        if self.tts:
+            return token_batches(split.src_lens, split.frames, t.max_frames, **kwargs)
         if self.speech:
             return token_batches(split.frames, split.tgt_lens, t.max_frames, **kwargs)
         return token_batches(split.src_lens, split.tgt_lens, t.max_tokens, max_len=t.max_len,
@@ -311,6 +346,10 @@ class Trainer:
 
     def _collate(self, split, indices, augment_seed: tuple | None = None):
         """A batch; for speech, ``augment_seed`` turns training augmentation on."""
+        if self.tts:
+            from encdec.data.tts import collate_tts
+
+            return collate_tts(split, indices, self.assets.audio_front)
         if not self.speech:
             return collate(split, indices)
         from encdec.data.utterances import collate_speech
@@ -349,8 +388,11 @@ class Trainer:
             group["lr"] = lr
         total_tokens = sum(b.num_tgt_tokens for b in batches)
         # speech: seconds of (augmented) audio in this step, 10 ms per feature frame
-        self._step_audio_s = sum(float(b.src_lengths.sum()) for b in batches) * 0.01 \
-            if self.speech else 0.0
+        self._step_audio_s = 0.0
+        if self.speech:
+            self._step_audio_s = sum(float(b.src_lengths.sum()) for b in batches) * 0.01
+        elif self.tts:  # frames generated
+            self._step_audio_s = sum(b.num_tgt_tokens for b in batches) * 0.01
         # The gradient is the loss summed over every process's batches divided by their total
         # target tokens, as one process would compute it over the same global batch. DDP
         # averages gradients over processes, hence the factor world_size.
@@ -368,8 +410,7 @@ class Trainer:
                 amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) \
                     if self.autocast_dtype else contextlib.nullcontext()
                 with amp:
-                    loss, nll = sequence_loss(self.ddp_model, batch, t.label_smoothing,
-                                              sampling=sampling_prob(self.state["step"], t))
+                    loss, nll = self._loss(self.ddp_model, batch)
                 (loss * scale).backward()
             loss_sum += float(loss.detach())
             nll_sum += float(nll)
@@ -380,6 +421,13 @@ class Trainer:
         self.state["step"] += 1
         self.state["tokens_seen"] += global_tokens
         return loss_sum, nll_sum, total_tokens
+
+    def _loss(self, model, batch):
+        t = self.cfg.train
+        if self.tts:
+            return tts_loss(model, batch, self.state["step"], self.teacher)
+        return sequence_loss(model, batch, t.label_smoothing,
+                             sampling=sampling_prob(self.state["step"], t) if model.training else 0.0)
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> dict:
@@ -397,10 +445,13 @@ class Trainer:
         loss_sum = nll_sum = tokens = 0
         for idx in self._length_batches(self.dev_split, seed=0, epoch=0, shuffle=False):
             batch = self._collate(self.dev_split, idx).to(self.device)
-            loss, nll = sequence_loss(self.model, batch, self.cfg.train.label_smoothing)
+            loss, nll = self._loss(self.model, batch)
             loss_sum += float(loss)
             nll_sum += float(nll)
             tokens += batch.num_tgt_tokens
+        if self.tts:
+            self.model.train()
+            return {"valid_loss": loss_sum / max(tokens, 1), "valid_mel_l1": nll_sum / max(tokens, 1)}
         d = self.cfg.decode
         # Greedy for autoregressive models; the run's Mask-Predict settings for NAT; CTC best
         # path for speech models without a decoder.
@@ -549,7 +600,7 @@ class Trainer:
                   "elapsed_s": self.state["elapsed"],
                   # peak resident memory of this process so far (Linux: KiB)
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if self.speech:  # audio seconds trained on per wall-clock second, all processes
+        if self.speech or self.tts:  # audio seconds trained on (generated) per wall-clock second
             record["audio_s_per_s"] = window.get("audio_s", 0.0) * self.dist.world_size / \
                 max(seconds, 1e-9)
         self.metrics.write(record)

@@ -59,6 +59,12 @@ class Translator:
             from encdec.export import check_exportable
             check_exportable(cfg, run_dir)  # before anything loads
         assets = load_assets(run_dir / "data")
+        if assets.tts:
+            from encdec.config import ConfigError
+            raise ConfigError(f"{run_dir} is a text-to-speech run: speak with it "
+                              f"(encdec speak {run_dir} \"text\" -o out.wav, or "
+                              "encdec.speak.Speaker; judge it with encdec evaluate); it does "
+                              "not translate or serve")
         model = model_for_data(cfg.model, assets.meta)
         ckpt = checkpoint.resolve(run_dir, checkpoint_name)
         checkpoint.load_weights(model, ckpt)

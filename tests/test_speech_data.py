@@ -85,4 +85,4 @@ def test_cli_hours_goes_to_the_speech_recipe_only(tmp_path, monkeypatch, capsys)
     assert main(["prepare", "bible-speech", "--out", str(tmp_path / "s"), "--hours", "0.5"]) == 0
     assert seen == {"out": tmp_path / "s", "train_hours": 0.5, "vocab_size": 256}
     assert main(["prepare", "g2p-cmudict", "--out", str(tmp_path / "g"), "--hours", "1"]) == 2
-    assert "--hours is an option of the bible-speech recipe" in capsys.readouterr().err
+    assert "--hours is an option of the bible-speech and bible-tts recipes" in capsys.readouterr().err

@@ -19,9 +19,9 @@ class Assets:
     meta: dict
     src_tokenizer: object  # None for speech inputs
     src_vocab: Vocab | None
-    tgt_tokenizer: object
-    tgt_vocab: Vocab
-    audio_front: object = None  # speech inputs: encdec.data.utterances.AudioFront
+    tgt_tokenizer: object  # None for speech outputs (tts)
+    tgt_vocab: Vocab | None
+    audio_front: object = None  # speech inputs or outputs: encdec.data.utterances.AudioFront
 
     def audio_kwargs(self) -> dict:
         """The keyword arguments `decode_audio` needs."""
@@ -31,6 +31,10 @@ class Assets:
     @property
     def speech(self) -> bool:
         return self.meta.get("modality") == "speech"
+
+    @property
+    def tts(self) -> bool:
+        return self.meta.get("modality") == "tts"
 
     def text_kwargs(self) -> dict:
         """The keyword arguments `decode_texts` needs."""
@@ -46,6 +50,12 @@ def load_assets(directory: str | Path) -> Assets:
 
         return Assets(meta, None, None, tokenizer_from_spec(meta["tgt_tokenizer"], directory),
                       Vocab.load(directory / "tgt.vocab"), AudioFront.load(directory, meta))
+    if meta.get("modality") == "tts":
+        from encdec.data.utterances import AudioFront
+
+        return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
+                      Vocab.load(directory / "src.vocab"), None, None,
+                      AudioFront.load(directory, meta))
     return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
                   Vocab.load(directory / "src.vocab"),
                   tokenizer_from_spec(meta["tgt_tokenizer"], directory),
@@ -55,8 +65,8 @@ def load_assets(directory: str | Path) -> Assets:
 def copy_assets(data_dir: str | Path, dest: str | Path) -> None:
     data_dir, dest = Path(data_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    names = ["meta.json", "tgt.vocab"] + [p.name for p in data_dir.glob("spm.*")]
-    names += [n for n in ("src.vocab", "feats.stats.safetensors", "transcript.vocab")
-              if (data_dir / n).exists()]
+    names = ["meta.json"] + [p.name for p in data_dir.glob("spm.*")]
+    names += [n for n in ("tgt.vocab", "src.vocab", "feats.stats.safetensors", "transcript.vocab",
+                          "lexicon.tsv") if (data_dir / n).exists()]
     for name in names:
         shutil.copyfile(data_dir / name, dest / name)

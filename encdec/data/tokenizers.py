@@ -104,7 +104,7 @@ class SentencePieceTokenizer:
 
 
 TOKENIZERS = {"char": CharTokenizer, "whitespace": WhitespaceTokenizer,
-              "sentencepiece": SentencePieceTokenizer}
+              "sentencepiece": SentencePieceTokenizer, "phonemes": None}  # phonemes: encdec.data.tts
 
 
 def tokenizer_from_spec(spec: dict, directory: str | Path):
@@ -113,4 +113,8 @@ def tokenizer_from_spec(spec: dict, directory: str | Path):
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(TOKENIZERS)}")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(Path(directory) / spec["model"], spec.get("lowercase", False))
+    if kind == "phonemes":
+        from encdec.data.tts import PhonemeTokenizer
+
+        return PhonemeTokenizer.load(directory)
     return TOKENIZERS[kind](lowercase=spec.get("lowercase", False))

@@ -314,8 +314,6 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
     SentencePiece unigram tokenizer of ``transcript_vocab_size`` of their own."""
     import shutil
 
-    from encdec.audio.io import read_audio
-
     out = Path(out)
     train = manifests.get("train") or []
     if not train:
@@ -336,16 +334,26 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
         shutil.copyfile(stats_from, out / STATS_FILE)
         log(f"feature statistics copied from {stats_from}")
         return targets
+    compute_feature_stats(out, train, sample_rate, num_mel_bins, stats_utterances, log)
+    return targets
+
+
+def compute_feature_stats(out: Path, train: list[dict], sample_rate: int, num_mel_bins: int,
+                          utterances: int, log=print) -> FeatureStats:
+    """Per-bin log-mel statistics of up to ``utterances`` train entries spread over the split,
+    saved as ``out``/feats.stats.safetensors."""
+    from encdec.audio.io import read_audio
+
     stats = FeatureStats(num_mel_bins)
     front = AudioFront(None, FbankOptions(sample_rate=sample_rate, num_mel_bins=num_mel_bins))
-    step = max(1, len(train) // stats_utterances)
-    for entry in train[::step][:stats_utterances]:
+    step = max(1, len(train) // utterances)
+    for entry in train[::step][:utterances]:
         feats, frames = front.log_mel_energies([read_audio(audio_file(out, entry["audio"]),
                                                            sample_rate)])
         stats.add(feats[0, : int(frames[0])])
     stats.save(out / STATS_FILE)
     log(f"feature statistics from {stats.count} frames")
-    return targets
+    return stats
 
 
 AUDIO_LIST_HELP = ("an audio list: a .tsv with lines AUDIO_PATH<TAB>TRANSCRIPT, or a .jsonl with "

@@ -75,7 +75,9 @@ class AlignmentModule(nn.Module):
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, mels: torch.Tensor):
         k = self.key(text.transpose(1, 2))  # (B, A, N)
         q = self.query(mels.transpose(1, 2))  # (B, A, T)
-        dist = (q[:, :, :, None] - k[:, :, None, :]).square().sum(dim=1)  # (B, T, N)
+        # |q - k|^2 = |q|^2 + |k|^2 - 2 q.k: one batched product, no (B, A, T, N) difference
+        dist = (q.square().sum(dim=1)[:, :, None] + k.square().sum(dim=1)[:, None, :]
+                - 2 * torch.bmm(q.transpose(1, 2), k)).clamp(min=0)  # (B, T, N)
         scores = -self.temperature * dist
         scores = scores.masked_fill(~text_mask[:, None, :], float("-inf"))
         return scores.log_softmax(dim=-1)
@@ -178,6 +180,8 @@ class FastSpeech(TextToFrames):
         parts["postnet"] = F.l1_loss(after[frame_mask], mels[frame_mask])
         total = total + parts["duration"] + parts["mel"] + parts["postnet"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {"durations": durations}
+
+    forward = loss  # so DistributedDataParallel sees the training pass
 
     # ---- inference ----------------------------------------------------------------------
     @torch.no_grad()
@@ -287,6 +291,8 @@ class TransformerTTS(TextToFrames):
         total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {
             "attention": attention_frames.detach(), "before": before.detach()}
+
+    forward = loss  # so DistributedDataParallel sees the training pass
 
     def init_caches(self, memory: torch.Tensor) -> list[dict]:
         caches = []

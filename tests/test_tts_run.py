@@ -1,0 +1,247 @@
+"""Text-to-speech end to end: phoneme inputs, the bible-tts recipe, training both TTS models
+(durations learned jointly, or from an autoregressive teacher's attention) through the CLI,
+and `encdec speak` / the Python API with speed control and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+
+from conftest import needs_system, write_tone_list
+from encdec.cli import main
+from encdec.data.recipes import SWORD_PACKAGES, sword_installed
+from encdec.data.tts import (LEXICON, WORD_BOUNDARY, PhonemeTokenizer, finish_tts_dir,
+                             prepare_tts, words_and_pauses)
+
+_missing = ([] if shutil.which("flite") else ["flite"]) + \
+    [SWORD_PACKAGES[v] for v in ("kjv", "rv1909") if not sword_installed(v)]
+needs_flite = needs_system(_missing, "the bible-tts recipe")
+
+TINY_TTS = {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ffn_dim": 64,
+            "dropout": 0.0, "tts_binarize_from": 2}
+
+
+def test_phonemes_from_cmudict_with_pauses_and_boundaries():
+    tok = PhonemeTokenizer()
+    assert words_and_pauses("And God said, Let there-be light: O'er!") == \
+        ["and", "god", "said", ",", "let", "there", "be", "light", ":", "o'er", "!"]
+    out = tok.encode("God said, Let.")
+    b = WORD_BOUNDARY
+    assert out == ["G", "AA1", "D", b, "S", "EH1", "D", ",", b, "L", "EH1", "T", "."]
+    # A word no lexicon has is spelled; the data directory's lexicon comes before spelling.
+    assert tok.encode("zqx") == ["Z", "IY1", "K", "Y", "UW1", "EH1", "K", "S"]
+    assert PhonemeTokenizer({"zqx": ["Z", "AH0"]}).encode("zqx") == ["Z", "AH0"]
+    assert tok.encode("...") == [".", ".", "."]
+
+
+def _tone_tts_data(root):
+    """A TTS directory whose "speech" is tone words: chars in, their tones' frames out."""
+    manifests = {}
+    for split, n, seed in (("train", 48, 1), ("dev", 6, 2), ("test", 6, 3)):
+        path = write_tone_list(root, split, n, seed)
+        rows = [line.split("\t") for line in path.read_text().splitlines()]
+        manifests[split] = [{"id": f"{split}{i}", "audio": audio, "text": text.replace(" ", ""),
+                             "duration": soundfile.info(str(root / audio)).duration}
+                            for i, (audio, text) in enumerate(rows)]
+    meta = finish_tts_dir(root, manifests, inputs="chars", log=lambda *a: None)
+    meta["name"] = "tones"
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tts_data(tmp_path_factory):
+    return _tone_tts_data(tmp_path_factory.mktemp("tts_data"))
+
+
+def _config(path, data, run, arch, **train):
+    cfg = {"data": {"dir": str(data)}, "model": {"arch": arch, **TINY_TTS},
+           "train": {"run_dir": str(run), "max_frames": 2000, "lr": 3e-3, "warmup_steps": 5,
+                     "valid_every": 6, "log_every": 2, "max_steps": 6, "num_threads": 1, **train}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def at_run(tts_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("at")
+    assert main(["train", str(_config(root / "at.yaml", tts_data, root / "run",
+                                      "transformer_tts"))]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def nat_run(tts_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nat")
+    assert main(["train", str(_config(root / "nat.yaml", tts_data, root / "run", "fastspeech"))]) == 0
+    return root / "run"
+
+
+def test_training_logs_frame_losses_and_keeps_the_best(nat_run):
+    lines = [json.loads(x) for x in (nat_run / "metrics.jsonl").read_text().splitlines()]
+    valid = [x for x in lines if "valid_mel_l1" in x]
+    assert valid and all(np.isfinite(x["valid_loss"]) for x in valid)
+    train = [x for x in lines if "loss" in x]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert (nat_run / "checkpoints" / "best").exists()
+    assert (nat_run / "data" / "src.vocab").exists()
+
+
+def test_speak_cli_writes_wav_with_frames_times_hop(nat_run, tmp_path, capsys):
+    out = tmp_path / "a.wav"
+    assert main(["speak", str(nat_run), "badcafe", "-o", str(out)]) == 0
+    audio, rate = soundfile.read(str(out))
+    assert rate == 16000 and audio.ndim == 1 and len(audio) > 0
+    assert "real-time factor" in capsys.readouterr().err
+    lines = tmp_path / "lines.txt"
+    lines.write_text("ab\n\ncafe\n")
+    assert main(["speak", str(nat_run), "-i", str(lines), "-o", str(tmp_path / "dir")]) == 0
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["0001.wav", "0002.wav"]
+
+
+def test_length_scale_and_token_scales_multiply_durations(nat_run):
+    from encdec.speak import Speaker
+
+    speaker = Speaker.from_run(nat_run)
+    with torch.no_grad():  # every token predicted to last exactly 5 frames
+        speaker.model.duration_out.weight.zero_()
+        speaker.model.duration_out.bias.fill_(float(np.log1p(5.0)))
+    [one] = speaker.speak(["abc"])
+    [slow] = speaker.speak(["abc"], length_scale=1.2)
+    [fast] = speaker.speak(["abc"], length_scale=0.8)
+    [mixed] = speaker.speak(["abc"], token_scales=[[1.0, 2.0, 0.4]])
+    assert one.tokens == ["a", "b", "c"] and one.durations == [5, 5, 5]
+    assert slow.durations == [6, 6, 6] and fast.durations == [4, 4, 4]
+    assert mixed.durations == [5, 10, 2]
+    for s in (one, slow, fast, mixed):
+        assert len(s.audio) == sum(s.durations) * 160 and s.mels.shape == (sum(s.durations), 80)
+
+
+def test_bad_inputs_get_clear_errors(nat_run, tmp_path, capsys):
+    from encdec.speak import Speaker, SpeakError
+
+    speaker = Speaker.from_run(nat_run)
+    with pytest.raises(SpeakError, match="input 1: empty text"):
+        speaker.speak(["ab", "  "])
+    with pytest.raises(SpeakError, match="input 0: symbols this run never saw in training: r z"):
+        speaker.speak(["zebra"])
+    with pytest.raises(SpeakError, match="over the 0.01 s limit"):
+        speaker.speak(["abcdef"], max_seconds=0.01)
+    with pytest.raises(SpeakError, match="3 token_scales for 2 tokens"):
+        speaker.speak(["ab"], token_scales=[[1, 1, 1]])
+    lines = tmp_path / "bad.txt"
+    lines.write_text("ab\n\nqqq\n")
+    assert main(["speak", str(nat_run), "-i", str(lines), "-o", str(tmp_path / "o")]) == 2
+    assert f"{lines}:3: symbols this run never saw in training: q" in capsys.readouterr().err
+    assert main(["speak", str(nat_run), "ab", "-o", str(tmp_path / "x.mp3")]) == 2
+    assert "give a .wav file name" in capsys.readouterr().err
+
+
+def test_autoregressive_run_speaks_until_its_stop_head(at_run, tmp_path):
+    from encdec.speak import Speaker, SpeakError
+
+    speaker = Speaker.from_run(at_run)
+    [speech] = speaker.speak(["abc"], max_seconds=0.5)
+    assert 0 < len(speech.audio) <= 50 * 160 and len(speech.durations) == 3
+    assert sum(speech.durations) == speech.mels.shape[0]
+    with pytest.raises(SpeakError, match="need a non-autoregressive"):
+        speaker.speak(["abc"], length_scale=1.2)
+
+
+def test_fastspeech_learns_from_teacher_durations(at_run, tts_data, tmp_path, capsys):
+    cfg = _config(tmp_path / "t.yaml", tts_data, tmp_path / "run", "fastspeech", max_steps=2,
+                  valid_every=2, durations_from=str(at_run))
+    assert main(["train", str(cfg)]) == 0
+    assert "durations: from the attention of" in capsys.readouterr().out
+    # The teacher must be a transformer_tts run on the same inputs.
+    cfg = _config(tmp_path / "t2.yaml", tts_data, tmp_path / "run2", "fastspeech", max_steps=2,
+                  durations_from=str(tmp_path / "run"))
+    assert main(["train", str(cfg)]) == 2
+    assert "durations come from a transformer_tts run" in capsys.readouterr().err
+
+
+def test_tts_arch_and_data_must_match(tts_data, tmp_path, capsys):
+    cfg = _config(tmp_path / "c.yaml", tts_data, tmp_path / "run", "transformer")
+    assert main(["train", str(cfg)]) == 2
+    assert "takes model.arch=fastspeech or transformer_tts" in capsys.readouterr().err
+
+
+@needs_flite
+def test_prepare_bible_tts_one_voice_phonemes_resumable(tmp_path):
+    opts = dict(voice="flite-slt", train_hours=0.01, eval_verses=2, books=["Ruth", "Jonah"],
+                split_verses=(10, 10), log=lambda *a: None)
+    out = tmp_path / "tts"
+    meta = prepare_tts(out, **opts)
+    assert meta["modality"] == "tts" and meta["voice"] == "flite-slt"
+    assert meta["src_tokenizer"] == {"kind": "phonemes", "lexicon": LEXICON}
+    manifests = {s: [json.loads(x) for x in (out / f"{s}.manifest.jsonl").read_text().splitlines()]
+                 for s in ("train", "dev", "test")}
+    assert all(manifests.values())
+    for e in manifests["train"]:
+        info = soundfile.info(str(out / e["audio"]))
+        assert info.samplerate == 16000 and e["voice"] == "flite-slt"
+        assert any(c in e["text"] for c in ",.;:")  # the verse as printed: pauses kept
+    assert (out / "lexicon.tsv").exists() and (out / "feats.stats.safetensors").exists()
+    first = out / manifests["train"][0]["audio"]
+    stamp = first.stat().st_mtime_ns
+    assert prepare_tts(out, **opts)["utterances"] == meta["utterances"]
+    assert first.stat().st_mtime_ns == stamp  # not synthesized again
+
+
+def test_text_commands_refuse_a_tts_run(nat_run, capsys):
+    assert main(["translate", str(nat_run), "-i", "/dev/null"]) == 2
+    assert "is a text-to-speech run: speak with it" in capsys.readouterr().err
+
+
+def test_dtw_path_is_the_cheapest_monotonic_path():
+    import itertools
+
+    from encdec.evaluate_tts import dtw_path
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (1, 4), (4, 1), (3, 4), (4, 4), (5, 3)):
+        cost = rng.random(shape)
+        best = np.inf
+        I, J = shape
+        # every monotonic path as a sequence of moves: brute force over move strings
+        for n in range(max(I, J) - 1, I + J - 1):
+            for moves in itertools.product(((1, 0), (0, 1), (1, 1)), repeat=n):
+                i = j = 0
+                total = cost[0, 0]
+                for di, dj in moves:
+                    i, j = i + di, j + dj
+                    if i >= I or j >= J:
+                        break
+                    total += cost[i, j]
+                else:
+                    if (i, j) == (I - 1, J - 1):
+                        best = min(best, total)
+        path = dtw_path(cost)
+        assert path[0] == (0, 0) and path[-1] == (I - 1, J - 1)
+        assert all(0 <= b[0] - a[0] <= 1 and 0 <= b[1] - a[1] <= 1 and a != b
+                   for a, b in zip(path, path[1:]))
+        assert sum(cost[i, j] for i, j in path) == pytest.approx(best)
+
+
+def test_mcd_is_zero_on_itself_and_ignores_time_stretch():
+    from encdec.evaluate_tts import mcd_dtw
+
+    rng = np.random.default_rng(1)
+    mel = rng.normal(size=(40, 80))
+    assert mcd_dtw(mel, mel) == pytest.approx(0.0, abs=1e-9)
+    assert mcd_dtw(np.repeat(mel, 2, axis=0), mel) == pytest.approx(0.0, abs=1e-9)
+    assert mcd_dtw(mel + rng.normal(size=mel.shape), mel) > 1.0
+
+
+def test_evaluate_judges_reference_copy_and_model(nat_run, tts_data, capsys):
+    assert main(["evaluate", str(nat_run), "--split", "test", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "reference recording" in out and "copy synthesis" in out and "MCD (DTW)" in out
+    result = json.loads((nat_run / "eval" / "tts-test-limit3.json").read_text())
+    assert set(result["systems"]) == {"reference", "copy", "model"} and result["inputs"] == 3
+    assert result["mcd_db"] > 0 and result["mel_rtf"] > 0
+    assert len(list((nat_run / "eval" / "tts-test-limit3").glob("*.wav"))) == 3
