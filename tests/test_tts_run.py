@@ -31,9 +31,9 @@ def test_phonemes_from_cmudict_with_pauses_and_boundaries():
         ["and", "god", "said", ",", "let", "there", "be", "light", ":", "o'er", "!"]
     out = tok.encode("God said, Let.")
     b = WORD_BOUNDARY
-    assert out == ["G", "AA1", "D", b, "S", "EH1", "D", ",", b, "L", "EH1", "T", "."]
+    assert out == ["G", "AA", "D", b, "S", "EH", "D", ",", b, "L", "EH", "T", "."]
     # A word no lexicon has is spelled; the data directory's lexicon comes before spelling.
-    assert tok.encode("zqx") == ["Z", "IY1", "K", "Y", "UW1", "EH1", "K", "S"]
+    assert tok.encode("zqx") == ["Z", "IY", "K", "Y", "UW", "EH", "K", "S"]
     assert PhonemeTokenizer({"zqx": ["Z", "AH0"]}).encode("zqx") == ["Z", "AH0"]
     assert tok.encode("...") == [".", ".", "."]
 

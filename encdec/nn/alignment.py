@@ -83,7 +83,7 @@ def monotonic_alignment_search(log_probs: torch.Tensor, text_lengths: torch.Tens
     valid = (frame_lengths >= text_lengths) & (text_lengths > 0)
     for t in range(T - 1, -1, -1):
         inside = valid & (t < frame_lengths)
-        path[rows[inside], t, j[inside]] = 1.0
+        path[rows, t, j] = inside.to(path.dtype)  # no boolean indexing (a sync per frame)
         if t == 0:
             break
         # step back to token j - 1 when it scored higher at t - 1 (ties stay on token j)
