@@ -15,11 +15,12 @@ after dynamic time warping; the model's total duration over the recordings'; rea
 of mel generation and of the vocoder (seconds of compute per second of audio, on the threads
 torch uses).
 
-MCD here: cepstra are the orthonormal DCT-II of the natural-log mel energies (80 bins, the
-features the model predicts), coefficients 1-13 (energy c0 left out); per frame
-10 / ln 10 * sqrt(2 * sum (c - c')^2) dB, averaged along the DTW path that minimizes the summed
-Euclidean distance between the two sequences' cepstra (steps (1,0), (0,1), (1,1)). It is not
-SPTK's mel-generalized cepstrum: compare figures within encdec, not with published ones.
+MCD here: cepstra of the log amplitude on the mel axis, from the 80 log-mel power bins the model
+predicts (a cosine transform, ``mel_cepstra``), coefficients 1-13 (energy c0 left out); per
+frame 10 / ln 10 * sqrt(2 * sum (c - c')^2) dB, averaged along the DTW path that minimizes the
+summed Euclidean distance between the two sequences' cepstra (steps (1,0), (0,1), (1,1)). It is
+not SPTK's mel-generalized cepstrum from a 1024-point spectrum: compare figures within encdec
+rather than with published ones.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ MCD_COEFFS = 13
 
 
 def mel_cepstra(log_mel: np.ndarray, coeffs: int = MCD_COEFFS) -> np.ndarray:
-    """(T, F) natural-log mel energies -> (T, coeffs) cepstra c1..c_coeffs (orthonormal DCT-II)."""
+    """(T, F) natural-log mel power -> (T, coeffs) cepstra c1..c_coeffs of the log amplitude on
+    the mel axis: c_k = 1/F sum_n (log_mel_n / 2) cos(pi k (n + 1/2) / F), the real cepstrum of
+    an even-symmetric spectrum, the scale the usual MCD figures are on."""
     F = log_mel.shape[1]
     n = np.arange(F)
     k = np.arange(1, coeffs + 1)[:, None]
-    basis = np.sqrt(2.0 / F) * np.cos(np.pi * k * (2 * n + 1) / (2 * F))  # (coeffs, F)
-    return log_mel.astype(np.float64) @ basis.T
+    basis = np.cos(np.pi * k * (2 * n + 1) / (2 * F)) / F  # (coeffs, F)
+    return (0.5 * log_mel.astype(np.float64)) @ basis.T
 
 
 def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
@@ -166,8 +169,8 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
         soundfile.write(str(wav_dir / f"{entries[i]['id']}.wav"), model_waves[i], rate)
     path = out_dir / f"{tag}.json"
     result["written_to"] = str(path)
-    result["utterances"] = [{"id": e["id"], "text": e["text"], "reference": refs[i][0],
-                             **{n: hyps[n][i] for n in systems}, "mcd_db": mcd[i]}
+    result["utterances"] = [{"id": e["id"], "text": e["text"], "scored_against": refs[i][0],
+                             "judge_heard": {n: hyps[n][i] for n in systems}, "mcd_db": mcd[i]}
                             for i, e in enumerate(entries)]
     path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
