@@ -128,6 +128,23 @@ def _synthesize_one(job: tuple[Utterance, str]) -> tuple[str, float]:
     return utt.id, synthesize(utt, path)
 
 
+def synthesize_plan(plan: list[Utterance], out: Path, workers: int, name: str, log=print):
+    """Synthesize ``plan`` into out/audio/SPLIT/ID.flac over ``workers`` processes, keeping the
+    files an earlier (killed) prepare wrote; ([(utterance, path)], {id: seconds})."""
+    from tqdm import tqdm
+
+    jobs = [(u, str(out / "audio" / u.split / f"{u.id}.flac")) for u in plan]
+    todo = sum(1 for _, p in jobs if not Path(p).exists())
+    log(f"{name}: {len(plan)} utterances planned, {len(plan) - todo} already synthesized")
+    durations: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(jobs), unit="utt", mininterval=1.0, disable=todo == 0) as bar:
+        for uid, seconds in pool.map(_synthesize_one, jobs, chunksize=16):
+            durations[uid] = seconds
+            bar.update(1)
+    return jobs, durations
+
+
 def plan_bible_speech(train_hours: float = 10.0, eval_verses: int = 400, books=None,
                       split_verses: tuple[int, int] | None = None, log=print) -> list[Utterance]:
     """Which verse each voice speaks, at which rate and pitch: deterministic. ``books`` and
@@ -198,17 +215,7 @@ def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verse
                         f"{' '.join(SPEECH_PACKAGES)}; `make sysdeps` installs them)")
     out = Path(out_dir)
     plan = plan_bible_speech(train_hours, eval_verses, books, split_verses, log)
-    jobs = [(u, str(out / "audio" / u.split / f"{u.id}.flac")) for u in plan]
-    todo = sum(1 for _, p in jobs if not Path(p).exists())
-    log(f"bible-speech: {len(plan)} utterances planned, {len(plan) - todo} already synthesized")
-    durations: dict[str, float] = {}
-    from tqdm import tqdm
-
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(jobs), unit="utt", mininterval=1.0, disable=todo == 0) as bar:
-        for uid, seconds in pool.map(_synthesize_one, jobs, chunksize=16):
-            durations[uid] = seconds
-            bar.update(1)
+    jobs, durations = synthesize_plan(plan, out, workers, "bible-speech", log)
 
     manifests: dict[str, list[dict]] = {"train": [], "dev": [], "test": [], "real": []}
     dropped = {"over_max_seconds": 0}

@@ -28,11 +28,10 @@ import os
 import re
 import shutil
 import unicodedata
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from encdec.data.corpus import DataError
-from encdec.data.speech import SAMPLE_RATE, VOICES, Utterance, _synthesize_one, _unit
+from encdec.data.speech import SAMPLE_RATE, VOICES, Utterance, _unit, synthesize_plan
 from encdec.files import atomic_write_text
 
 LEXICON = "lexicon.tsv"
@@ -186,7 +185,6 @@ def prepare_tts(out_dir: str | Path, *, voice: str = "flite-slt", inputs: str = 
     """Build (or continue building) the bible-tts data directory ``out_dir``: synthesis is
     parallel over ``workers`` and skips files already written, so a killed prepare continues."""
     import soundfile  # noqa: F401 - fail early when the audio stack is missing
-    from tqdm import tqdm
 
     names = [v.name for v in VOICES]
     if voice not in names:
@@ -200,15 +198,7 @@ def prepare_tts(out_dir: str | Path, *, voice: str = "flite-slt", inputs: str = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_bible_tts(voice, train_hours, eval_verses, books, split_verses, log)
-    jobs = [(u, str(out / "audio" / u.split / f"{u.id}.flac")) for u in plan]
-    todo = sum(1 for _, p in jobs if not Path(p).exists())
-    log(f"bible-tts ({voice}): {len(plan)} verses planned, {len(plan) - todo} already synthesized")
-    durations: dict[str, float] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(jobs), unit="utt", mininterval=1.0, disable=todo == 0) as bar:
-        for uid, seconds in pool.map(_synthesize_one, jobs, chunksize=16):
-            durations[uid] = seconds
-            bar.update(1)
+    jobs, durations = synthesize_plan(plan, out, workers, f"bible-tts ({voice})", log)
     manifests: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
     dropped = 0
     for utt, path in jobs:
@@ -281,24 +271,14 @@ class TTSSplit:
     def __init__(self, data_dir: str | Path, split: str, sample_rate: int = SAMPLE_RATE):
         import numpy as np
 
-        from encdec.audio.features import FbankOptions, num_frames
-        from encdec.data.utterances import read_manifest
+        from encdec.data.utterances import frame_counts, load_ids, read_manifest
 
         self.dir = Path(data_dir)
         self.entries = read_manifest(data_dir, split)
-        try:
-            self.src_tokens = np.load(self.dir / f"{split}.src.tokens.npy", mmap_mode="r")
-            self.src_offsets = np.load(self.dir / f"{split}.src.offsets.npy")
-        except FileNotFoundError as err:
-            raise DataError(f"{data_dir}: split {split!r} has no input ids "
-                            f"({Path(err.filename).name}); prepare the data again") from None
-        if len(self.src_offsets) != len(self.entries) + 1:
-            raise DataError(f"{data_dir}: {split}.manifest.jsonl and {split}.src.offsets.npy "
-                            "disagree on the number of utterances; prepare the data again")
+        self.src_tokens, self.src_offsets = load_ids(data_dir, split, "src", len(self.entries),
+                                                     "input")
         self.src_lens = np.diff(self.src_offsets)
-        opts = FbankOptions(sample_rate=sample_rate)
-        self.frames = np.array([num_frames(round(e["duration"] * sample_rate), opts)
-                                for e in self.entries], dtype=np.int64)
+        self.frames = frame_counts(self.entries, sample_rate)
         self.sample_rate = sample_rate
 
     def __len__(self) -> int:

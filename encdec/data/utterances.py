@@ -165,6 +165,29 @@ class Augmenter:
         return noise * np.float32(np.sqrt(signal_power / (noise_power * 10 ** (snr / 10))))
 
 
+def load_ids(data_dir: str | Path, split: str, side: str, count: int, what: str):
+    """(tokens memory-mapped, offsets) of SPLIT.SIDE ids, checked against the manifest's
+    ``count`` utterances."""
+    d = Path(data_dir)
+    try:
+        tokens = np.load(d / f"{split}.{side}.tokens.npy", mmap_mode="r")
+        offsets = np.load(d / f"{split}.{side}.offsets.npy")
+    except FileNotFoundError as err:
+        raise DataError(f"{data_dir}: split {split!r} has no {what} ids "
+                        f"({Path(err.filename).name}); prepare the data again") from None
+    if len(offsets) != count + 1:
+        raise DataError(f"{data_dir}: {split}.manifest.jsonl and {split}.{side}.offsets.npy "
+                        "disagree on the number of utterances; prepare the data again")
+    return tokens, offsets
+
+
+def frame_counts(entries: list[dict], sample_rate: int) -> np.ndarray:
+    """Feature frames of each manifest entry (from its duration), for batching."""
+    opts = FbankOptions(sample_rate=sample_rate)
+    return np.array([num_frames(round(e["duration"] * sample_rate), opts) for e in entries],
+                    dtype=np.int64)
+
+
 class UtteranceSplit:
     """One split of a speech data directory: manifest entries, frame counts for batching, the
     targets' token ids and, for speech translation data, the transcripts' (memory-mapped)."""
@@ -172,15 +195,8 @@ class UtteranceSplit:
     def __init__(self, data_dir: str | Path, split: str, sample_rate: int = 16000):
         self.dir = Path(data_dir)
         self.entries = read_manifest(data_dir, split)
-        try:
-            self.tgt_tokens = np.load(self.dir / f"{split}.tgt.tokens.npy", mmap_mode="r")
-            self.tgt_offsets = np.load(self.dir / f"{split}.tgt.offsets.npy")
-        except FileNotFoundError as err:
-            raise DataError(f"{data_dir}: split {split!r} has no transcript ids "
-                            f"({Path(err.filename).name}); prepare the data again") from None
-        if len(self.tgt_offsets) != len(self.entries) + 1:
-            raise DataError(f"{data_dir}: {split}.manifest.jsonl and {split}.tgt.offsets.npy "
-                            "disagree on the number of utterances; prepare the data again")
+        self.tgt_tokens, self.tgt_offsets = load_ids(data_dir, split, "tgt", len(self.entries),
+                                                     "transcript")
         self.tgt_lens = np.diff(self.tgt_offsets)
         self.transcript_tokens = self.transcript_offsets = None
         if (self.dir / f"{split}.{TRANSCRIPT}.offsets.npy").exists():
@@ -191,9 +207,7 @@ class UtteranceSplit:
                 raise DataError(f"{data_dir}: {split}.manifest.jsonl and "
                                 f"{split}.{TRANSCRIPT}.offsets.npy disagree on the number of "
                                 "utterances; prepare the data again")
-        opts = FbankOptions(sample_rate=sample_rate)
-        self.frames = np.array([num_frames(round(e["duration"] * sample_rate), opts)
-                                for e in self.entries], dtype=np.int64)
+        self.frames = frame_counts(self.entries, sample_rate)
         self.sample_rate = sample_rate
 
     def __len__(self) -> int:
