@@ -64,6 +64,7 @@ class Speaker:
         from encdec import checkpoint
         from encdec.data.assets import load_assets
         from encdec.models import model_for_data
+        from encdec.translate import inference_device
 
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").exists():
@@ -77,8 +78,7 @@ class Speaker:
         model = model_for_data(cfg.model, assets.meta)
         ckpt = checkpoint.resolve(run_dir, checkpoint_name)
         checkpoint.load_weights(model, ckpt)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = inference_device(device)
         return cls(model.to(dev), assets, cfg, dev, ckpt)
 
     @property

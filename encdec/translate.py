@@ -26,6 +26,13 @@ from encdec.models.base import EncoderOut
 ENGINES = ("encdec", "ctranslate2")
 
 
+def inference_device(device: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; otherwise the device named."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class Translator:
     """A trained model with its tokenizers, vocabularies and decoding defaults.
 
@@ -68,8 +75,7 @@ class Translator:
         model = model_for_data(cfg.model, assets.meta)
         ckpt = checkpoint.resolve(run_dir, checkpoint_name)
         checkpoint.load_weights(model, ckpt)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = inference_device(device)
         search = None
         if engine == "ctranslate2":
             from encdec.decoding.ctranslate2 import CTranslate2Search

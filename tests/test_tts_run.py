@@ -250,3 +250,17 @@ def test_evaluate_judges_reference_copy_and_model(nat_run, tts_data, capsys):
     from encdec.audio.judge import judge_text
 
     assert first["scored_against"] == judge_text(first["text"]) and first["scored_against"]
+
+
+def test_cli_prepare_bible_tts_options(tmp_path, monkeypatch, capsys):
+    import encdec.data.tts as tts
+
+    seen = {}
+    monkeypatch.setattr(tts, "prepare_tts", lambda out, **kw: seen.update(out=out, **kw))
+    assert main(["prepare", "bible-tts", "--out", str(tmp_path / "t"), "--voice", "flite-awb",
+                 "--inputs", "chars", "--hours", "0.5"]) == 0
+    assert seen == {"out": tmp_path / "t", "voice": "flite-awb", "inputs": "chars",
+                    "train_hours": 0.5, "g2p_run": None}
+    assert main(["prepare", "g2p-cmudict", "--out", str(tmp_path / "g"), "--voice", "x"]) == 2
+    assert "--voice, --inputs and --g2p are options of the bible-tts recipe" in \
+        capsys.readouterr().err
