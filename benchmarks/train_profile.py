@@ -3,6 +3,7 @@ optimizer, and what is left (Python and framework overhead).
 
     python benchmarks/train_profile.py [--config configs/g2p-small.yaml] [--warmup 10]
                                        [--steps 30] [--threads 2] [--set KEY=VALUE ...]
+                                       [--replay]
 
 The trainer's own step (``Trainer._train_step``) runs on the batches ``train_speed.py`` times
 (seed 1, epoch 0, the config's token budget), ``--warmup`` steps untimed, then ``--steps``
@@ -15,6 +16,13 @@ attention kernel over the whole step; the rest of the operators are listed by se
 Collation (data) is timed separately, as the trainer runs it before each step. Kernel CPU time
 and minor page faults per step (``getrusage`` over the second half of the warm-up, outside the
 profiler) show what the allocator costs: compare with ``--set train.retain_freed_memory=false``.
+
+``--replay`` asks how close the step's matrix products run to this CPU's speed for the same
+products alone: the profiler records each aten::mm/addmm/bmm call's shapes, and every shape is
+run again by itself (random operands, each transpose layout, the fastest median of 5 kept: a
+floor). It prints the products' time in the step against that floor, their FLOPs (2 M N K) as
+GFLOP/s both ways, and the tokens/s a step would reach if nothing but these products took
+time. Attention kernels (SDPA forward and backward) are reported as measured in the step.
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--replay", action="store_true",
+                    help="time the step's matrix products alone, shape by shape (a floor)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. train.retain_freed_memory=false")
     args = ap.parse_args()
@@ -96,7 +106,7 @@ def main() -> None:
         forward = defaultdict(float)
         handles = module_timers(trainer.model, forward)
         steps_s, tokens = [], 0
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.replay) as prof:
             for b in batches[args.warmup:]:
                 start = time.perf_counter()
                 tokens += trainer._train_step([b])[2]
@@ -136,6 +146,66 @@ def main() -> None:
     print("top operators by self CPU time (ms/step):")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
         print(f"  {e.key:<60} {e.self_cpu_time_total / 1000 / n:7.2f}  x{e.count // n}")
+    if args.replay:
+        attention = sum(by_name[k].self_cpu_time_total for k in MATMUL[3:] if k in by_name)
+        replay_products(prof, n, step_ms, tokens / n, attention / 1000 / n)
+
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _operands(op: str, shapes: list, layout: tuple[bool, bool]):
+    """Random operands for one recorded call; ``layout``: (first, second) stored transposed."""
+    def make(shape, transposed):
+        if not transposed:
+            return torch.randn(shape)
+        return torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+
+    if op == "aten::addmm":
+        bias, a, b = shapes[:3]
+        return (torch.randn(bias), make(a, layout[0]), make(b, layout[1]))
+    a, b = shapes[:2]
+    return (make(a, layout[0]), make(b, layout[1]))
+
+
+def _flops(op: str, shapes: list) -> float:
+    a, b = (shapes[1], shapes[2]) if op == "aten::addmm" else (shapes[0], shapes[1])
+    batch = a[0] if op == "aten::bmm" else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def replay_products(prof, n: int, step_ms: float, tokens: float, attention_ms: float) -> None:
+    fns = {"aten::mm": torch.mm, "aten::addmm": torch.addmm, "aten::bmm": torch.bmm}
+    in_step = floor = flops = 0.0
+    calls = 0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in PRODUCTS or not e.input_shapes or any(not s for s in e.input_shapes[:2]):
+            continue
+        shapes = [list(s) for s in e.input_shapes]
+        per_step = e.count / n
+        best = float("inf")
+        for layout in ((False, False), (False, True), (True, False), (True, True)):
+            args = _operands(e.key, shapes, layout)
+            fns[e.key](*args)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fns[e.key](*args)
+                times.append(time.perf_counter() - start)
+            best = min(best, statistics.median(times))
+        in_step += e.self_cpu_time_total / 1000 / n
+        floor += 1000 * best * per_step
+        flops += _flops(e.key, shapes) * per_step
+        calls += per_step
+    print(f"matrix products replayed alone ({calls:.0f} calls/step, {flops / 1e9:.1f} GFLOP/step): "
+          f"{in_step:.1f} ms/step in the step ({flops / in_step / 1e6:.0f} GFLOP/s) vs "
+          f"{floor:.1f} ms alone at the fastest layout ({flops / floor / 1e6:.0f} GFLOP/s): "
+          f"the step runs them at {100 * floor / in_step:.0f} % of their own speed")
+    print(f"the step is {step_ms:.1f} ms: products alone {100 * floor / step_ms:.0f} %, attention "
+          f"kernels {attention_ms:.1f} ms ({100 * attention_ms / step_ms:.0f} %); if nothing but "
+          f"the products (at their floor) and the attention kernels took time: "
+          f"{1000 * tokens / (floor + attention_ms):,.0f} target tokens/s (this run under the "
+          f"profiler: {1000 * tokens / step_ms:,.0f})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--config configs/g2p-small.yaml] [--repeats 3]
                                      [--warmup 20] [--steps 100] [--device cpu|cuda]
-                                     [--peer fairseq]
+                                     [--peer fairseq] [--allocator default|all]
 
 Throughput = target tokens (EOS included) per second over steps 20-120 (``--warmup`` steps
 untimed, then ``--steps`` timed), on the same token-based batches (encdec's batching of the
@@ -17,6 +17,12 @@ fairseq runs its own model, criterion, optimizer (its Adam), schedule and ``Trai
 on fairseq's collation of the same pairs in the same batches; the source sentences lose the
 EOS fairseq-preprocess appends, so both read the same tokens. What stays fairseq's own: it
 computes logits and the loss at padded positions too, and left-pads the source.
+
+encdec's trainer keeps freed buffers in glibc's heap on the CPU (``train.retain_freed_memory``,
+``encdec/host.py``); the reference and fairseq run with the C library's defaults, as their users
+would. ``--allocator all`` gives them the same setting (the reference calls the same function;
+fairseq gets the equivalent ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment),
+so the table shows what remains without it.
 
 The reference (``benchmarks/reference.py``) is put on equal footing with encdec's trainer:
 - the same optimizer: encdec's ``make_optimizer`` (fused AdamW, weight decay on >= 2-D
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -63,6 +70,7 @@ from encdec.config import Config  # noqa: E402
 from encdec.data.dataset import BinarizedSplit, collate, token_batches  # noqa: E402
 from encdec.data.prepare import load_meta  # noqa: E402
 from encdec.data.vocab import PAD  # noqa: E402
+from encdec.host import allocator_environment, retain_freed_memory  # noqa: E402
 from encdec.losses import sequence_loss  # noqa: E402
 from encdec.models import build_model  # noqa: E402
 from encdec.train import Trainer, lr_at, make_optimizer  # noqa: E402
@@ -159,6 +167,9 @@ def measure_one(args) -> None:
     order = np.split(saved["indices"], np.cumsum(saved["sizes"])[:-1])
     batches = [collate(split, idx) for idx in order[: args.warmup + args.steps]]
     device = torch.device(args.device)
+    if args.one == "reference" and args.allocator == "all" and device.type == "cpu":
+        if not retain_freed_memory():
+            sys.exit("--allocator all: could not set glibc's thresholds")
     if args.one == "encdec":
         rate, params = run_ours(cfg, batches, args.warmup, args.steps)
     else:
@@ -177,8 +188,8 @@ def _config(args) -> Config:
                                      f"train.device={args.device}"])
 
 
-def _run(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run(cmd: list[str], env: dict | None = None) -> dict:
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{out.stderr}\nfailed ({out.returncode}): {' '.join(cmd)}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,6 +204,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--peer", choices=["fairseq"], help="also time this toolkit on the same batches")
+    ap.add_argument("--allocator", choices=["default", "all"], default="default",
+                    help="all: the reference and the peer get encdec's allocator setting too")
     ap.add_argument("--one", choices=["encdec", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,13 +224,15 @@ def main():
           f"ffn {cfg.model.ffn_dim}, max_tokens {cfg.train.max_tokens}, steps "
           f"{args.warmup}-{args.warmup + args.steps} timed, "
           f"{args.device if args.device != 'cpu' else f'{args.threads} threads'}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}"
+          + (", encdec's allocator setting for all" if args.allocator == "all" else ""))
     check_same_model(cfg, meta, collate(split, order[0]), device)
     tmp = tempfile.TemporaryDirectory()
     batches_file = Path(tmp.name) / "batches.npz"
     np.savez(batches_file, indices=np.concatenate(order), sizes=np.array([len(o) for o in order]))
     common = ["--config", args.config, "--warmup", str(args.warmup), "--steps", str(args.steps),
-              "--threads", str(args.threads), "--device", args.device, "--batches", str(batches_file)]
+              "--threads", str(args.threads), "--device", args.device, "--batches", str(batches_file),
+              "--allocator", args.allocator]
     here = str(Path(__file__).resolve())
     systems = {"encdec": [sys.executable, here, "--one", "encdec"] + common,
                "torch.nn.Transformer": [sys.executable, here, "--one", "reference"] + common}
@@ -230,12 +245,15 @@ def main():
                                    "--batches", str(batches_file), "--src-lens", str(lens),
                                    "--warmup", str(args.warmup), "--steps", str(args.steps),
                                    "--threads", str(args.threads), "--"] + fairseq_peer.train_args(cfg)
+    envs = {name: None for name in systems}
+    if args.peer == "fairseq" and args.allocator == "all":
+        envs["fairseq 0.12"] = {**os.environ, **allocator_environment()}
     names = list(systems)
     results = {n: [] for n in names}
     for r in range(args.repeats):
         # each system starts each repeat in a different position: none is always first
         for name in names[r % len(names):] + names[: r % len(names)]:
-            results[name].append(_run(systems[name]))
+            results[name].append(_run(systems[name], envs[name]))
         print(f"  run {r + 1}: " + "   ".join(f"{n} {results[n][-1]['tokens_per_s']:,.0f}"
                                             for n in names) + " tok/s", flush=True)
     base = statistics.median(x["tokens_per_s"] for x in results["encdec"])

@@ -37,6 +37,11 @@ def _glibc():
     return libc
 
 
+def allocator_environment() -> dict[str, str]:
+    """The same setting as environment variables, for a process encdec does not start itself."""
+    return {_ENV[0]: str(_MMAP_THRESHOLD), _ENV[1]: str(_TRIM_THRESHOLD)}
+
+
 def retain_freed_memory() -> bool:
     """Keep freed blocks in glibc's heap for reuse; True when the setting is in force.
 

@@ -5,9 +5,13 @@
                          body with an audio/* Content-Type) -> text, per-token times, attention;
                          with ``encdec serve ASR_RUN --then MT_RUN`` also the transcript's
                          ``translation`` by the text run (a pipeline, encdec.pipeline)
+    POST /v1/speak       text-to-speech runs, instead: {"text": ..., "length_scale": 1.0} -> a
+                         WAV file, or with "format": "json" the audio (base64 WAV), the mel
+                         frames, the input tokens and each token's duration
     GET  /v1/health      liveness and queue length
     GET  /v1/model       task, input ("text" or "audio"), sizes, decoding defaults, limits
-    GET  /               the web page (outputs, token times and an attention heat map)
+    GET  /               the web page (outputs, token times and an attention heat map; for a
+                         TTS run the audio, its mel spectrogram and the token durations)
     GET  /openapi.json   the API description (/docs and /redoc with ``serve.docs=true``)
 
 One thread owns the model. Requests put their inputs on a queue; the thread takes the oldest
@@ -54,6 +58,8 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.field, self.message = status, field, message
 
+
+SPEAK_CHUNK = 8  # TTS runs: texts synthesized and vocoded together at most
 
 # ---- dynamic batching --------------------------------------------------------------------------
 
@@ -167,6 +173,17 @@ class Batcher:
         """n-best lists for ``inputs`` and the warnings as (input index, message)."""
         settings = dict(settings)
         warnings: list[tuple[int, str]] = []
+        speak = getattr(self.translator, "speak", None)
+        if speak is not None:  # a Speaker (TTS run): texts to speech (alike settings batch)
+            scales = settings.pop("token_scales")
+            results = []
+            for i in range(0, len(inputs), SPEAK_CHUNK):  # the vocoder's memory grows with it
+                chunk = inputs[i:i + SPEAK_CHUNK]
+                results += speak(chunk, token_scales=None if scales is None else
+                                 [list(scales)] * len(chunk), **settings)
+            self.batches += 1
+            self.decoded_inputs += len(inputs)
+            return results, warnings
         need_attention = settings.pop("return_attention")
         # A Transcriber (speech run) decodes audio segments; a Translator, texts.
         nbest = getattr(self.translator, "transcribe_nbest", None) or \
@@ -197,6 +214,11 @@ class Batcher:
         """The 500 for a job that fails on its own, naming the first input that fails alone."""
         if isinstance(err, RequestError):
             return err
+        from encdec.speak import SpeakError, SpeechTooLong
+
+        if isinstance(err, SpeakError):  # the text of this request (one input per request)
+            return RequestError(413 if isinstance(err, SpeechTooLong) else 422, job.input_field,
+                                err.reason)
         if job.input_field != "inputs":  # an audio upload: its segments are not the client's
             log.error("decoding %s failed", job.input_field, exc_info=err)
             return RequestError(500, job.input_field, f"decoding this audio failed "
@@ -442,7 +464,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
                api_keys: list[str] | tuple[str, ...] = (), clock=time.monotonic,
                then: Translator | None = None):
     """The ASGI application serving ``translator``: FastAPI behind the middlewares above.
-    A speech run's model is served at /v1/transcribe, a text model's at /v1/translate.
+    A speech run's model is served at /v1/transcribe, a text model's at /v1/translate, a
+    text-to-speech run's (``translator`` an encdec.speak.Speaker) at /v1/speak.
 
     ``then``: a text run that translates each transcript of the speech run ``translator``
     (on its own model thread and batcher), returned as ``translation`` beside the transcript.
@@ -457,6 +480,9 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
 
     cfg = cfg or translator.cfg.serve
     speech = translator.assets.speech
+    tts = translator.assets.tts
+    if tts and then is not None:
+        raise ConfigError("a text-to-speech run cannot be the first stage of a pipeline")
     if speech and not hasattr(translator, "transcribe_nbest"):  # a Translator of a speech run
         from encdec.transcribe import Transcriber
 
@@ -542,11 +568,13 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
         if err.status_code == 400:  # FastAPI could not read the body (not UTF-8, say): as 422
             return JSONResponse(_error_body(422, "body", f"{err.detail}: send JSON text in "
                                                          "UTF-8"), 422)
-        if err.status_code == 404 and request.url.path in ("/v1/translate", "/v1/transcribe"):
+        if err.status_code == 404 and request.url.path in ("/v1/translate", "/v1/transcribe",
+                                                           "/v1/speak"):
             field, message = "path", (
                 "this model is a speech recognizer: it takes audio, not text; POST an audio file "
-                "to /v1/transcribe" if speech else "this model translates text, it does not "
-                "take audio; POST JSON to /v1/translate")
+                "to /v1/transcribe" if speech else "this model speaks text (text to speech); "
+                "POST JSON to /v1/speak" if tts else "this model translates text, it does not "
+                "take audio or speak; POST JSON to /v1/translate")
         elif err.status_code == 404:
             field, message = "path", f"nothing at {where}; see GET /openapi.json for the API"
         elif err.status_code == 405:
@@ -575,7 +603,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
                 field += f"[{part}]" if part.isdigit() else f".{part}"
             message = first.get("msg", "invalid value")
             if first.get("type") == "extra_forbidden":
-                message = f"unknown field; known: {', '.join(TranslateRequest.model_fields)}"
+                known = getattr(app.state, "request_fields", TranslateRequest.model_fields)
+                message = f"unknown field; known: {', '.join(known)}"
         return JSONResponse(_error_body(422, field, message), 422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -590,6 +619,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
 
     @app.get("/v1/model")
     async def model_info():
+        if tts:
+            return _speak_info(translator, cfg, name, n_params)
         info = {
             "name": name, "task": meta.get("name"), "metric": meta.get("metric"),
             "input": "audio" if speech else "text",
@@ -668,6 +699,8 @@ def create_app(translator: Translator, cfg: ServeConfig | None = None, name: str
 
     if speech:
         _add_transcribe(app, translator, cfg, batcher, then, then_batcher)
+    elif tts:
+        _add_speak(app, translator, cfg, batcher)
     else:
         app.post("/v1/translate", response_model=TranslateResponse, responses={
             413: {"description": "too many inputs, an input or the body too long"},
@@ -1031,6 +1064,137 @@ def _add_transcribe(app, transcriber, cfg: ServeConfig, batcher: Batcher,
                  503: {"description": "the queue is full; retry after a second"}})(transcribe)
 
 
+# ---- text to speech (TTS runs) -----------------------------------------------------------------
+
+MAX_SPEAK_SCALE = 4.0  # length_scale and token_scales above this are refused (422)
+
+
+def _speak_info(speaker, cfg: ServeConfig, name: str, n_params: int) -> dict:
+    """GET /v1/model for a TTS run: text in, audio out, and what a request may ask for."""
+    meta, model_cfg = speaker.assets.meta, speaker.cfg.model
+    front = speaker.assets.audio_front.opts
+    return {
+        "name": name, "task": meta.get("name"), "input": "text", "output": "audio",
+        "checkpoint": speaker.checkpoint_dir.name, "arch": model_cfg.arch,
+        "autoregressive": speaker.autoregressive,
+        "parameters": n_params, "d_model": model_cfg.d_model, "n_heads": model_cfg.n_heads,
+        "enc_layers": model_cfg.enc_layers, "dec_layers": model_cfg.dec_layers,
+        "src_vocab_size": meta.get("src_vocab_size"),
+        "src_tokenizer": (meta.get("src_tokenizer") or {}).get("kind"),
+        "sample_rate": speaker.sample_rate, "n_mels": front.num_mel_bins,
+        "frame_ms": front.frame_shift_ms, "voice": meta.get("voice"),
+        "length_scale": not speaker.autoregressive, "max_scale": MAX_SPEAK_SCALE,
+        "limits": asdict(cfg),
+    }
+
+
+def _wav_bytes(audio, sample_rate: int) -> bytes:
+    import soundfile
+
+    out = io.BytesIO()
+    soundfile.write(out, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _add_speak(app, speaker, cfg: ServeConfig, batcher: Batcher) -> None:
+    """POST /v1/speak on ``app``: text in; a WAV file out, or (``"format": "json"``) the audio
+    with its mel frames, input tokens and per-token durations for the web page."""
+    import base64
+
+    from fastapi.responses import Response
+    from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+    from encdec.speak import SpeakError
+
+    Number = Annotated[float, Field(strict=True)]
+
+    class SpeakRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: StrictStr = Field(description="the text to speak")
+        length_scale: Number = Field(1.0, gt=0, le=MAX_SPEAK_SCALE,
+                                     description="multiplies every duration; > 1 speaks slower "
+                                                 "(non-autoregressive runs)")
+        token_scales: list[Number] | None = Field(
+            None, description="one duration factor per input token (GET /v1/model, format "
+                              "json's tokens)")
+        format: Literal["wav", "json"] = Field("wav", description="wav: the audio file; json: "
+                                               "the audio (base64 WAV), mels and durations")
+
+    class SpeakResponse(BaseModel):
+        text: str
+        tokens: list[str] = Field(description="the input tokens (phonemes or characters)")
+        durations: list[int] = Field(description="frames per input token")
+        frame_ms: float
+        seconds: float
+        sample_rate: int
+        audio_wav: str = Field(description="the WAV file, base64")
+        mel: list[list[float]] = Field(description="log-mel frames (frames x bins)")
+        time_ms: float
+        batch_inputs: int
+
+    app.state.request_fields = list(SpeakRequest.model_fields)
+    limit_s = cfg.max_audio_seconds
+    frame_ms = speaker.assets.audio_front.opts.frame_shift_ms
+
+    def check(req: SpeakRequest) -> dict:
+        if not req.text.strip():
+            raise RequestError(422, "text", "empty text, nothing to speak")
+        if len(req.text) > cfg.max_input_chars:
+            raise RequestError(413, "text", f"{len(req.text)} characters; the limit is "
+                                            f"{cfg.max_input_chars}")
+        try:
+            req.text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, "text", "not valid Unicode text (a lone surrogate code "
+                                            "point)") from None
+        try:
+            ids = speaker.input_ids(req.text)
+        except SpeakError as err:
+            raise RequestError(422, "text", err.reason) from None
+        if speaker.autoregressive and (req.length_scale != 1.0 or req.token_scales):
+            field = "token_scales" if req.token_scales else "length_scale"
+            raise RequestError(422, field, "this run is autoregressive (transformer_tts): it "
+                                           "stops on its own; speed control needs a fastspeech run")
+        scales = None
+        if req.token_scales is not None:
+            if len(req.token_scales) != len(ids):
+                raise RequestError(422, "token_scales", f"{len(req.token_scales)} factors for "
+                                   f"{len(ids)} input tokens ({' '.join(speaker.tokens(req.text))})")
+            for i, x in enumerate(req.token_scales):
+                if not 0 < x <= MAX_SPEAK_SCALE:
+                    raise RequestError(422, f"token_scales[{i}]", f"{x} is out of range: give "
+                                       f"a factor above 0 and at most {MAX_SPEAK_SCALE:g}")
+            scales = tuple(req.token_scales)
+        return {"length_scale": req.length_scale, "token_scales": scales,
+                "max_seconds": limit_s}
+
+    async def speak(req: SpeakRequest):
+        t0 = time.perf_counter()
+        settings = check(req)
+        job = await _decoded(batcher, [req.text], settings, input_field="text")
+        [speech], _, batch_inputs = job.result
+        wav = _wav_bytes(speech.audio, speech.sample_rate)
+        time_ms = round((time.perf_counter() - t0) * 1000, 2)
+        if req.format == "wav":
+            return Response(wav, media_type="audio/wav", headers={
+                "X-Encdec-Seconds": f"{speech.seconds:.3f}", "X-Encdec-Time-Ms": f"{time_ms}",
+                "Content-Disposition": 'inline; filename="speech.wav"'})
+        return SpeakResponse(
+            text=req.text, tokens=speech.tokens, durations=speech.durations, frame_ms=frame_ms,
+            seconds=round(speech.seconds, 4), sample_rate=speech.sample_rate,
+            audio_wav=base64.b64encode(wav).decode("ascii"),
+            mel=speech.mels.round(2).tolist(), time_ms=time_ms, batch_inputs=batch_inputs)
+
+    app.post("/v1/speak", response_model=SpeakResponse, responses={
+        200: {"content": {"audio/wav": {}}, "description": "the WAV file (format wav, the "
+              "default), or the JSON below (format json)"},
+        413: {"description": "the text too long, or its speech longer than "
+                             "serve.max_audio_seconds"},
+        422: {"description": "empty text, symbols the run never saw, a field out of range; "
+                             "malformed JSON"},
+        503: {"description": "the queue is full; retry after a second"}})(speak)
+
+
 def load_api_keys(key_file: str | None, environ=os.environ) -> list[str]:
     """The API keys: one per line of ``key_file`` (blank lines skipped), else the one in
     $ENCDEC_API_KEY, else none (no authentication). The file wins over the variable."""
@@ -1058,6 +1222,14 @@ def load_api_keys(key_file: str | None, environ=os.environ) -> list[str]:
     return keys
 
 
+def _is_tts_run(run_dir: str) -> bool:
+    try:
+        meta = json.loads((Path(run_dir) / "data" / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # Translator.from_run says what is wrong with the run
+    return meta.get("modality") == "tts"
+
+
 def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint_name: str = "best",
           device: str = "cpu", overrides: list[str] | None = None, access_log: bool = False,
           threads: int = 0, api_key_file: str | None = None, then: str | None = None,
@@ -1070,8 +1242,16 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
     api_keys = load_api_keys(api_key_file)  # before the model loads: fail fast
     if threads:
         torch.set_num_threads(threads)
-    translator = Translator.from_run(run_dir, checkpoint_name, device, engine=engine,
-                                     export_dir=export_dir)
+    if _is_tts_run(run_dir):
+        from encdec.speak import Speaker
+
+        if then is not None or engine != "encdec":
+            raise ConfigError(f"{run_dir} is a text-to-speech run: serve it alone (no --then), "
+                              "with --engine encdec")
+        translator = Speaker.from_run(run_dir, checkpoint_name, device)
+    else:
+        translator = Translator.from_run(run_dir, checkpoint_name, device, engine=engine,
+                                         export_dir=export_dir)
     second = None
     if then is not None:  # a pipeline: the speech run, then a text run on its transcripts
         from encdec.pipeline import check_stage
@@ -1092,7 +1272,7 @@ def serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, checkpoint
     auth = f"{len(api_keys)} API key(s)" if api_keys else "no API key"  # never the keys
     rate = f"{cfg.rate_limit:g}/s per client" if cfg.rate_limit else "off"
     what = f"{run_dir} then {then}" if then else run_dir
-    if translator.search is not None:
+    if getattr(translator, "search", None) is not None:
         what += f" with {translator.engine} ({translator.search.export_dir})"
     print(f"encdec: serving {what} ({translator.checkpoint_dir.name}) on http://{host}:{port}/ "
           f"(API at {docs}; {auth}; rate limit {rate}; batches of up to {cfg.max_batch_size}, "

@@ -36,6 +36,10 @@ class SpeakError(ValueError):
         self.reason = message
 
 
+class SpeechTooLong(SpeakError):
+    """The speech for an input would be longer than the ``max_seconds`` asked for."""
+
+
 @dataclass
 class Speech:
     audio: np.ndarray  # (N,) float32 samples in [-1, 1]
@@ -89,7 +93,12 @@ class Speaker:
         """The input tokens ``text`` becomes (what ``token_scales`` are given per)."""
         return self.assets.src_tokenizer.encode(text)
 
-    def _ids(self, index: int, text: str) -> list[int]:
+    def input_ids(self, text: str, index: int | None = None) -> list[int]:
+        """The token ids ``text`` is spoken from; SpeakError for text this run cannot speak
+        (empty, no words, symbols it never saw in training)."""
+        return self._ids(index, text)
+
+    def _ids(self, index: int | None, text: str) -> list[int]:
         if not isinstance(text, str) or not text.strip():
             raise SpeakError("empty text, nothing to speak", index)
         tokens = self.tokens(text)
@@ -133,7 +142,7 @@ class Speaker:
             too_long = out.frame_lengths > max_frames
             if bool(too_long.any()):
                 b = int(too_long.nonzero()[0])
-                raise SpeakError(f"{int(out.frame_lengths[b]) / 100:.1f} s of speech, over the "
+                raise SpeechTooLong(f"{int(out.frame_lengths[b]) / 100:.1f} s of speech, over the "
                                  f"{max_seconds:g} s limit; split the text", b)
         return out, rows
 
@@ -146,13 +155,14 @@ class Speaker:
         stats = self.assets.audio_front.stats
         log_mel = out.mels.float().cpu() * stats.std + stats.mean  # undo the normalization
         lengths = out.frame_lengths.cpu()
-        waves = vocode(log_mel, self.assets.audio_front.opts, vocoder_iterations)
         shift = self.assets.audio_front.opts.frame_shift
         result = []
         for b, row in enumerate(rows):
             n = int(lengths[b])
+            # one row at a time: a text's audio does not depend on what it was batched with
+            wave = vocode(log_mel[b:b + 1, :n], self.assets.audio_front.opts, vocoder_iterations)
             result.append(Speech(
-                audio=waves[b, : n * shift].numpy().astype(np.float32), sample_rate=self.sample_rate,
+                audio=wave[0, : n * shift].numpy().astype(np.float32), sample_rate=self.sample_rate,
                 mels=log_mel[b, :n].numpy(), tokens=self.assets.src_vocab.decode(row),
                 durations=[int(d) for d in out.durations[b, : len(row)].tolist()]))
         return result

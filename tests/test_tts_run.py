@@ -2,6 +2,7 @@
 (durations learned jointly, or from an autoregressive teacher's attention) through the CLI,
 and `encdec speak` / the Python API with speed control and clear errors."""
 
+import io
 import json
 import shutil
 
@@ -264,3 +265,177 @@ def test_cli_prepare_bible_tts_options(tmp_path, monkeypatch, capsys):
     assert main(["prepare", "g2p-cmudict", "--out", str(tmp_path / "g"), "--voice", "x"]) == 2
     assert "--voice, --inputs and --g2p are options of the bible-tts recipe" in \
         capsys.readouterr().err
+
+
+# ---- encdec serve on a TTS run: POST /v1/speak and the web page --------------------------------
+
+def _fixed_speaker(run, frames: float = 5.0):
+    """A Speaker of ``run`` whose duration head predicts ``frames`` for every token."""
+    from encdec.speak import Speaker
+
+    speaker = Speaker.from_run(run)
+    with torch.no_grad():
+        speaker.model.duration_out.weight.zero_()
+        speaker.model.duration_out.bias.fill_(float(np.log1p(frames)))
+    return speaker
+
+
+def _speak_app(speaker, **limits):
+    from encdec.config import ServeConfig
+    from encdec.serve import create_app
+
+    return create_app(speaker, ServeConfig(**{"max_wait_ms": 0, **limits}))
+
+
+def _speak(app, *bodies):
+    from test_serve import call
+
+    return call(app, *[("POST", "/v1/speak", {"json": b}) for b in bodies])
+
+
+def test_serve_speak_returns_the_wav_and_json_with_mels_and_durations(nat_run):
+    import base64
+
+    from test_serve import call
+
+    speaker = _fixed_speaker(nat_run)
+    app = _speak_app(speaker)
+    info = call(app, ("GET", "/v1/model", {}))[0].json()
+    assert info["input"] == "text" and info["output"] == "audio" and info["sample_rate"] == 16000
+    assert info["arch"] == "fastspeech" and info["length_scale"] is True
+    wav, js, slow = _speak(app, {"text": "abc"}, {"text": "abc", "format": "json"},
+                           {"text": "abc", "length_scale": 1.2, "format": "json"})
+    assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav"
+    audio, rate = soundfile.read(io.BytesIO(wav.content), dtype="float32")
+    [expected] = speaker.speak(["abc"], max_seconds=60)
+    assert rate == 16000 and len(audio) == 15 * 160 == len(expected.audio)
+    assert np.abs(audio - expected.audio).max() < 1e-4  # the same samples, as 16-bit PCM
+    assert float(wav.headers["x-encdec-seconds"]) == pytest.approx(0.15)
+    body = js.json()
+    assert body["tokens"] == ["a", "b", "c"] and body["durations"] == [5, 5, 5]
+    assert base64.b64decode(body["audio_wav"]) == wav.content
+    assert np.array(body["mel"]).shape == (15, 80) and body["seconds"] == pytest.approx(0.15)
+    assert np.allclose(body["mel"], expected.mels, atol=0.006)
+    assert slow.json()["durations"] == [6, 6, 6]
+    # Requests with the same settings are synthesized together; the output does not change.
+    texts = ["ab", "cafe", "bead", "fab"]
+    together = _speak(app, *[{"text": t, "format": "json"} for t in texts])
+    assert max(r.json()["batch_inputs"] for r in together) > 1
+    for t, r in zip(texts, together):
+        alone = speaker.speak([t])[0]
+        assert r.json()["durations"] == [5] * len(t)
+        assert np.allclose(r.json()["mel"], alone.mels, atol=0.006)
+        heard, _ = soundfile.read(io.BytesIO(base64.b64decode(r.json()["audio_wav"])),
+                                  dtype="float32")
+        assert np.abs(heard - alone.audio).max() < 1e-4
+    assert "/v1/speak" in call(app, ("GET", "/openapi.json", {}))[0].json()["paths"]
+
+
+@pytest.mark.parametrize("body, status, field, words", [
+    ({"text": "  "}, 422, "text", "empty text"),
+    ({"text": "a" * 10_000}, 413, "text", "10000 characters; the limit is 1000"),
+    ({"text": "zebra"}, 422, "text", "never saw in training: r z"),
+    ({"text": "ab", "length_scale": 0}, 422, "length_scale", "greater than 0"),
+    ({"text": "ab", "length_scale": 5}, 422, "length_scale", "less than or equal to 4"),
+    ({"text": "ab", "length_scale": "fast"}, 422, "length_scale", "valid number"),
+    ({"text": "ab", "token_scales": [1, 2, 3]}, 422, "token_scales", "3 factors for 2 input"),
+    ({"text": "ab", "token_scales": [1, 0]}, 422, "token_scales[1]", "out of range"),
+    ({"text": "ab", "format": "mp3"}, 422, "format", "'wav' or 'json'"),
+    ({"text": "ab", "voice": "x"}, 422, "voice", "known: text, length_scale"),
+    ({"inputs": ["ab"]}, 422, "text", "Field required"),
+    ({"text": "abcdef" * 10}, 413, "text", "over the 0.5 s limit"),
+])
+def test_serve_speak_refuses_bad_requests_naming_the_field(nat_run, body, status, field, words):
+    from test_serve import error_of
+
+    [r] = _speak(_speak_app(_fixed_speaker(nat_run), max_audio_seconds=0.5), body)
+    assert error_of(r, status) == field
+    assert words in r.json()["error"]["message"]
+
+
+def test_serve_speak_on_other_paths_and_autoregressive_runs(nat_run, at_run):
+    from encdec.speak import Speaker
+    from test_serve import call, error_of
+
+    app = _speak_app(_fixed_speaker(nat_run))
+    [r] = call(app, ("POST", "/v1/translate", {"json": {"inputs": ["ab"]}}))
+    assert error_of(r, 404) == "path" and "POST JSON to /v1/speak" in r.json()["error"]["message"]
+    at = _speak_app(Speaker.from_run(at_run), max_audio_seconds=1.0)
+    ok, scaled = _speak(at, {"text": "ab"}, {"text": "ab", "length_scale": 1.2})
+    assert ok.status_code == 200 and 0 < soundfile.info(io.BytesIO(ok.content)).duration <= 1.0
+    assert error_of(scaled, 422) == "length_scale"
+    assert "speed control needs a fastspeech run" in scaled.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def speak_server(nat_run, tmp_path_factory):
+    from test_serve import _serve_cli
+
+    log = tmp_path_factory.mktemp("speak_server") / "server.log"
+    yield from _serve_cli(nat_run, [], {}, log)
+
+
+def test_serve_cli_on_a_tts_run_answers_a_real_client(speak_server):
+    import httpx
+
+    r = httpx.post(speak_server + "/v1/speak", json={"text": "badcafe"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    assert soundfile.info(io.BytesIO(r.content)).samplerate == 16000
+    r = httpx.post(speak_server + "/v1/speak", json={"text": ""}, timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "text"
+
+
+def _chromium():
+    from test_serve import CHROMIUM
+
+    return CHROMIUM
+
+
+@needs_system([] if _chromium() else ["chromium"], "the web page test")
+def test_web_page_speaks_plays_and_shows_mels_and_durations(speak_server):
+    import httpx
+    from playwright import sync_api  # pinned in the Makefile: missing is an error
+
+    text = "badcafe"
+    response = httpx.post(speak_server + "/v1/speak", json={"text": text, "format": "json"},
+                          timeout=30)
+    assert response.status_code == 200, response.text
+    expected = response.json()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(speak_server + "/")
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('input symbols')")
+            assert page.locator("#go").inner_text() == "Speak"
+            assert page.locator("#beam").is_hidden() and page.locator("#length_scale").is_visible()
+            page.fill("#inputs", text)
+            page.click("#go")
+            page.wait_for_selector("#durations li")
+            # The audio element loads the WAV and has the duration the server reported.
+            page.wait_for_function("document.getElementById('speech').readyState >= 1")
+            duration = page.evaluate("document.getElementById('speech').duration")
+            assert duration == pytest.approx(expected["seconds"], abs=0.01)
+            assert page.locator("#durations li").count() == len(expected["tokens"])
+            assert [int(x) for x in page.locator("#durations li").evaluate_all(
+                "items => items.map(li => li.dataset.frames)")] == expected["durations"]
+            assert page.evaluate("document.getElementById('mel').width") == \
+                sum(expected["durations"])
+            assert page.evaluate("document.getElementById('mel').height") == 80
+            # Slower speech: the length scale reaches the server.
+            page.fill("#length_scale", "2")
+            page.click("#go")
+            page.wait_for_function(f"Math.abs(document.getElementById('speech').duration - "
+                                   f"{expected['seconds']}) > 0.05")
+            assert page.evaluate("document.getElementById('speech').duration") > duration
+            # A symbol the run never saw: the server's 422 is shown.
+            page.fill("#inputs", "zebra")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "422: text: symbols this run never saw" in page.locator("#error").inner_text()
+            assert not errors
+        finally:
+            browser.close()

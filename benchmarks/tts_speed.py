@@ -1,0 +1,92 @@
+"""Mel generation speed at batch 1: non-autoregressive (fastspeech) against autoregressive
+(transformer_tts) text-to-speech, on 1 and 2 CPU threads.
+
+    python benchmarks/tts_speed.py --nat RUN --at RUN [--split test] [--limit 20]
+                                   [--threads 1 2] [--repeats 3]
+
+Each verse of the split's first ``--limit`` is spoken alone (batch 1) by both models, in
+alternating order. The autoregressive model is made to generate exactly as many frames as the
+fastspeech model did for the verse (its stop head is switched off), so both make the same
+audio length and the ratio is per frame, independent of how well either is trained; its
+decoder steps use the key/value caches (``reduction`` frames per step). Times cover the
+model (text ids in, post-net mel frames out); the vocoder (Griffin-Lim, 32 iterations) is
+timed apart on the same frames. Real-time factor = seconds of compute / seconds of speech.
+A first verse is spoken untimed by each. Medians over ``--repeats`` passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from encdec.audio.vocoder import vocode  # noqa: E402
+from encdec.data.utterances import read_manifest  # noqa: E402
+from encdec.speak import Speaker  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nat", required=True, help="a fastspeech run")
+    ap.add_argument("--at", required=True, help="a transformer_tts run on the same data")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    nat, at = Speaker.from_run(args.nat), Speaker.from_run(args.at)
+    if nat.autoregressive or not at.autoregressive:
+        sys.exit("--nat takes a fastspeech run and --at a transformer_tts run")
+    texts = [e["text"] for e in read_manifest(nat.cfg.data.dir, args.split)][: args.limit]
+    opts = nat.assets.audio_front.opts
+    ids = [torch.tensor([nat.input_ids(t)]) for t in texts]
+
+    def nat_mels(x):
+        return nat.model.synthesize(x)
+
+    @torch.no_grad()
+    def at_mels(x, frames):
+        return at.model.synthesize(x, max_frames=frames, stop_threshold=2.0)  # never stops
+
+    print(f"{len(texts)} {args.split} verses, batch 1; {args.nat} ({nat.cfg.model.arch}) vs "
+          f"{args.at} ({at.cfg.model.arch}, reduction {at.cfg.model.tts_reduction}); "
+          f"torch {torch.__version__}")
+    print("| threads | speech s | fastspeech s (RTF) | transformer_tts s (RTF) | AT / NAT | "
+          "vocoder s (RTF) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        frames = [int(nat_mels(x).frame_lengths[0]) for x in ids]  # also the warm-up
+        at_mels(ids[0], frames[0])
+        speech_s = sum(frames) * opts.frame_shift_ms / 1000
+        runs = {"nat": [], "at": [], "voc": []}
+        for _ in range(args.repeats):
+            took = {"nat": 0.0, "at": 0.0, "voc": 0.0}
+            for k, (x, n) in enumerate(zip(ids, frames)):
+                order = ("nat", "at") if k % 2 == 0 else ("at", "nat")
+                for name in order:
+                    start = time.perf_counter()
+                    out = nat_mels(x) if name == "nat" else at_mels(x, n)
+                    took[name] += time.perf_counter() - start
+                    assert int(out.frame_lengths[0]) == n, "both models make the same frames"
+                mel = out.mels.float() * nat.assets.audio_front.stats.std + \
+                    nat.assets.audio_front.stats.mean
+                start = time.perf_counter()
+                vocode(mel, opts)
+                took["voc"] += time.perf_counter() - start
+            for name in runs:
+                runs[name].append(took[name])
+        t = {name: statistics.median(v) for name, v in runs.items()}
+        print(f"| {threads} | {speech_s:.1f} | {t['nat']:.2f} ({t['nat'] / speech_s:.4f}) | "
+              f"{t['at']:.2f} ({t['at'] / speech_s:.4f}) | {t['at'] / t['nat']:.1f}x | "
+              f"{t['voc']:.2f} ({t['voc'] / speech_s:.4f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
