@@ -41,7 +41,8 @@ from encdec.data.tts import WORD_BOUNDARY, TTSSplit, collate_tts  # noqa: E402
 from encdec.data.vocab import PAD  # noqa: E402
 from encdec.models import model_for_data  # noqa: E402
 from encdec.models.tts import durations_from_attention  # noqa: E402
-from encdec.nn.alignment import hard_durations, monotonic_alignment_search  # noqa: E402
+from encdec.nn.alignment import durations as hard_durations  # noqa: E402
+from encdec.nn.alignment import monotonic_alignment_search  # noqa: E402
 
 PAUSE = "pau"
 
@@ -152,8 +153,7 @@ def run_durations(run: Path, split: TTSSplit, indices: list[int], front) -> dict
         n = batch.tokens.ne(PAD).sum(dim=1)
         if cfg.model.arch == "fastspeech":
             if not cfg.train.durations_from:
-                memory, mask = model.encode(batch.tokens)
-                log_align = model.aligner(memory, mask, batch.mels)
+                log_align = model.align(batch.tokens, batch.mels, batch.mel_lengths)
                 hard = monotonic_alignment_search(log_align, n, batch.mel_lengths)
                 out.setdefault("aligner", []).append(hard_durations(hard)[0].tolist())
             out.setdefault("predicted", []).append(model.synthesize(batch.tokens).durations[0]

@@ -68,6 +68,9 @@ class ModelConfig:
     # binarization loss joins after this many steps, once the soft alignment has converged a bit
     tts_binarize_from: int = 1000
     tts_align_weight: float = 1.0  # fastspeech: weight of the forward-sum and binarization losses
+    # fastspeech: scaling of the beta-binomial diagonal prior on the learned alignment (0 = none;
+    # without it the alignment can collapse onto the first token and never recover)
+    tts_align_prior: float = 1.0
 
 
 @dataclass
@@ -409,6 +412,11 @@ def _validate_speech(cfg: Config) -> None:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}={value}: must be in [0, 1]")
     speech = m.arch == "speech"
+    for key, value in (("model.tts_align_prior", m.tts_align_prior),
+                       ("model.tts_align_weight", m.tts_align_weight),
+                       ("model.tts_guided_weight", m.tts_guided_weight)):
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0 (0 = off)")
     if m.aux_ctc_weight < 0:
         raise ConfigError(f"model.aux_ctc_weight={m.aux_ctc_weight}: must be >= 0 (0 = no "
                           "auxiliary CTC head)")

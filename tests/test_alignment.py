@@ -212,3 +212,20 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     out = model.synthesize(tok, max_frames=60)
     assert out.mels.shape[0] == 16 and (out.frame_lengths <= 60).all()
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
+
+
+def test_beta_binomial_prior_is_a_diagonal_distribution_over_real_tokens():
+    from encdec.nn.alignment import beta_binomial_prior
+
+    log_p = beta_binomial_prior(torch.tensor([4, 1, 3]), torch.tensor([10, 3, 2]), 10, 4)
+    p = log_p.double().exp()
+    # each real frame: a distribution over the row's real tokens (padded tokens: 0)
+    assert torch.allclose(p[0].sum(-1), torch.ones(10, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(p[1, :3].sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-5)
+    assert (p[1, :3, 1:] == 0).all() and (p[2, :2, 3:] == 0).all()
+    assert (log_p[2, 2:] == 0).all()  # frames past the row's end are left alone
+    # BetaBinomial(n=3, a=1, b=10) at k=0 by hand: B(1, 13) / B(1, 10) = 10 / 13
+    assert p[0, 0, 0].item() == pytest.approx(10 / 13, rel=1e-5)
+    # the most likely token moves from the first to the last along the frames
+    peaks = p[0].argmax(-1).tolist()
+    assert peaks[0] == 0 and peaks[-1] == 3 and peaks == sorted(peaks)

@@ -29,8 +29,9 @@ from torch import nn
 from encdec.config import ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.transformer import EncoderLayer
-from encdec.nn.alignment import (binarization_loss, durations as hard_durations,
-                                 forward_sum_loss, length_regulate, monotonic_alignment_search)
+from encdec.nn.alignment import (beta_binomial_prior, binarization_loss,
+                                 durations as hard_durations, forward_sum_loss, length_regulate,
+                                 monotonic_alignment_search)
 from encdec.nn.dropout import dropout
 from encdec.nn.layers import Embedding, Positions
 from encdec.nn.norms import make_norm
@@ -61,26 +62,45 @@ class ConvStack(nn.Module):
 
 class AlignmentModule(nn.Module):
     """Soft alignment log-probabilities (B, T, N) of frames to tokens: a log-softmax over tokens
-    of -temperature * |query(frame) - key(token)|^2."""
+    of -sharpness * |q - k|^2 for the unit vectors q = query(frame) / |query(frame)| and
+    k = key(token) / |key(token)|.
 
-    def __init__(self, d_text: int, n_mels: int, d_align: int = 80, temperature: float = 5e-4):
+    On unnormalized vectors (as in RAD-TTS, with a temperature) the distance carries a per-token
+    offset |k|^2: on bible-tts the keys grew to norms near 100 while most queries shrank toward
+    0, so every frame went to the token with the smallest key, and the alignment never learned
+    content (worse than equal durations against flite's phone times). Unit vectors leave only
+    the direction, and ``sharpness`` bounds the scores to [-4 sharpness, 0]."""
+
+    def __init__(self, d_text: int, n_mels: int, d_align: int = 80, sharpness: float = 10.0,
+                 prior: float = 1.0):
         super().__init__()
         self.key = nn.Sequential(nn.Conv1d(d_text, 2 * d_text, 3, padding=1), nn.ReLU(),
                                  nn.Conv1d(2 * d_text, d_align, 1))
         self.query = nn.Sequential(nn.Conv1d(n_mels, 2 * n_mels, 3, padding=1), nn.ReLU(),
                                    nn.Conv1d(2 * n_mels, n_mels, 1), nn.ReLU(),
                                    nn.Conv1d(n_mels, d_align, 1))
-        self.temperature = temperature
+        self.sharpness = sharpness
+        self.prior = prior
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, mels: torch.Tensor):
-        k = self.key(text.transpose(1, 2))  # (B, A, N)
-        q = self.query(mels.transpose(1, 2))  # (B, A, T)
-        # |q - k|^2 = |q|^2 + |k|^2 - 2 q.k: one batched product, no (B, A, T, N) difference
-        dist = (q.square().sum(dim=1)[:, :, None] + k.square().sum(dim=1)[:, None, :]
-                - 2 * torch.bmm(q.transpose(1, 2), k)).clamp(min=0)  # (B, T, N)
-        scores = -self.temperature * dist
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, mels: torch.Tensor,
+                frame_lengths: torch.Tensor | None = None, quiet: torch.Tensor | None = None):
+        """With ``frame_lengths`` and ``prior`` > 0 the log-probabilities are renormalized
+        after adding the beta-binomial diagonal prior (``beta_binomial_prior``, scaling
+        ``prior``), as the forward-sum loss and MAS see them in training. ``quiet`` (B, N):
+        tokens scored as far from every frame as a token can be (MAS gives them one frame)."""
+        k = F.normalize(self.key(text.transpose(1, 2)), dim=1)  # (B, A, N)
+        q = F.normalize(self.query(mels.transpose(1, 2)), dim=1)  # (B, A, T)
+        # |q - k|^2 = 2 - 2 q.k for unit vectors: one batched product
+        scores = 2 * self.sharpness * (torch.bmm(q.transpose(1, 2), k) - 1)  # (B, T, N)
+        if quiet is not None:
+            scores = scores.masked_fill(quiet[:, None, :], -4 * self.sharpness)
         scores = scores.masked_fill(~text_mask[:, None, :], float("-inf"))
-        return scores.log_softmax(dim=-1)
+        log_probs = scores.log_softmax(dim=-1)
+        if frame_lengths is None or not self.prior:
+            return log_probs
+        B, T, N = log_probs.shape
+        prior = beta_binomial_prior(text_mask.sum(dim=1), frame_lengths, T, N, self.prior)
+        return (log_probs + prior).log_softmax(dim=-1)
 
 
 @dataclass
@@ -129,13 +149,26 @@ class FastSpeech(TextToFrames):
     """Tokens -> mel frames in one pass. Dimensions: B batch, N tokens, T frames, M mel bins."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80,
-                 predictor_channels: int = 256, postnet_layers: int = 5):
+                 predictor_channels: int = 256, postnet_layers: int = 5, quiet_ids=()):
         super().__init__(cfg, vocab_size, n_mels, postnet_layers)
+        quiet = torch.zeros(vocab_size, dtype=torch.bool)
+        quiet[list(quiet_ids)] = True
+        self.register_buffer("quiet", quiet, persistent=False)  # see align()
         self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.duration_predictor = ConvStack(cfg.d_model, predictor_channels, 2, 3, cfg.dropout)
         self.duration_out = nn.Linear(predictor_channels, 1)
-        self.aligner = AlignmentModule(cfg.d_model, n_mels)
+        self.aligner = AlignmentModule(cfg.d_model, n_mels, prior=cfg.tts_align_prior)
         self.mel_out = nn.Linear(cfg.d_model, n_mels)
+
+    def align(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor):
+        """(B, T, N) alignment log-probabilities of the frames ``mels`` to ``tokens``. The keys
+        come from the token embeddings, not the encoder's output (as in FastPitch): trained
+        by the decoder's losses too, the encoder output gave keys every frame preferred.
+        Quiet tokens (the word boundary, ``quiet_ids``) take no part by content: one token
+        repeated ~20 times per verse with no sound of its own, it became a key every frame
+        matched, and the boundaries took the frames while the phones kept one each."""
+        text = self.embed.tokens(tokens) * self.embed.scale
+        return self.aligner(text, tokens.ne(PAD), mels, mel_lengths, quiet=self.quiet[tokens])
 
     def predict_log_durations(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N) predicted log(1 + frames) per token."""
@@ -163,7 +196,7 @@ class FastSpeech(TextToFrames):
         parts = {}
         total = memory.new_zeros(())
         if durations is None:
-            log_align = self.aligner(memory, mask, mels)
+            log_align = self.align(tokens, mels, mel_lengths)
             hard = monotonic_alignment_search(log_align, text_lengths, mel_lengths)
             durations = hard_durations(hard)
             parts["forward_sum"] = forward_sum_loss(log_align, text_lengths, mel_lengths)

@@ -92,6 +92,28 @@ def monotonic_alignment_search(log_probs: torch.Tensor, text_lengths: torch.Tens
     return torch.from_numpy(path).to(log_probs.device)
 
 
+def beta_binomial_prior(text_lengths: torch.Tensor, frame_lengths: torch.Tensor, T: int, N: int,
+                        scaling: float = 1.0) -> torch.Tensor:
+    """(B, T, N) log-probabilities of a near-diagonal alignment prior: at frame t of a row with
+    T' frames and N' tokens, token k ~ BetaBinomial(n = N' - 1, a = w (t + 1), b = w (T' - t)),
+    w = ``scaling`` (Badlani et al. 2022, as in RAD-TTS). Added to the alignment module's
+    log-probabilities it keeps early training from collapsing every frame onto one token;
+    padded tokens are -inf, padded frames 0."""
+    dev = text_lengths.device
+    k = torch.arange(N, device=dev, dtype=torch.float64)[None, None, :]
+    t = torch.arange(T, device=dev, dtype=torch.float64)[None, :, None]
+    n = (text_lengths.double() - 1).clamp(min=0)[:, None, None]
+    frames = frame_lengths.double()[:, None, None]
+    a = scaling * (t + 1)
+    b = (scaling * (frames - t)).clamp(min=1e-3)  # frames past the row's end: masked below
+    lg = torch.lgamma
+    log_p = (lg(n + 1) - lg(k + 1) - lg((n - k).clamp(min=0) + 1)
+             + lg(k + a) + lg((n - k).clamp(min=0) + b) - lg(n + a + b)
+             - lg(a) - lg(b) + lg(a + b))
+    log_p = log_p.masked_fill(k > n, NEG_INF)
+    return log_p.masked_fill(t >= frames, 0.0).float()
+
+
 def binarization_loss(hard: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """-mean of the soft alignment's log-probabilities on the hard path's cells."""
     cells = hard.sum().clamp(min=1)

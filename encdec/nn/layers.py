@@ -21,7 +21,11 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))
+        # On rows (..., d) flattened to 2-D: fc1's output is then addmm's own tensor, not a
+        # view of it, and an in-place op on a view would make autograd copy the hidden
+        # activations and their gradient (CopySlices), three to five copies per block.
+        h = self.act(self.fc1(x.reshape(-1, x.size(-1))))
+        return self.fc2(self.dropout(h)).view(*x.shape[:-1], -1)
 
 
 def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
