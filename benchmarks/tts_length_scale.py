@@ -84,10 +84,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, left = plt.subplots(figsize=(6, 3.6))
-    left.plot(scales, [sum(rows[s]["seconds"]) for s in scales], "o-", color="#2456c5")
-    left.plot(scales, [base.sum() * s for s in scales], ":", color="#2456c5", alpha=0.6)
+    left.plot(scales, [sum(rows[s]["seconds"]) for s in scales], "o-", color="#2456c5",
+              label="seconds of speech")
+    left.plot(scales, [base.sum() * s for s in scales], ":", color="#2456c5", alpha=0.6,
+              label="scale x seconds at 1.0")
     left.set_xlabel("length_scale")
-    left.set_ylabel("seconds of speech (dotted: scale x seconds at 1.0)", color="#2456c5")
+    left.set_ylabel("seconds of speech", color="#2456c5")
+    left.legend(loc="upper left", fontsize=8)
     right = left.twinx()
     right.plot(scales, [rows[s]["wer"] for s in scales], "s-", color="#b3261e")
     right.set_ylabel("judge WER %", color="#b3261e")
