@@ -162,9 +162,8 @@ class FastSpeech(TextToFrames):
 
     def align(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor):
         """(B, T, N) alignment log-probabilities of the frames ``mels`` to ``tokens``. The keys
-        come from the token embeddings, not the encoder's output (as in FastPitch): trained
-        by the decoder's losses too, the encoder output gave keys every frame preferred.
-        Quiet tokens (the word boundary, ``quiet_ids``) take no part by content: one token
+        come from the token embeddings, not the encoder's output (as in FastPitch), so the
+        decoder's losses, which train the encoder, do not move them. Quiet tokens (the word boundary, ``quiet_ids``) take no part by content: one token
         repeated ~20 times per verse with no sound of its own, it became a key every frame
         matched, and the boundaries took the frames while the phones kept one each."""
         text = self.embed.tokens(tokens) * self.embed.scale
