@@ -40,7 +40,7 @@ SHAPES = [(7, 3), (5, 5), (6, 1), (4, 2), (7, 4)]
 @pytest.mark.parametrize("seed", range(3))
 def test_forward_sum_and_mas_equal_brute_force_over_all_monotonic_paths(seed):
     lp, tokens, frames = _batch(seed, SHAPES)
-    loss = forward_sum_loss(lp, tokens, frames)
+    loss = forward_sum_loss(lp, tokens, frames, blank=None)
     hard = monotonic_alignment_search(lp, tokens, frames)
     want_loss = 0.0
     for b, (T, N) in enumerate(SHAPES):
@@ -55,14 +55,41 @@ def test_forward_sum_and_mas_equal_brute_force_over_all_monotonic_paths(seed):
     assert (durations(hard)[0, :3] >= 1).all()
 
 
+def _ctc_paths(T, N):
+    """Every frame labelling over {0: blank, 1..N} that reads 1..N once repeats are merged and
+    blanks dropped (CTC's rule; the targets never repeat)."""
+    for labels in itertools.product(range(N + 1), repeat=T):
+        merged = [c for k, c in enumerate(labels) if k == 0 or c != labels[k - 1]]
+        if [c for c in merged if c] == list(range(1, N + 1)):
+            yield labels
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("blank", [-1.0, 0.5])
+def test_forward_sum_with_a_blank_equals_brute_force_over_all_ctc_paths(seed, blank):
+    shapes = [(5, 2), (4, 3), (6, 1), (3, 3), (5, 4)]
+    lp, tokens, frames = _batch(seed, shapes)
+    loss = forward_sum_loss(lp, tokens, frames, blank=blank)
+    want = 0.0
+    for b, (T, N) in enumerate(shapes):
+        classes = torch.cat([torch.full((T, 1), blank, dtype=lp.dtype), lp[b, :T, :N]], dim=-1)
+        classes = classes.log_softmax(dim=-1)
+        total = sum(math.exp(sum(float(classes[t, c]) for t, c in enumerate(labels)))
+                    for labels in _ctc_paths(T, N))
+        want += -math.log(total) / T
+    assert float(loss) == pytest.approx(want / len(shapes), rel=1e-9)
+
+
 def test_forward_sum_gradient_and_rows_without_a_path():
     lp, tokens, frames = _batch(5, [(6, 3), (4, 2)])
     scores = lp.clone().requires_grad_(True)
-    torch.autograd.gradcheck(lambda s: forward_sum_loss(s.log_softmax(-1), tokens, frames),
-                             (scores,))
+    for blank in (None, -1.0):
+        torch.autograd.gradcheck(
+            lambda s: forward_sum_loss(s.log_softmax(-1), tokens, frames, blank=blank), (scores,))
     # fewer frames than tokens: no monotonic path; no loss, no alignment, no NaN
-    short = forward_sum_loss(lp, torch.tensor([3, 2]), torch.tensor([2, 4]))
-    assert torch.isfinite(short)
+    for blank in (None, -1.0):
+        short = forward_sum_loss(lp, torch.tensor([3, 2]), torch.tensor([2, 4]), blank=blank)
+        assert torch.isfinite(short)
     assert monotonic_alignment_search(lp, torch.tensor([3, 2]), torch.tensor([2, 4]))[0].sum() == 0
     hard = monotonic_alignment_search(lp, tokens, frames)
     assert binarization_loss(hard, lp) == pytest.approx(

@@ -439,28 +439,3 @@ def test_web_page_speaks_plays_and_shows_mels_and_durations(speak_server):
             assert not errors
         finally:
             browser.close()
-
-
-def test_quiet_tokens_take_one_frame_of_the_learned_alignment():
-    """The word boundary has no sound of its own: the alignment gives it no share by content
-    (one frame under MAS), whatever the module's weights."""
-    from encdec.config import ModelConfig
-    from encdec.models.tts import FastSpeech
-    from encdec.nn.alignment import durations, monotonic_alignment_search
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="fastspeech", **TINY_TTS)
-    model = FastSpeech(cfg, vocab_size=12, n_mels=80, quiet_ids=[7]).eval()
-    tokens = torch.tensor([[4, 5, 7, 6, 8, 7, 9, 10], [4, 7, 5, 0, 0, 0, 0, 0]])
-    frames = torch.tensor([40, 20])
-    mels = torch.randn(2, 40, 80)
-    with torch.no_grad():
-        log_align = model.align(tokens, mels, frames)
-    d = durations(monotonic_alignment_search(log_align, tokens.ne(0).sum(1), frames))
-    assert d[0, 2] == 1 and d[0, 5] == 1 and d[1, 1] == 1
-    assert d[0].sum() == 40 and d[1].sum() == 20
-    # without the quiet mark the same weights give a boundary more than its one frame
-    model.quiet.zero_()
-    with torch.no_grad():
-        free = model.align(tokens, mels, frames)
-    assert not torch.allclose(free, log_align)

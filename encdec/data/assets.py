@@ -51,15 +51,10 @@ def load_assets(directory: str | Path) -> Assets:
         return Assets(meta, None, None, tokenizer_from_spec(meta["tgt_tokenizer"], directory),
                       Vocab.load(directory / "tgt.vocab"), AudioFront.load(directory, meta))
     if meta.get("modality") == "tts":
-        from encdec.data.tts import WORD_BOUNDARY
         from encdec.data.utterances import AudioFront
-        from encdec.data.vocab import UNK
 
-        vocab = Vocab.load(directory / "src.vocab")
-        # input tokens with no sound of their own (the word boundary): the learned alignment
-        # gives them one frame each (encdec.models.tts.FastSpeech.align); not saved
-        meta = {**meta, "src_quiet_ids": [i for i in vocab.encode([WORD_BOUNDARY]) if i != UNK]}
-        return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory), vocab, None,
+        return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
+                      Vocab.load(directory / "src.vocab"), None,
                       None, AudioFront.load(directory, meta))
     return Assets(meta, tokenizer_from_spec(meta["src_tokenizer"], directory),
                   Vocab.load(directory / "src.vocab"),

@@ -33,8 +33,7 @@ def model_for_data(cfg, meta: dict):
                               ": text-to-speech data (encdec prepare bible-tts) takes model.arch="
                               "fastspeech or transformer_tts, and those take only such data")
         if cfg.arch == "fastspeech":
-            return FastSpeech(cfg, meta["src_vocab_size"], meta["feature_bins"],
-                              quiet_ids=meta.get("src_quiet_ids", ()))
+            return FastSpeech(cfg, meta["src_vocab_size"], meta["feature_bins"])
         return TransformerTTS(cfg, meta["src_vocab_size"], meta["feature_bins"],
                               reduction=cfg.tts_reduction)
     speech_data = meta.get("modality") == "speech"

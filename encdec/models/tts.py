@@ -83,17 +83,14 @@ class AlignmentModule(nn.Module):
         self.prior = prior
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, mels: torch.Tensor,
-                frame_lengths: torch.Tensor | None = None, quiet: torch.Tensor | None = None):
+                frame_lengths: torch.Tensor | None = None):
         """With ``frame_lengths`` and ``prior`` > 0 the log-probabilities are renormalized
         after adding the beta-binomial diagonal prior (``beta_binomial_prior``, scaling
-        ``prior``), as the forward-sum loss and MAS see them in training. ``quiet`` (B, N):
-        tokens scored as far from every frame as a token can be (MAS gives them one frame)."""
+        ``prior``), as the forward-sum loss and MAS see them in training."""
         k = F.normalize(self.key(text.transpose(1, 2)), dim=1)  # (B, A, N)
         q = F.normalize(self.query(mels.transpose(1, 2)), dim=1)  # (B, A, T)
         # |q - k|^2 = 2 - 2 q.k for unit vectors: one batched product
         scores = 2 * self.sharpness * (torch.bmm(q.transpose(1, 2), k) - 1)  # (B, T, N)
-        if quiet is not None:
-            scores = scores.masked_fill(quiet[:, None, :], -4 * self.sharpness)
         scores = scores.masked_fill(~text_mask[:, None, :], float("-inf"))
         log_probs = scores.log_softmax(dim=-1)
         if frame_lengths is None or not self.prior:
@@ -149,11 +146,8 @@ class FastSpeech(TextToFrames):
     """Tokens -> mel frames in one pass. Dimensions: B batch, N tokens, T frames, M mel bins."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80,
-                 predictor_channels: int = 256, postnet_layers: int = 5, quiet_ids=()):
+                 predictor_channels: int = 256, postnet_layers: int = 5):
         super().__init__(cfg, vocab_size, n_mels, postnet_layers)
-        quiet = torch.zeros(vocab_size, dtype=torch.bool)
-        quiet[list(quiet_ids)] = True
-        self.register_buffer("quiet", quiet, persistent=False)  # see align()
         self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.duration_predictor = ConvStack(cfg.d_model, predictor_channels, 2, 3, cfg.dropout)
         self.duration_out = nn.Linear(predictor_channels, 1)
@@ -163,11 +157,9 @@ class FastSpeech(TextToFrames):
     def align(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor):
         """(B, T, N) alignment log-probabilities of the frames ``mels`` to ``tokens``. The keys
         come from the token embeddings, not the encoder's output (as in FastPitch), so the
-        decoder's losses, which train the encoder, do not move them. Quiet tokens (the word boundary, ``quiet_ids``) take no part by content: one token
-        repeated ~20 times per verse with no sound of its own, it became a key every frame
-        matched, and the boundaries took the frames while the phones kept one each."""
+        decoder's losses, which train the encoder, do not move them."""
         text = self.embed.tokens(tokens) * self.embed.scale
-        return self.aligner(text, tokens.ne(PAD), mels, mel_lengths, quiet=self.quiet[tokens])
+        return self.aligner(text, tokens.ne(PAD), mels, mel_lengths)
 
     def predict_log_durations(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N) predicted log(1 + frames) per token."""

@@ -7,8 +7,9 @@ one frame (T >= N is needed). Given per-frame token log-probabilities ``log_prob
 e.g. a log-softmax over tokens of an alignment module's scores:
 
 * ``forward_sum_loss``: -log of the probability summed over all monotonic paths, the
-  forward algorithm (CTC's, without blanks), per frame; its gradient trains the alignment
-  module ("One TTS Alignment To Rule Them All", Badlani et al. 2022);
+  forward algorithm (CTC's), per frame; its gradient trains the alignment module ("One TTS
+  Alignment To Rule Them All", Badlani et al. 2022). By default a frame may also be passed over
+  (CTC's blank, at a fixed score), as in that paper's code;
 * ``monotonic_alignment_search`` (MAS, as in Glow-TTS): the single most probable path, by
   dynamic programming and backtracking, as a hard 0/1 alignment (B, T, N);
 * ``binarization_loss``: pulls the soft alignment toward the hard one;
@@ -38,28 +39,41 @@ def _masked(log_probs: torch.Tensor, text_lengths: torch.Tensor) -> torch.Tensor
 # The forward algorithm runs on log-probabilities clamped to this (not -inf): the gradient of
 # logaddexp(-inf, -inf) is NaN, and unreachable cells would spread it to every parameter.
 NEVER = -1e9
+BLANK = -1.0  # forward_sum_loss's blank score (as in RAD-TTS)
 
 
 def forward_sum_loss(log_probs: torch.Tensor, text_lengths: torch.Tensor,
-                     frame_lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -log sum over monotonic paths of prod_t p(j(t) | t), divided by
-    each row's frame count. A row with fewer frames than tokens has no path: it contributes 0
-    (and no gradient), like CTC's ``zero_infinity``.
+                     frame_lengths: torch.Tensor, blank: float | None = BLANK) -> torch.Tensor:
+    """Mean over the batch of -log sum over paths of prod_t p(j(t) | t), divided by each row's
+    frame count. A row with fewer frames than tokens has no path: it contributes 0 (and no
+    gradient), like CTC's ``zero_infinity``.
 
-    It is CTC over the target 1..N with a blank that is never taken (log-probability NEVER).
-    PyTorch's CTC gradient is the one through a log-softmax over the classes, so each frame's
-    token log-probabilities are renormalized over the real tokens first (a no-op for the
-    alignment module's log-softmax) and the normalizers added back: exact for any scores."""
+    ``blank`` (a log-score, default -1): a path may also pass over frames, CTC's blank, whose
+    score joins each frame's token log-probabilities before they are renormalized over both.
+    Without it (``None``: monotonic paths over the tokens only) every frame, the pauses and
+    transitions too, must belong to a token; on bible-tts that drove a few tokens to match
+    every frame and the hard alignment collapsed onto them (one token took 100+ frames, the
+    rest one each: duration error 2.6x that of equal durations). MAS, the durations and the
+    binarization loss see only the tokens.
+
+    It is PyTorch's CTC over the targets 1..N (class 0: the blank, never taken when ``blank``
+    is None). CTC's gradient is the one through a log-softmax over the classes, so the classes
+    are renormalized first and, without a blank, the normalizers added back: exact for any
+    scores."""
     B, T, N = log_probs.shape
     lp = _masked(log_probs, text_lengths).clamp(min=NEVER)
     log_z = lp.logsumexp(dim=-1, keepdim=True)  # (B, T, 1)
-    classes = torch.cat([lp.new_full((B, T, 1), NEVER), lp - log_z], dim=-1)  # 0: the blank
+    if blank is None:
+        classes = torch.cat([lp.new_full((B, T, 1), NEVER), lp - log_z], dim=-1)
+    else:
+        classes = torch.cat([lp.new_full((B, T, 1), blank), lp], dim=-1).log_softmax(dim=-1)
     targets = torch.arange(1, N + 1, device=lp.device).expand(B, N)
     ok = (frame_lengths >= text_lengths) & (text_lengths > 0)
     nll = F.ctc_loss(classes.transpose(0, 1), targets, frame_lengths.clamp(min=1),
                      text_lengths.clamp(min=1), blank=0, reduction="none", zero_infinity=True)
-    real = torch.arange(T, device=lp.device)[None, :] < frame_lengths[:, None]
-    nll = nll - (log_z.squeeze(-1) * real).sum(dim=1)
+    if blank is None:
+        real = torch.arange(T, device=lp.device)[None, :] < frame_lengths[:, None]
+        nll = nll - (log_z.squeeze(-1) * real).sum(dim=1)
     nll = torch.where(ok, nll, torch.zeros_like(nll)) / frame_lengths.clamp(min=1)
     return nll.mean()
 
