@@ -124,12 +124,12 @@ def _prepare(args) -> None:
 
 def _prepare_tts(args) -> None:
     from encdec.data.prepare import load_meta
-    from encdec.data.tts import prepare_tts
+    from encdec.data.tts import DEFAULT_VOICE, prepare_tts
 
     out = Path(args.out or "data/bible-tts")
     options = {"train_hours": args.hours or 3.0, "inputs": args.inputs or "phonemes",
                "g2p": args.g2p or ""}
-    voice = args.voice or "flite-slt"
+    voice = args.voice or DEFAULT_VOICE
     if (out / "meta.json").exists() and not args.force:
         meta = load_meta(out)
         have = meta.get("options", {})
@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--hours", type=float,
                     help="bible-speech: hours of training audio to synthesize (default 10); "
                          "a killed or smaller earlier run is continued")
-    pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-slt; "
-                                    "the bible-speech voices: flite-rms, flite-awb, flite-slt, ...)")
+    pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-rms, the one "
+                                    "the judge understands best; the bible-speech voices: "
+                                    "flite-awb, flite-slt, espeak-en-us, ...)")
     pr.add_argument("--inputs", choices=["phonemes", "chars"],
                     help="bible-tts: what the model reads (default phonemes: CMUdict, then --g2p)")
     pr.add_argument("--g2p", metavar="RUN",

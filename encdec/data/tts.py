@@ -151,6 +151,10 @@ def build_lexicon(out: Path, texts: list[str], g2p_run: str | Path | None, log=p
 
 
 # ---- bible-tts ----------------------------------------------------------------------------
+# The flite voice the independent judge understands best (benchmarks/tts_voices.py: 40 dev
+# verses, pocketsphinx WER rms 33.3 %, awb 44.6 %, kal16 45.2 %, slt 47.5 %)
+DEFAULT_VOICE = "flite-rms"
+
 def plan_bible_tts(voice: str, train_hours: float = 3.0, eval_verses: int = 200, books=None,
                    split_verses: tuple[int, int] | None = None, log=print) -> list[Utterance]:
     """The verses one voice speaks, per split (the bible-en-es chapters): deterministic."""
@@ -178,7 +182,7 @@ def plan_bible_tts(voice: str, train_hours: float = 3.0, eval_verses: int = 200,
     return plan
 
 
-def prepare_tts(out_dir: str | Path, *, voice: str = "flite-slt", inputs: str = "phonemes",
+def prepare_tts(out_dir: str | Path, *, voice: str = DEFAULT_VOICE, inputs: str = "phonemes",
                 train_hours: float = 3.0, eval_verses: int = 200, books=None,
                 split_verses: tuple[int, int] | None = None, g2p_run: str | None = None,
                 workers: int = 2, stats_utterances: int = 1000, log=print) -> dict:

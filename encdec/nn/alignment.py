@@ -52,9 +52,8 @@ def forward_sum_loss(log_probs: torch.Tensor, text_lengths: torch.Tensor,
     score joins each frame's token log-probabilities before they are renormalized over both.
     Without it (``None``: monotonic paths over the tokens only) every frame, the pauses and
     transitions too, must belong to a token; on bible-tts that drove a few tokens to match
-    every frame and the hard alignment collapsed onto them (one token took 100+ frames, the
-    rest one each: duration error 2.6x that of equal durations). MAS, the durations and the
-    binarization loss see only the tokens.
+    every frame and the hard alignment collapsed onto them (a few tokens with 50+ frames, the
+    rest one each). MAS, the durations and the binarization loss see only the tokens.
 
     It is PyTorch's CTC over the targets 1..N (class 0: the blank, never taken when ``blank``
     is None). CTC's gradient is the one through a log-softmax over the classes, so the classes
