@@ -130,13 +130,15 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
             gen_s += time.perf_counter() - start
             log_mel = out.mels.float().cpu() * stats.std + stats.mean
             lengths = out.frame_lengths.cpu()
-            start = time.perf_counter()
-            wav = vocode(log_mel, front.opts)
-            voc_s += time.perf_counter() - start
             for b in range(len(chunk)):
+                # row by row, as Speaker.speak: a batch's padding would change the random start
+                # phase and so the audio of a verse with what it was batched with
                 n = int(lengths[b])
+                start = time.perf_counter()
+                wav = vocode(log_mel[b:b + 1, :n], front.opts)[0]
+                voc_s += time.perf_counter() - start
                 model_mels.append(log_mel[b, :n].numpy())
-                model_waves.append(wav[b, : n * front.opts.frame_shift].numpy())
+                model_waves.append(wav[: n * front.opts.frame_shift].numpy())
             bar.update(len(chunk))
     copy_waves = [vocode(m[None], front.opts)[0].numpy() for m in ref_mels]
 

@@ -251,6 +251,18 @@ def test_evaluate_judges_reference_copy_and_model(nat_run, tts_data, capsys):
     from encdec.audio.judge import judge_text
 
     assert first["scored_against"] == judge_text(first["text"]) and first["scored_against"]
+    # the judged audio is what a user gets from the Python API, whatever the batch
+    import soundfile
+
+    from encdec.speak import Speaker
+
+    texts = [u["text"] for u in result["utterances"]]
+    spoken = Speaker.from_run(nat_run).speak(texts[::-1])[::-1]
+    for u, speech in zip(result["utterances"], spoken):
+        judged, _ = soundfile.read(str(nat_run / "eval" / "tts-test-limit3" / f"{u['id']}.wav"),
+                                   dtype="float32")
+        assert judged.shape == speech.audio.shape
+        assert np.abs(judged - speech.audio).max() <= 1.0 / 32768 + 1e-6
 
 
 def test_cli_prepare_bible_tts_options(tmp_path, monkeypatch, capsys):
