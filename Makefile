@@ -71,12 +71,15 @@ asr: $(VENV)/.installed sysdeps
 # Text-to-speech (README "Speech synthesis"): synthesize bible-tts (one flite voice, resumable),
 # train the FastSpeech preset for TTS_MINUTES, judge the test verses with pocketsphinx
 # (recording, vocoder copy-synthesis and the model) and write a few WAVs under RUN/eval/.
+# Words CMUdict lacks are pronounced by the G2P run TTS_G2P (by default the one `make demo`
+# trains, when it is there; else they are spelled letter by letter).
 TTS_MINUTES ?= 60
+TTS_G2P ?= $(patsubst %/checkpoints/best,%,$(wildcard runs/g2p-demo/checkpoints/best))
 TTS_CONFIG ?= configs/tts-nat.yaml
 TTS_RUN ?= runs/$(basename $(notdir $(TTS_CONFIG)))
 TTS_LIMIT ?= 100
 tts: $(VENV)/.installed sysdeps
-	$(VENV)/bin/encdec prepare bible-tts
+	$(VENV)/bin/encdec prepare bible-tts $(if $(TTS_G2P),--g2p $(TTS_G2P))
 	rm -rf $(TTS_RUN)
 	$(VENV)/bin/encdec train $(TTS_CONFIG) train.run_dir=$(TTS_RUN) train.max_minutes=$(TTS_MINUTES)
 	$(VENV)/bin/encdec evaluate $(TTS_RUN) --split test --limit $(TTS_LIMIT)
