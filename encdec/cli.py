@@ -373,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--hours", type=float,
                     help="bible-speech: hours of training audio to synthesize (default 10); "
                          "a killed or smaller earlier run is continued")
-    pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-rms, the one "
-                                    "the judge understands best; the bible-speech voices: "
-                                    "flite-awb, flite-slt, espeak-en-us, ...)")
+    pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-slt; the "
+                                    "bible-speech voices: flite-rms, flite-awb, espeak-en-us, "
+                                    "...)")
     pr.add_argument("--inputs", choices=["phonemes", "chars"],
                     help="bible-tts: what the model reads (default phonemes: CMUdict, then --g2p)")
     pr.add_argument("--g2p", metavar="RUN",
