@@ -153,7 +153,7 @@ def build_lexicon(out: Path, texts: list[str], g2p_run: str | Path | None, log=p
 # ---- bible-tts ----------------------------------------------------------------------------
 # The voice the FastSpeech preset has trained to intelligibility on. The judge understands rms
 # best (benchmarks/tts_voices.py, 40 dev verses: pocketsphinx WER rms 33.3 %, awb 44.6 %,
-# kal16 45.2 %, slt 47.5 %), but the joint alignment collapsed on rms in a 20-minute run
+# kal16 45.2 %, slt 47.5 %), but the joint alignment collapsed on rms (a run stopped at step 652)
 # (README "Speech synthesis"): rms becomes the default once it trains there.
 DEFAULT_VOICE = "flite-slt"
 
