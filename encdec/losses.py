@@ -52,16 +52,17 @@ def mix_predictions(tgt_in: torch.Tensor, predicted: torch.Tensor, prob: float) 
     return torch.where(use & tgt_in.ne(PAD), shifted, tgt_in)
 
 
-def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0):
+def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False):
     """(loss_sum, nll_sum) over the target tokens of ``batch`` (EOS included).
 
-    ``sampling`` > 0 turns on scheduled sampling with that probability.
+    ``sampling`` > 0 turns on scheduled sampling with that probability; ``ctc_only`` (speech)
+    trains the encoder on its CTC loss alone (``train.ctc_warmup_steps``).
     """
     core = getattr(model, "module", model)  # DDP wraps the model
     if getattr(core, "non_autoregressive", False):
         return nat_loss(model, batch, smoothing)
     if hasattr(batch, "src_feats"):
-        return ctc_attention_loss(model, batch, smoothing)
+        return ctc_attention_loss(model, batch, smoothing, ctc_only)
     tgt_in = batch.tgt_in
     if sampling > 0 and getattr(core, "samples_own_inputs", False):
         hidden = model(batch.src_tokens, tgt_in, sampling_prob=sampling)
@@ -129,7 +130,7 @@ def nat_loss(model, batch, smoothing: float):
     return loss * scale + cfg.length_loss_weight * length_loss * batch.num_tgt_tokens, nll * scale
 
 
-def ctc_attention_loss(model, batch, smoothing: float):
+def ctc_attention_loss(model, batch, smoothing: float, ctc_only: bool = False):
     """Speech: (1 - w) * attention cross-entropy + w * CTC loss, both summed over the batch
     (w = ``model.ctc_weight``; Watanabe et al., 2017). The trainer divides by the target
     tokens, so each term is per token. The NLL returned is the attention decoder's (the CTC
@@ -137,10 +138,14 @@ def ctc_attention_loss(model, batch, smoothing: float):
     utterance too short for its transcript contributes 0 (``zero_infinity``), not inf.
 
     Speech translation adds ``model.aux_ctc_weight`` times the auxiliary CTC loss over the
-    source-language transcripts (``aux_ctc_loss``), summed the same way."""
+    source-language transcripts (``aux_ctc_loss``), summed the same way.
+
+    ``ctc_only``: the CTC loss alone, with weight 1, and the decoder is not run (it gets no
+    gradient); the NLL returned is then the CTC loss."""
     core = getattr(model, "module", model)
-    w = core.cfg.ctc_weight
-    hidden, encoder_out = model(batch.src_feats, batch.src_lengths, batch.tgt_in)
+    w = 1.0 if ctc_only else core.cfg.ctc_weight
+    hidden, encoder_out = model(batch.src_feats, batch.src_lengths,
+                                None if ctc_only else batch.tgt_in)
     loss = nll = 0.0
     if w < 1.0:
         keep = batch.tgt_out.ne(PAD)

@@ -208,7 +208,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+            # the CTC warm-up leaves the decoder out of the first updates
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=t.ctc_warmup_steps > 0)
         self.autocast_dtype = None
         if t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda"):
             self.autocast_dtype = torch.bfloat16
@@ -375,6 +377,8 @@ class Trainer:
                     raise ConfigError("train.max_tokens is too small or the training split is empty")
             seed = (self.cfg.train.seed, self.state["epoch"], self.state["batch_in_epoch"],
                     self.dist.rank)
+            if self.state["step"] < self.cfg.augment.start_step:
+                seed = None  # clean audio until augment.start_step
             out.append(self._collate(self.train_split, self._batches[self.state["batch_in_epoch"]],
                                      augment_seed=seed))
             self.state["batch_in_epoch"] += 1
@@ -427,7 +431,8 @@ class Trainer:
         if self.tts:
             return tts_loss(model, batch, self.state["step"], self.teacher)
         return sequence_loss(model, batch, t.label_smoothing,
-                             sampling=sampling_prob(self.state["step"], t) if model.training else 0.0)
+                             sampling=sampling_prob(self.state["step"], t) if model.training else 0.0,
+                             ctc_only=model.training and self.state["step"] < t.ctc_warmup_steps)
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> dict:

@@ -113,6 +113,8 @@ def test_config_refuses_what_cannot_work():
         Config.from_dict({"model": {"arch": "speech", "subsampling": 3}})
     with pytest.raises(ConfigError, match="augment.snr_db"):
         Config.from_dict({"augment": {"snr_db": [20, 10]}})
+    with pytest.raises(ConfigError, match="augment.start_step"):
+        Config.from_dict({"augment": {"start_step": -1}})
 
 
 def test_text_arch_on_speech_data_is_refused(tiny_speech_data, tmp_path, capsys):
@@ -131,14 +133,34 @@ def test_resumed_training_equals_uninterrupted(tiny_speech_data, tmp_path):
                               max_steps=12, valid_every=6, model={"dropout": 0.1})
     two = write_speech_config(tmp_path / "two.yaml", tiny_speech_data, tmp_path / "two",
                               max_steps=6, valid_every=6, model={"dropout": 0.1})
-    assert main(["train", str(one)]) == 0
-    assert main(["train", str(two)]) == 0
+    # augmentation starts after the resume point, so both phases are covered
+    assert main(["train", str(one), "augment.start_step=8"]) == 0
+    assert main(["train", str(two), "augment.start_step=8"]) == 0
     assert main(["train", str(tmp_path / "two"), "--resume", "train.max_steps=12"]) == 0
     a = load_file(str(tmp_path / "one/checkpoints/step-0000012/model.safetensors"))
     b = load_file(str(tmp_path / "two/checkpoints/step-0000012/model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_augmentation_waits_for_start_step(tiny_speech_data, tmp_path):
+    """Before augment.start_step the updates are those of training without augmentation."""
+    from safetensors.torch import load_file
+
+    def weights(name, *overrides):
+        cfg = write_speech_config(tmp_path / f"{name}.yaml", tiny_speech_data, tmp_path / name,
+                                  max_steps=4, valid_every=4, model={"dropout": 0.1})
+        assert main(["train", str(cfg), *overrides]) == 0
+        return load_file(str(tmp_path / name / "checkpoints/step-0000004/model.safetensors"))
+
+    clean = weights("clean", "augment.speed_perturb=[1.0]", "augment.noise_prob=0",
+                    "augment.freq_masks=0", "augment.time_masks=0")
+    late = weights("late", "augment.start_step=4")
+    early = weights("early", "augment.start_step=2")
+    for key in clean:
+        torch.testing.assert_close(late[key], clean[key], rtol=0, atol=0)
+    assert any(not torch.equal(early[key], clean[key]) for key in clean)
 
 
 def test_prepare_train_evaluate_transcribe(tiny_speech_run, tiny_speech_data, tmp_path, capsys):
@@ -220,3 +242,57 @@ def test_energy_floor_is_what_dither_adds_on_average():
     plain, _ = front.log_mel(tone[None] * 32768.0)
     loud = plain > 15
     assert loud.any() and (floored[loud] - plain[loud]).abs().max() < 1e-3
+
+
+def test_ctc_only_loss_is_the_ctc_loss_and_leaves_the_decoder_out():
+    """The CTC warm-up's loss is the encoder's CTC loss with weight 1; no gradient reaches
+    the decoder, and the encoder's gradient is that of the CTC loss alone."""
+    from types import SimpleNamespace
+
+    from encdec.losses import ctc_attention_loss
+
+    model = _model(ctc_weight=0.3).train()
+    source = _source([40, 31, 23])
+    tgt = torch.tensor([[3, 4, 5, EOS], [6, 3, EOS, PAD], [4, EOS, PAD, PAD]])
+    batch = SimpleNamespace(**source, tgt_in=torch.cat([torch.full((3, 1), 1), tgt[:, :-1]], 1),
+                            tgt_out=tgt, num_tgt_tokens=int(tgt.ne(PAD).sum()))
+    loss, nll = ctc_attention_loss(model, batch, 0.1, ctc_only=True)
+    loss.backward()
+    decoder = [n for n, _ in model.named_parameters()
+               if n.startswith(("tgt_embed.", "decoder.", "dec_norm.", "output."))]
+    assert decoder and all(p.grad is None for n, p in model.named_parameters() if n in decoder)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if n not in decoder}
+    model.zero_grad(set_to_none=True)
+    out = model.encode(**source)
+    targets = tgt.masked_fill(tgt.eq(EOS), PAD)
+    expected = F.ctc_loss(out.ctc_log_probs.transpose(0, 1), targets, out.memory_mask.sum(1),
+                          targets.ne(PAD).sum(1), blank=PAD, reduction="sum", zero_infinity=True)
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6) and float(nll) == float(loss)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad)
+    joint, _ = ctc_attention_loss(model, batch, 0.1)
+    assert float(joint) != pytest.approx(float(loss))
+
+
+def test_ctc_warmup_leaves_the_decoder_untouched_then_trains_it(tiny_speech_data, tmp_path):
+    """During train.ctc_warmup_steps the decoder keeps its initial weights whatever the
+    learning rate, while the encoder trains; the update after the warm-up trains it."""
+    from safetensors.torch import load_file
+
+    def weights(name, steps, *overrides):
+        cfg = write_speech_config(tmp_path / f"{name}.yaml", tiny_speech_data, tmp_path / name,
+                                  max_steps=steps, valid_every=steps, model={"dropout": 0.1})
+        assert main(["train", str(cfg), *overrides]) == 0
+        return load_file(str(tmp_path / name / f"checkpoints/step-{steps:07d}/model.safetensors"))
+
+    warm = weights("warm", 3, "train.ctc_warmup_steps=3")
+    slow = weights("slow", 3, "train.ctc_warmup_steps=3", "train.lr=1e-4")
+    joint = weights("joint", 4, "train.ctc_warmup_steps=3")
+    decoder = [k for k in warm if k.startswith(("tgt_embed.", "decoder.", "dec_norm.", "output."))]
+    encoder = [k for k in warm if k not in decoder]
+    assert decoder and encoder
+    for key in decoder:
+        torch.testing.assert_close(warm[key], slow[key], rtol=0, atol=0)
+    assert all(not torch.equal(warm[k], slow[k]) for k in encoder)
+    assert all(not torch.equal(joint[k], warm[k]) for k in decoder)

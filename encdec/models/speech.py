@@ -134,10 +134,14 @@ class SpeechTransformer(TransformerSeq2Seq):
         """(B, S, V_transcript) log-probabilities of the auxiliary CTC head (training only)."""
         return _ctc_log_probs(self.aux_ctc, encoder_out.memory, self._not_labels)
 
-    def forward(self, src_feats: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor):
-        """(decoder hidden states (B, T, d) or None without a decoder, encoder output)."""
+    def forward(self, src_feats: torch.Tensor, src_lengths: torch.Tensor,
+                tgt_in: torch.Tensor | None):
+        """(decoder hidden states (B, T, d), or None without a decoder or without ``tgt_in``
+        (CTC warm-up: the encoder alone), encoder output)."""
         encoder_out = self.encode(src_feats, src_lengths)
-        hidden = self.decode(tgt_in, encoder_out)[0] if self.has_decoder else None
+        hidden = None
+        if self.has_decoder and tgt_in is not None:
+            hidden = self.decode(tgt_in, encoder_out)[0]
         return hidden, encoder_out
 
     # ---- incremental decoding: without a decoder, every token scores 0 ------------------
