@@ -209,8 +209,11 @@ def _evaluate(args) -> None:
     how += f", reranked by {result['rerank']}" if result["rerank"] else ""
     if "groups" in result:  # speech: overall, per voice group, real-time factor
         metric = result["metric"]
+        voices = result.get("voices", {})
         line = _speech_scores(metric, s) + "".join(
-            f"\n  {g:<7} {v['n']:>5} utt  {_speech_scores(metric, v, 6)}"
+            f"\n  {g:<7} {v['n']:>5} utt  {_speech_scores(metric, v, 6)}" + "".join(
+                f"\n    {name:<26} {sv['n']:>5} utt  {_speech_scores(metric, sv, 6)}"
+                for name, sv in voices.items() if sv["group"] == g)
             for g, v in result["groups"].items())
         if metric == "text":
             line += f"\n  {s['bleu_signature']}\n  {s['chrf_signature']}"

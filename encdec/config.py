@@ -105,7 +105,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     num_threads: int = 0  # CPU threads for torch; 0 = all cores
-    retain_freed_memory: bool = True  # CPU on glibc: reuse freed buffers (encdec/host.py)
+    # CPU on glibc, text data: reuse freed buffers (encdec/host.py); never for audio batches,
+    # whose shapes vary too much (the heap grows)
+    retain_freed_memory: bool = True
     max_len: int = 256  # longer training pairs are skipped when batching
     # Scheduled sampling (Bengio et al., 2015): with probability p(step) a decoder input is the
     # model's own prediction. p = min(ss_max_prob, 1 - eps(step)), eps the teacher-forcing

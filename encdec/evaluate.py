@@ -118,8 +118,10 @@ def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "
     hyps = [o[0].text for o in outputs]
     refs = [[e["text"]] for e in entries]
     groups: dict[str, list[int]] = {}
+    voices: dict[str, list[int]] = {}  # which voice of a group lags (e.g. one held-out voice)
     for i, e in enumerate(entries):
         groups.setdefault(e.get("group", "all"), []).append(i)
+        voices.setdefault(e.get("voice", ""), []).append(i)
     metric = tr.assets.meta["metric"]
     result = {
         "run": str(run_dir), "checkpoint": tr.checkpoint_dir.name, "split": split,
@@ -130,6 +132,10 @@ def evaluate_speech(run_dir: Path, split: str = "test", checkpoint_name: str = "
         "scores": score(metric, hyps, refs),
         "groups": {g: score(metric, [hyps[i] for i in idx], [refs[i] for i in idx])
                    for g, idx in sorted(groups.items())},
+        # per voice, when the manifest names more than one
+        "voices": {v: {"group": entries[idx[0]].get("group", "all"),
+                       **score(metric, [hyps[i] for i in idx], [refs[i] for i in idx])}
+                   for v, idx in sorted(voices.items())} if len(voices) > 1 else {},
     }
     return _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit,
                   decode_cfg, None)

@@ -59,3 +59,22 @@ def test_freed_buffers_are_reused_without_page_faults():
 def test_user_allocator_settings_are_left_alone():
     got = _probe("applied", {"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert got["applied"] is False
+
+
+def test_trainer_keeps_freed_memory_for_text_data_only(tiny_data, tiny_speech_data, tmp_path,
+                                                       monkeypatch):
+    """Audio batches change shape too much for a heap that keeps every freed block (an
+    asr-small hour grew to 6.2 GB): the trainer asks for the setting on text data only."""
+    from conftest import write_config, write_speech_config
+    from encdec import train
+    from encdec.cli import main
+
+    calls = []
+    monkeypatch.setattr(train, "retain_freed_memory", lambda: calls.append(1) or True)
+    text = write_config(tmp_path / "text.yaml", tiny_data, tmp_path / "text", max_steps=1)
+    assert main(["train", str(text)]) == 0
+    assert calls == [1]
+    speech = write_speech_config(tmp_path / "speech.yaml", tiny_speech_data, tmp_path / "speech",
+                                 max_steps=1, valid_every=1)
+    assert main(["train", str(speech)]) == 0
+    assert calls == [1]

@@ -340,3 +340,10 @@ def test_prepare_train_evaluate_prints_bleu_per_group(st_run, capsys):
     result = json.loads((st_run / "eval" / "test-greedy.json").read_text())
     assert result["metric"] == "text" and set(result["groups"]) == {"seen", "unseen"}
     assert {"bleu", "chrf", "bleu_signature"} <= set(result["groups"]["seen"])
+    # per voice, each under its group: v0 speaks the seen utterances, v1 the unseen ones
+    assert {v: (r["group"], r["n"]) for v, r in result["voices"].items()} == \
+        {"v0": ("seen", 6), "v1": ("unseen", 6)}
+    assert result["voices"]["v0"]["bleu"] == result["groups"]["seen"]["bleu"]
+    at = {line.split()[0]: i for i, line in enumerate(lines) if line.split()[:1] in
+          (["seen"], ["unseen"], ["v0"], ["v1"])}
+    assert at["seen"] < at["v0"] < at["unseen"] < at["v1"], out
