@@ -477,6 +477,15 @@ class Trainer:
                      for e in self.dev_eval]
             outputs = decode_audio(self.model, waves, cfg=decode_cfg, device=self.device,
                                    **self.assets.audio_kwargs())
+            ctc_scores = {}
+            if method == "greedy" and self.cfg.model.ctc_weight > 0:
+                # the CTC head's best path too: it shows the encoder's progress while the
+                # decoder is still untrained (the CTC warm-up), and costs one batched pass
+                ctc_out = decode_audio(self.model, waves, device=self.device,
+                                       cfg=DecodeConfig(method="ctc", batch_size=decode_cfg.batch_size),
+                                       **self.assets.audio_kwargs())
+                ctc_scores = score(self.metric, [o[0].text for o in ctc_out],
+                                   [e["refs"] for e in self.dev_eval])
         else:
             outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
                                    device=self.device, **self.assets.text_kwargs())
@@ -485,6 +494,9 @@ class Trainer:
         result = {"valid_loss": loss_sum / max(tokens, 1), "valid_nll": nll_sum / max(tokens, 1)}
         result["valid_ppl"] = math.exp(min(result["valid_nll"], 50))
         result.update({f"valid_{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+        if self.speech:
+            result.update({f"valid_ctc_{k}": v for k, v in ctc_scores.items()
+                           if isinstance(v, (int, float)) and k not in ("n", "words")})
         return result
 
     def _validate_and_save(self) -> bool:

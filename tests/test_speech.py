@@ -174,6 +174,17 @@ def test_prepare_train_evaluate_transcribe(tiny_speech_run, tiny_speech_data, tm
     result = json.loads((tiny_speech_run / "eval" / "test-ctc.json").read_text())
     assert result["scores"]["wer"] < 60, result["scores"]  # trained: untrained is ~100 or more
     assert set(result["groups"]) == {"all"} and result["real_time_factor"] > 0
+    # validation also scores the CTC best path: the same WER as evaluate --method ctc
+    # (at the first validation, where the two decoders still differ)
+    last = [json.loads(line) for line in (tiny_speech_run / "metrics.jsonl").read_text().splitlines()
+            if "valid_wer" in line][0]
+    assert main(["evaluate", str(tiny_speech_run), "--split", "dev", "--method", "ctc",
+                 "--checkpoint", f"step-{last['step']:07d}"]) == 0
+    dev = json.loads(next((tiny_speech_run / "eval").glob("dev-ctc*.json")).read_text())
+    assert last["valid_ctc_wer"] == pytest.approx(dev["scores"]["wer"])
+    assert last["valid_ctc_cer"] == pytest.approx(dev["scores"]["cer"])
+    assert last["valid_ctc_wer"] != last["valid_wer"], last
+    capsys.readouterr()
     # transcribe: files and a directory; an unreadable file is reported, the rest transcribed
     words = ["abc", "fed", "ace"]
     for i, w in enumerate(words):
