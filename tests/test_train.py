@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import write_config, write_speech_config
 from encdec import checkpoint
 from encdec.cli import main
 from encdec.config import Config
@@ -141,6 +141,17 @@ def test_two_process_ddp(tiny_data, tmp_path):
     assert [r["step"] for r in records if "valid_loss" in r] == [10, 20]
     tr = Translator.from_run(tmp_path / "ddp", "last")
     assert len(tr.translate(["abc", "de"])) == 2
+
+
+def test_two_process_ddp_through_the_ctc_warmup(tiny_speech_data, tmp_path):
+    """Speech DDP with train.ctc_warmup_steps: the warm-up's updates leave the decoder's
+    parameters without gradients, which DDP must be told to expect, and the joint updates
+    after it train every parameter."""
+    cfg = write_speech_config(tmp_path / "ddp.yaml", tiny_speech_data, tmp_path / "ddp",
+                              max_steps=4, valid_every=4, log_every=1, ctc_warmup_steps=2)
+    proc = _torchrun_train(cfg)
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    assert [r["step"] for r in _records(tmp_path / "ddp") if "valid_loss" in r] == [4]
 
 
 def test_ddp_with_accumulation_equals_one_process(tiny_data, tmp_path):
