@@ -17,6 +17,8 @@ def _prepare(args) -> None:
     given = {"max_len": args.max_len, "vocab_size": args.vocab_size, "spm_type": args.spm_type,
              "joint_vocab": args.joint_vocab}
     defaults = {"max_len": 256, "vocab_size": 8000, "spm_type": "bpe", "joint_vocab": False}
+    if args.targets_from is not None and args.recipe != "bible-speech-es":
+        raise DataError("--targets-from is an option of the bible-speech-es recipe")
     if args.recipe == "bible-speech":
         from encdec.data.speech import prepare_speech
 
@@ -141,21 +143,28 @@ def _prepare_tts(args) -> None:
 
 
 def _prepare_speech_translation(args) -> None:
+    from encdec.data.corpus import DataError
     from encdec.data.prepare import load_meta
     from encdec.data.speech import prepare_speech_translation
 
     out = Path(args.out or "data/bible-speech-es")
     speech_dir = Path(args.speech_dir or "data/bible-speech")
     vocab_size = args.vocab_size or 4000
+    targets_from = str(args.targets_from) if args.targets_from else None
+    if targets_from and args.vocab_size:
+        raise DataError("--vocab-size and --targets-from: the vocabulary is either trained "
+                        "(--vocab-size) or copied from the text data (--targets-from); give one")
     if (out / "meta.json").exists() and not args.force and (speech_dir / "meta.json").exists():
         meta = load_meta(out)
         options = meta.get("options", {})
         if meta.get("name") == "bible-speech-es" and options.get("vocab_size") == vocab_size \
                 and options.get("speech_dir") == str(speech_dir) and \
+                options.get("targets_from") == targets_from and \
                 options.get("speech_utterances") == load_meta(speech_dir).get("utterances"):
             print(f"{out}: already prepared (bible-speech-es from {speech_dir}); --force to redo")
             return
-    prepare_speech_translation(out, speech_dir, vocab_size=vocab_size, force=args.force)
+    prepare_speech_translation(out, speech_dir, vocab_size=vocab_size, targets_from=targets_from,
+                               force=args.force)
 
 
 def _train(args) -> None:
@@ -387,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--speech-dir", metavar="DIR",
                     help="bible-speech-es: the bible-speech directory whose audio it uses "
                          "(default data/bible-speech)")
+    pr.add_argument("--targets-from", metavar="DATA_DIR",
+                    help="bible-speech-es: use the target tokenizer and vocabulary of this "
+                         "prepared text data (e.g. data/bible-en-es) instead of training one, so "
+                         "a translation run's decoder can start the model "
+                         "(train.init_decoder_from)")
     pr.add_argument("--stream", action="store_true",
                     help="corpora larger than memory: tokenize in chunks over --workers "
                          "processes straight into the memory-mapped arrays, SentencePiece "

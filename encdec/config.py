@@ -125,6 +125,9 @@ class TrainConfig:
     # norm), ctc (the CTC head), decoder (target embedding, blocks, final norm, output layer).
     init_from: str = ""
     init_parts: tuple[str, ...] = ("encoder",)
+    # and the decoder from another run (speech translation: a translation run on text into the
+    # same language, prepared with the same target vocabulary; see prepare --targets-from)
+    init_decoder_from: str = ""
     # fastspeech: durations read off a trained transformer_tts run's attention (the teacher
     # way, FastSpeech's) instead of learned jointly; the run must be on the same data
     durations_from: str = ""
@@ -446,6 +449,13 @@ def _validate_speech(cfg: Config) -> None:
     if t.ctc_warmup_steps > 0 and not (speech and 0 < m.ctc_weight < 1):
         raise ConfigError(f"train.ctc_warmup_steps={t.ctc_warmup_steps} needs a speech model with "
                           "a CTC head and a decoder (model.arch=speech, 0 < model.ctc_weight < 1)")
+    if t.init_decoder_from and not (speech and m.ctc_weight < 1):
+        raise ConfigError(f"train.init_decoder_from={t.init_decoder_from!r} needs a speech model "
+                          "with an attention decoder (model.arch=speech, model.ctc_weight < 1)")
+    if t.init_decoder_from and t.init_from and "decoder" in t.init_parts:
+        raise ConfigError(f"train.init_decoder_from={t.init_decoder_from!r} and "
+                          f"train.init_parts={list(t.init_parts)} both give the decoder; take "
+                          "decoder out of train.init_parts")
     if t.init_from and not speech:
         raise ConfigError(f"train.init_from={t.init_from!r} needs model.arch=speech (the parts "
                           f"{', '.join(INIT_PARTS)} are a speech model's)")

@@ -70,17 +70,43 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def copy_parts(model: torch.nn.Module, run_dir: str | Path, parts: tuple[str, ...]) -> int:
+def _check_same_targets(run_dir: Path, data_dir: Path, key: str) -> None:
+    """ConfigError unless the run ``run_dir`` was trained on the target vocabulary of
+    ``data_dir``: a decoder's embedding rows and output classes are its tokens."""
+    from encdec.data.vocab import Vocab
+
+    theirs, ours = run_dir / "data" / "tgt.vocab", data_dir / "tgt.vocab"
+    if not theirs.exists() or not ours.exists():
+        missing = theirs if not theirs.exists() else ours
+        raise ConfigError(f"{key}={str(run_dir)!r}: no target vocabulary to compare ({missing} "
+                          "is missing)")
+    a, b = Vocab.load(theirs).itos, Vocab.load(ours).itos
+    if a != b:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        there = repr(a[first]) if first < len(a) else "nothing"
+        here = repr(b[first]) if first < len(b) else "nothing"
+        raise ConfigError(
+            f"{key}={str(run_dir)!r}: its decoder has another target vocabulary ({len(a)} "
+            f"tokens there, {len(b)} in {data_dir}; token {first} is {there} there, {here} "
+            "here); prepare this data with that run's target tokenizer and vocabulary "
+            "(encdec prepare bible-speech-es --targets-from ITS_DATA_DIR)")
+
+
+def copy_parts(model: torch.nn.Module, run_dir: str | Path, parts: tuple[str, ...],
+               key: str = "train.init_from", data_dir: str | Path | None = None) -> int:
     """Copy the parameters of ``parts`` (``model.PARTS`` names) from the best checkpoint of the
     run ``run_dir`` into ``model``; returns how many tensors were copied. Exactly the model's
     parameters under those parts' prefixes are copied, and the source must have each of them
-    with the same shape, and no others there (ConfigError names the parameter)."""
+    with the same shape, and no others there (ConfigError names the parameter, ``key`` the
+    setting). The source may be a text run for the decoder. With ``data_dir`` (the data
+    ``model`` trains on), a decoder is copied only if both have the same target vocabulary."""
     from encdec.data.prepare import load_meta
 
-    key = "train.init_from"
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{key}={str(run_dir)!r}: not a run directory (no config.yaml)")
+    if "decoder" in parts and data_dir is not None:
+        _check_same_targets(run_dir, Path(data_dir), key)
     source_cfg = Config.load(run_dir / "config.yaml")
     source = model_for_data(source_cfg.model, load_meta(run_dir / "data"))
     checkpoint.load_weights(source, checkpoint.resolve(run_dir, "best"))
@@ -201,9 +227,13 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = model_for_data(cfg.model, meta).to(self.device)
         if t.init_from and not resume:  # resumed runs have these weights in their checkpoint
-            copied = copy_parts(self.model, t.init_from, t.init_parts)
+            copied = copy_parts(self.model, t.init_from, t.init_parts, data_dir=cfg.data.dir)
             self.log(f"init: copied {copied} tensors ({', '.join(t.init_parts)}) from "
                      f"{t.init_from}")
+        if t.init_decoder_from and not resume:
+            copied = copy_parts(self.model, t.init_decoder_from, ("decoder",),
+                                key="train.init_decoder_from", data_dir=cfg.data.dir)
+            self.log(f"init: copied {copied} tensors (decoder) from {t.init_decoder_from}")
         self.teacher = self._load_teacher(t.durations_from) if t.durations_from else None
         self.optimizer = make_optimizer(self.model, t)
         self.ddp_model = self.model

@@ -15,7 +15,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import TINY_SPEECH_MODEL, tone_word, write_speech_config
+from conftest import TINY_SPEECH_MODEL, tone_word, write_speech_config, write_tsv
 from encdec.cli import main
 from encdec.config import Config, ConfigError, ModelConfig
 from encdec.data.corpus import DataError
@@ -347,3 +347,102 @@ def test_prepare_train_evaluate_prints_bleu_per_group(st_run, capsys):
     at = {line.split()[0]: i for i, line in enumerate(lines) if line.split()[:1] in
           (["seen"], ["unseen"], ["v0"], ["v1"])}
     assert at["seen"] < at["v0"] < at["unseen"] < at["v1"], out
+
+
+# ---- the decoder from a translation run (prepare --targets-from, train.init_decoder_from) ----
+def _text_side(root: Path, speech: Path) -> Path:
+    """A text data directory of English -> Spanish pairs (the bible-speech-like verses and a few
+    more), SentencePiece targets."""
+    from encdec.data.utterances import read_manifest
+
+    pairs = sorted({(e["text"], e["es"]) for split in ("train", "dev", "test")
+                    for e in read_manifest(speech, split)})
+    extra = [("and the spirit of god moved", "Y el Espíritu de Dios se movía."),
+             ("and god called the light day", "Y llamó Dios á la luz Día.")]
+    train = write_tsv(root / "text-train.tsv", pairs + extra)
+    held = write_tsv(root / "text-dev.tsv", extra)
+    out = root / "text"
+    assert main(["prepare", "--train", str(train), "--dev", str(held), "--test", str(held),
+                 "--out", str(out), "--vocab-size", "70", "--spm-type", "unigram"]) == 0
+    return out
+
+
+def _text_run(text_data: Path, root: Path) -> Path:
+    """A few steps of a text model whose decoder has the tiny speech model's shape."""
+    decoder = {k: TINY_SPEECH_MODEL[k] for k in ("d_model", "n_heads", "dec_layers", "ffn_dim")}
+    cfg = {"data": {"dir": str(text_data)},
+           "model": {"enc_layers": 1, "dropout": 0.0, **decoder},
+           "train": {"run_dir": str(root / "mt"), "max_tokens": 200, "lr": 3e-3,
+                     "warmup_steps": 2, "valid_every": 4, "max_steps": 4, "num_threads": 1}}
+    (root / "mt.yaml").write_text(json.dumps(cfg))
+    assert main(["train", str(root / "mt.yaml")]) == 0
+    return root / "mt"
+
+
+def test_decoder_of_a_translation_run_starts_the_speech_translation_model(tmp_path, capsys):
+    from encdec.checkpoint import load_weights, resolve
+    from encdec.data.tokenizers import tokenizer_from_spec
+    from encdec.data.vocab import Vocab
+    from encdec.models import model_for_data
+
+    speech = _bible_speech_like(tmp_path)
+    text = _text_side(tmp_path, speech)
+    text_meta = json.loads((text / "meta.json").read_text())
+    out = tmp_path / "es"
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(out),
+                 "--targets-from", str(text)]) == 0
+    assert "training tokens not in it" in capsys.readouterr().out
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["options"]["targets_from"] == str(text)
+    assert (out / "tgt.vocab").read_bytes() == (text / "tgt.vocab").read_bytes()
+    assert (out / "spm.tgt.model").read_bytes() == \
+        (text / text_meta["tgt_tokenizer"]["model"]).read_bytes()
+    assert meta["tgt_vocab_size"] == text_meta["tgt_vocab_size"]
+    # the targets are the ids the text data's own tokenizer and vocabulary give
+    tok = tokenizer_from_spec(text_meta["tgt_tokenizer"], text)
+    vocab = Vocab.load(text / "tgt.vocab")
+    data = UtteranceSplit(out, "test")
+    for i, entry in enumerate(data.entries):
+        assert data.tgt(i).tolist() == vocab.encode(tok.encode(entry["text"]))
+    # a prepared directory with other options is not taken as done
+    capsys.readouterr()
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(out),
+                 "--targets-from", str(text)]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(out),
+                 "--targets-from", str(text), "--vocab-size", "50"]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert main(["prepare", "bible-speech", "--targets-from", str(text)]) == 2
+    assert "--targets-from is an option of the bible-speech-es recipe" in capsys.readouterr().err
+
+    mt = _text_run(text, tmp_path)
+    mt_model = model_for_data(Config.load(mt / "config.yaml").model, text_meta)
+    load_weights(mt_model, resolve(mt, "best"))
+    source = mt_model.state_dict()  # every name of a tied weight
+    trainer, logs = _trainer(out, tmp_path / "st", seed=5, init_decoder_from=str(mt))
+    torch.manual_seed(5)  # the weights the run would start from without it
+    fresh = dict(model_for_data(trainer.cfg.model, trainer.assets.meta).named_parameters())
+    copied = 0
+    for name, param in trainer.model.named_parameters():
+        if name.startswith(("tgt_embed.", "decoder.", "dec_norm.", "output.")):
+            torch.testing.assert_close(param.detach(), source[name], rtol=0, atol=0)
+            copied += 1
+        else:
+            torch.testing.assert_close(param.detach(), fresh[name].detach(), rtol=0, atol=0)
+    assert copied >= 8 and any(f"copied {copied} tensors (decoder)" in line for line in logs)
+    assert any(not torch.equal(fresh[n].detach(), source[n]) for n in fresh
+               if n.startswith("decoder.") and n in source)
+
+    # data with its own target vocabulary: refused, naming the way out
+    own = tmp_path / "es-own"
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(own),
+                 "--vocab-size", "60"]) == 0
+    with pytest.raises(ConfigError, match=r"another target vocabulary .*--targets-from"):
+        _trainer(own, tmp_path / "st-own", init_decoder_from=str(mt))
+    # the decoder from two places is refused; a text model cannot take it
+    with pytest.raises(ConfigError, match="take decoder out of train.init_parts"):
+        Config.from_dict({"model": {"arch": "speech"},
+                          "train": {"init_from": "a", "init_parts": ["encoder", "decoder"],
+                                    "init_decoder_from": "b"}})
+    with pytest.raises(ConfigError, match="train.init_decoder_from"):
+        Config.from_dict({"train": {"init_decoder_from": "b"}})

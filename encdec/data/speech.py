@@ -276,11 +276,16 @@ ST_SPLITS = ("train", "dev", "test")  # the real recordings have no Spanish vers
 
 def prepare_speech_translation(out_dir: str | Path, speech_dir: str | Path = "data/bible-speech",
                                *, vocab_size: int = 4000, transcript_vocab_size: int = 256,
-                               force: bool = False, log=print) -> dict:
+                               targets_from: str | Path | None = None, force: bool = False,
+                               log=print) -> dict:
     """Build the bible-speech-es data directory ``out_dir`` from the bible-speech directory
     ``speech_dir``: same audio, splits and groups; Spanish targets (SentencePiece unigram of
     ``vocab_size``), English transcripts (their own unigram of ``transcript_vocab_size``),
-    BLEU/chrF as the metric; the feature statistics are the speech directory's."""
+    BLEU/chrF as the metric; the feature statistics are the speech directory's.
+    ``targets_from``: a prepared text data directory (bible-en-es) whose target tokenizer and
+    vocabulary the Spanish targets use instead of their own, so that the decoder of a
+    translation run on that data can start the speech translation model
+    (``train.init_decoder_from``)."""
     from encdec.data.prepare import check_replaceable, load_meta, new_tmp_dir, swap_into_place
     from encdec.data.utterances import STATS_FILE, audio_file, finish_speech_dir, read_manifest
 
@@ -320,7 +325,8 @@ def prepare_speech_translation(out_dir: str | Path, speech_dir: str | Path = "da
                                     transcript_vocab_size=transcript_vocab_size,
                                     stats_from=speech_dir / STATS_FILE,
                                     sample_rate=source["sample_rate"],
-                                    num_mel_bins=source["feature_bins"], log=log)
+                                    num_mel_bins=source["feature_bins"],
+                                    targets_from=targets_from, log=log)
         targets["energy_floor"] = source.get("energy_floor", False)  # the statistics' features
         hours = {s: round(sum(e["duration"] for e in m) / 3600, 3) for s, m in manifests.items()}
         meta = {"format": 1, "name": "bible-speech-es", "modality": "speech",
@@ -330,6 +336,7 @@ def prepare_speech_translation(out_dir: str | Path, speech_dir: str | Path = "da
                 "dropped": {"no_spanish": dropped},
                 "options": {"vocab_size": vocab_size, "transcript_vocab_size": transcript_vocab_size,
                             "speech_dir": str(speech_dir),
+                            "targets_from": str(targets_from) if targets_from else None,
                             "speech_utterances": source.get("utterances")}}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         swap_into_place(tmp, out)

@@ -280,16 +280,29 @@ def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront
 
 def binarize_text_field(out: Path, manifests: dict[str, list[dict]], field: str, side: str, *,
                         vocab_size: int, spm_type: str = "unigram",
-                        tokenizer: str = "sentencepiece"):
+                        tokenizer: str = "sentencepiece", reuse: str | Path | None = None,
+                        log=print):
     """Train a tokenizer (``spm.SIDE.model`` for SentencePiece) and a vocabulary (``SIDE.vocab``)
     on the train manifest's ``field``, and write every split's ids (``SPLIT.SIDE.tokens.npy``,
-    ``.offsets.npy``); returns (tokenizer, vocab)."""
+    ``.offsets.npy``); returns (tokenizer, vocab). ``reuse``: a prepared text data directory
+    whose target tokenizer and vocabulary are copied instead of trained (so a decoder trained
+    on that data fits this one token for token)."""
     from collections import Counter
 
     from encdec.data.prepare import _write_binarized
     from encdec.data.tokenizers import SentencePieceTokenizer, tokenizer_from_spec
     from encdec.data.vocab import Vocab
 
+    if reuse is not None:
+        tokenizer, vocab = reuse_target_tokens(reuse, out, side)
+        pieces = {s: [tokenizer.encode(e[field]) for e in m] for s, m in manifests.items()}
+        unknown = sum(p not in vocab.stoi for row in pieces["train"] for p in row)
+        total = sum(len(row) for row in pieces["train"])
+        log(f"{side}: tokenizer and vocabulary of {reuse} ({len(vocab)} tokens); "
+            f"{unknown} of {total} training tokens not in it")
+        for split, rows in pieces.items():
+            _write_binarized(out, split, side, [vocab.encode(r) for r in rows])
+        return tokenizer, vocab
     if tokenizer == "sentencepiece":
         tokenizer = SentencePieceTokenizer.train([e[field] for e in manifests["train"]],
                                                  out / f"spm.{side}", vocab_size, spm_type)
@@ -301,6 +314,32 @@ def binarize_text_field(out: Path, manifests: dict[str, list[dict]], field: str,
     for split, rows in pieces.items():
         _write_binarized(out, split, side, [vocab.encode(r) for r in rows])
     return tokenizer, vocab
+
+
+def reuse_target_tokens(data_dir: str | Path, out: Path, side: str):
+    """Copy the target tokenizer and vocabulary of the prepared text data directory ``data_dir``
+    into ``out`` as ``spm.SIDE.model`` (SentencePiece) and ``SIDE.vocab``; returns (tokenizer,
+    vocab) loaded from the copies."""
+    import shutil
+
+    from encdec.data.prepare import load_meta
+    from encdec.data.tokenizers import tokenizer_from_spec
+    from encdec.data.vocab import Vocab
+
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    spec = dict(meta.get("tgt_tokenizer") or {})
+    if meta.get("modality", "text") != "text" or not spec or not (data_dir / "tgt.vocab").exists():
+        raise DataError(f"{data_dir}: not a prepared text data directory with a target "
+                        "tokenizer and tgt.vocab (e.g. data/bible-en-es from "
+                        "`encdec prepare bible-en-es`)")
+    if spec.get("kind") == "sentencepiece":
+        shutil.copyfile(data_dir / spec["model"], out / f"spm.{side}.model")
+        spec["model"] = f"spm.{side}.model"
+    elif spec.get("kind") == "phonemes":
+        raise DataError(f"{data_dir}: its targets are phonemes; reuse a text data directory")
+    shutil.copyfile(data_dir / "tgt.vocab", out / f"{side}.vocab")
+    return tokenizer_from_spec(spec, out), Vocab.load(out / f"{side}.vocab")
 
 
 def _has_transcripts(out: Path, manifests: dict[str, list[dict]]) -> bool:
@@ -320,8 +359,10 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
                       spm_type: str = "unigram", tokenizer: str = "sentencepiece",
                       metric: str = "asr", transcript_vocab_size: int = 256,
                       stats_from: str | Path | None = None, stats_utterances: int = 2000,
-                      sample_rate: int = 16000, num_mel_bins: int = 80, log=print) -> dict:
-    """Target tokenizer and vocabulary (from the train manifest's "text"), target ids per split,
+                      sample_rate: int = 16000, num_mel_bins: int = 80,
+                      targets_from: str | Path | None = None, log=print) -> dict:
+    """Target tokenizer and vocabulary (from the train manifest's "text", or copied from the text
+    data directory ``targets_from``), target ids per split,
     and feature statistics (copied from ``stats_from``, or computed from up to
     ``stats_utterances`` train utterances spread over the split); returns the meta entries they
     add. Utterances with a "transcript" (speech translation) get its ids too, with a
@@ -333,7 +374,8 @@ def finish_speech_dir(out: str | Path, manifests: dict[str, list[dict]], *, voca
     if not train:
         raise DataError(f"{out}: no training utterances")
     tokenizer, vocab = binarize_text_field(out, manifests, "text", "tgt", vocab_size=vocab_size,
-                                           spm_type=spm_type, tokenizer=tokenizer)
+                                           spm_type=spm_type, tokenizer=tokenizer,
+                                           reuse=targets_from, log=log)
     targets = {"metric": metric, "feature_bins": num_mel_bins, "energy_floor": True,
                "src_tokenizer": None, "tgt_tokenizer": tokenizer.spec(), "src_vocab_size": 0,
                "tgt_vocab_size": len(vocab), "max_len": 0}
