@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MINUTES ?= 15
 NEW_WORDS := encdec vaswani quokka brexit tokenizer emoji pytorch
 
-.PHONY: setup sysdeps demo test bible asr tts bench clean
+.PHONY: setup sysdeps demo test bible asr st tts bench clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,33 @@ asr: $(VENV)/.installed sysdeps
 	$(VENV)/bin/encdec train $(ASR_CONFIG) train.run_dir=$(ASR_RUN) train.max_minutes=$(ASR_MINUTES)
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split test
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split real
+
+# Speech translation (README "Speech translation"): English speech -> Spanish text, end to end
+# against the cascade of our own ASR and MT runs. The ASR run of `make asr` is the cascade's
+# first stage and gives the end-to-end model its front and encoder (trained first if missing);
+# an MT run the end-to-end model's width (the cascade's second stage) trains ST_MINUTES and
+# gives it its decoder (so the Spanish targets use the MT data's vocabulary); the end-to-end
+# run then trains ST_MINUTES, and benchmarks/st_compare.py scores them all on the same test
+# verses and voices.
+ST_MINUTES ?= 30
+ST_MT_RUN ?= runs/bible-en-es-192
+ST_RUN ?= runs/st-mtdec
+st: $(VENV)/.installed sysdeps $(ASR_RUN)/checkpoints/best
+	$(VENV)/bin/encdec prepare bible-en-es
+	$(VENV)/bin/encdec prepare bible-speech-es --targets-from data/bible-en-es \
+		--out data/bible-speech-es-mt
+	rm -rf $(ST_MT_RUN) $(ST_RUN)
+	$(VENV)/bin/encdec train configs/bible-en-es-small.yaml model.d_model=192 model.ffn_dim=768 \
+		train.run_dir=$(ST_MT_RUN) train.max_minutes=$(ST_MINUTES)
+	$(VENV)/bin/encdec train configs/st-small.yaml data.dir=data/bible-speech-es-mt \
+		train.init_from=$(ASR_RUN) train.init_decoder_from=$(ST_MT_RUN) \
+		train.run_dir=$(ST_RUN) train.max_minutes=$(ST_MINUTES)
+	$(VENV)/bin/encdec evaluate $(ST_RUN) --split test
+	$(PY) benchmarks/st_compare.py --asr $(ASR_RUN) --mt $(ST_MT_RUN) --st $(ST_RUN) \
+		--out $(ST_RUN)/compare.json
+
+$(ASR_RUN)/checkpoints/best:
+	$(MAKE) asr
 
 # Text-to-speech (README "Speech synthesis"): synthesize bible-tts (one flite voice, resumable),
 # train the FastSpeech preset for TTS_MINUTES, judge the test verses with pocketsphinx
