@@ -139,6 +139,11 @@ class AugmentConfig:
     speed_perturb: tuple[float, ...] = (0.9, 1.0, 1.1)  # speeds drawn uniformly per utterance
     noise_prob: float = 0.5  # chance an utterance gets additive noise
     snr_db: tuple[float, float] = (5.0, 30.0)  # signal-to-noise ratio, uniform in this range
+    # Vocal tract length perturbation (Jaitly & Hinton, 2013): the mel filters' frequencies
+    # warped by a factor drawn uniformly per utterance from this range (Kaldi's VTLN warp,
+    # piecewise linear; e.g. [0.9, 1.1]); speed perturbation moves formants and pitch
+    # together, this moves the formants alone. [1.0, 1.0] = off.
+    vtlp: tuple[float, float] = (1.0, 1.0)
     freq_masks: int = 2  # SpecAugment (Park et al., 2019): bands of up to freq_width bins
     freq_width: int = 27
     time_masks: int = 2  # spans of up to time_width frames, at most time_ratio of the utterance
@@ -481,6 +486,9 @@ def _validate_speech(cfg: Config) -> None:
         raise ConfigError(f"augment.speed_perturb={list(a.speed_perturb)}: speeds must be positive")
     if not 0 <= a.snr_db[0] <= a.snr_db[1]:
         raise ConfigError(f"augment.snr_db={list(a.snr_db)}: need 0 <= low <= high")
+    if len(a.vtlp) != 2 or not 0.5 <= a.vtlp[0] <= a.vtlp[1] <= 2.0:
+        raise ConfigError(f"augment.vtlp={list(a.vtlp)}: give [low, high] warp factors with "
+                          "0.5 <= low <= high <= 2 (e.g. [0.9, 1.1]; [1.0, 1.0] is off)")
     if min(a.freq_masks, a.freq_width, a.time_masks, a.time_width) < 0 or \
             not 0.0 <= a.time_ratio <= 1.0:
         raise ConfigError("augment.freq_masks/freq_width/time_masks/time_width must be >= 0 and "

@@ -7,6 +7,7 @@ import torch
 
 from encdec.audio import AudioError, FbankOptions, FeatureStats, LogMel, SpecAugment, num_frames
 from encdec.audio import read_audio
+from encdec.audio.features import mel_filterbank
 
 SR = 16000
 
@@ -135,3 +136,44 @@ def test_specaugment_masks_within_limits_and_only_in_training():
         assert torch.equal(zeros, (row == 0).all(0)[None, :] | (row == 0).all(1)[:, None])
     many = sum(int((aug(feats, lengths, generator=g)[0] == 0).any()) for _ in range(20))
     assert many >= 15  # masks are drawn, not a no-op
+
+
+@pytest.mark.parametrize("warp", [0.88, 0.95, 1.0, 1.07, 1.12])
+def test_warped_mel_filters_equal_kaldi_native_fbank_vtln(warp):
+    """Vocal tract length perturbation's filters are Kaldi's VTLN filters for that factor."""
+    import kaldi_native_fbank as knf
+
+    mel_opts, frame_opts = knf.MelBanksOptions(), knf.FrameExtractionOptions()
+    mel_opts.num_bins = 80
+    ref = np.array(knf.MelBanks(mel_opts, frame_opts, warp).get_matrix(), dtype=np.float64)
+    ours = mel_filterbank(FbankOptions(), warp).double().numpy()
+    assert ours.shape == (80, 256) and ref.shape == (80, 257)
+    assert not ref[:, 256].any()  # the Nyquist bin is in no filter (see the module docstring)
+    np.testing.assert_allclose(ours, ref[:, :256], atol=1e-4, rtol=0)  # theirs in float32
+    if warp != 1.0:  # not vacuous: the warp moves the filters
+        assert np.abs(ours - mel_filterbank(FbankOptions()).double().numpy()).max() > 0.1
+
+
+def test_warped_features_row_by_row_and_the_direction_of_the_warp():
+    """A batch with a warp per row equals each row computed alone with its warp; no warps and
+    warps of 1 are the plain features; a factor above 1 moves a tone's energy to higher bins
+    (each filter listens 1/factor lower)."""
+    waves = [_signal(s, seed) for seed, s in enumerate((1.0, 0.7, 0.43))]
+    batch = torch.zeros(len(waves), max(len(w) for w in waves))
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = torch.from_numpy(w * 32768)
+    lengths = torch.tensor([len(w) for w in waves])
+    warps = [0.9, 1.0, 1.1]
+    feats, frames = LogMel()(batch, lengths, warps)
+    plain, _ = LogMel()(batch, lengths)
+    torch.testing.assert_close(LogMel()(batch, lengths, [1.0, 1.0, 1.0])[0], plain, rtol=0, atol=0)
+    for i, w in enumerate(warps):
+        alone, _ = LogMel()(batch[i: i + 1, : lengths[i]], lengths[i: i + 1], [w])
+        n = int(frames[i])
+        torch.testing.assert_close(feats[i, :n], alone[0, :n], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(feats[1], plain[1], rtol=1e-5, atol=1e-4)
+    assert (feats[0] - plain[0]).abs().max() > 0.5
+    t = torch.arange(16000) / 16000
+    tone = (0.3 * torch.sin(2 * torch.pi * 1000 * t) * 32768)[None]
+    peak = {w: int(LogMel()(tone, None, [w])[0][0].mean(0).argmax()) for w in (0.9, 1.0, 1.1)}
+    assert peak[0.9] < peak[1.0] < peak[1.1], peak

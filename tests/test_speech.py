@@ -163,6 +163,39 @@ def test_augmentation_waits_for_start_step(tiny_speech_data, tmp_path):
     assert any(not torch.equal(early[key], clean[key]) for key in clean)
 
 
+def test_vocal_tract_length_perturbation_in_training_batches(tiny_speech_data):
+    """augment.vtlp warps each utterance's filterbank by its own factor: batches differ from
+    clean ones, the same seed gives the same batch, and [1, 1] (off) draws nothing, so every
+    other augmentation keeps its random stream."""
+    from encdec.config import AugmentConfig
+    from encdec.data.utterances import AudioFront, Augmenter, UtteranceSplit, collate_speech
+
+    meta = json.loads((tiny_speech_data / "meta.json").read_text())
+    split, front = UtteranceSplit(tiny_speech_data, "train"), AudioFront.load(tiny_speech_data, meta)
+    idx = np.arange(6)
+
+    def batch(seed=(3,), **aug):
+        cfg = AugmentConfig(**{"freq_masks": 0, "time_masks": 0, **aug})
+        return collate_speech(split, idx, front, Augmenter(cfg, 16000), seed=seed).src_feats
+
+    clean = collate_speech(split, idx, front).src_feats
+    plain = {"speed_perturb": (1.0,), "noise_prob": 0.0}
+    torch.testing.assert_close(batch(**plain), clean, rtol=0, atol=0)
+    warped = batch(**plain, vtlp=(0.9, 1.1))
+    torch.testing.assert_close(batch(**plain, vtlp=(0.9, 1.1)), warped, rtol=0, atol=0)
+    assert all((warped[b] - clean[b]).abs().max() > 0.05 for b in range(len(idx)))
+    assert not torch.equal(batch(seed=(4,), **plain, vtlp=(0.9, 1.1)), warped)
+    # off draws nothing: the other augmentations keep the random streams they had before
+    rng = np.random.default_rng(5)
+    state = rng.bit_generator.state
+    assert Augmenter(AugmentConfig(), 16000).warps(6, rng) is None
+    assert rng.bit_generator.state == state
+    factors = Augmenter(AugmentConfig(vtlp=(0.9, 1.1)), 16000).warps(6, rng)
+    assert len(factors) == 6 and all(0.9 <= w <= 1.1 for w in factors)
+    with pytest.raises(ConfigError, match=r"augment.vtlp=\[1.2, 0.9\]"):
+        Config.from_dict({"model": {"arch": "speech"}, "augment": {"vtlp": [1.2, 0.9]}})
+
+
 def test_prepare_train_evaluate_transcribe(tiny_speech_run, tiny_speech_data, tmp_path, capsys):
     meta = json.loads((tiny_speech_data / "meta.json").read_text())
     assert meta["modality"] == "speech" and meta["utterances"]["train"] == 160

@@ -31,6 +31,10 @@ class FbankOptions:
     low_freq: float = 20.0
     high_freq: float = 0.0  # 0: the Nyquist frequency; negative: that far below it
     dither: float = 0.0  # Gaussian noise of this std added to the samples (training only)
+    # Frequency warping (VTLN/VTLP, ``mel_filterbank(opts, warp)``): linear between these
+    # cutoffs (vtln_high <= 0: that far below the Nyquist frequency), Kaldi's defaults.
+    vtln_low: float = 100.0
+    vtln_high: float = -500.0
 
     @property
     def frame_length(self) -> int:
@@ -61,8 +65,30 @@ def mel_scale(freq: torch.Tensor | float):
     return 1127.0 * math.log1p(freq / 700.0)
 
 
-def mel_filterbank(opts: FbankOptions) -> torch.Tensor:
-    """(F, fft_size // 2) triangular filters over the FFT bins below Nyquist (Kaldi's MelBanks)."""
+def inverse_mel_scale(mel: torch.Tensor) -> torch.Tensor:
+    return 700.0 * torch.expm1(mel / 1127.0)
+
+
+def warp_freq(freq: torch.Tensor, warp: float, low: float, high: float, vtln_low: float,
+              vtln_high: float) -> torch.Tensor:
+    """Frequencies (Hz) moved by the piecewise-linear VTLN warp of factor ``warp``: scaled by
+    1 / warp between two inflection points (near ``vtln_low`` and ``vtln_high``), joined by
+    straight lines to the fixed ends ``low`` and ``high``, so the band's edges stay put.
+    The inflection points are chosen so that the scaled part never leaves [low, high]."""
+    if warp == 1.0:
+        return freq
+    lo, hi = vtln_low * max(1.0, warp), vtln_high * min(1.0, warp)  # inflection points
+    scale = 1.0 / warp
+    below = low + (scale * lo - low) / (lo - low) * (freq - low)
+    above = high + (scale * hi - high) / (hi - high) * (freq - high)
+    out = torch.where(freq < lo, below, torch.where(freq < hi, scale * freq, above))
+    return torch.where((freq < low) | (freq > high), freq, out)
+
+
+def mel_filterbank(opts: FbankOptions, warp: float = 1.0) -> torch.Tensor:
+    """(F, fft_size // 2) triangular filters over the FFT bins below Nyquist (Kaldi's MelBanks).
+    ``warp`` != 1 moves each filter's edges by ``warp_freq`` (Kaldi's VTLN warp factor):
+    training with random factors is vocal tract length perturbation (Jaitly & Hinton, 2013)."""
     nyquist = opts.sample_rate / 2
     high = opts.high_freq if opts.high_freq > 0 else nyquist + opts.high_freq
     if not 0 <= opts.low_freq < high <= nyquist:
@@ -75,6 +101,15 @@ def mel_filterbank(opts: FbankOptions) -> torch.Tensor:
     delta = (mel_high - mel_low) / (opts.num_mel_bins + 1)
     b = torch.arange(opts.num_mel_bins, dtype=torch.float64)[:, None]
     left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
+    if warp != 1.0:
+        vtln_high = opts.vtln_high if opts.vtln_high > 0 else nyquist + opts.vtln_high
+        if not opts.low_freq < opts.vtln_low < vtln_high < high:
+            raise ValueError(f"frequency warping needs low_freq < vtln_low < vtln_high < "
+                             f"high_freq (got {opts.low_freq}, {opts.vtln_low}, {vtln_high}, "
+                             f"{high} Hz)")
+        left, center, right = (mel_scale(warp_freq(inverse_mel_scale(m), warp, opts.low_freq,
+                                                   high, opts.vtln_low, vtln_high))
+                               for m in (left, center, right))
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     weights = torch.where(mel <= center, up, down)
@@ -96,7 +131,9 @@ class LogMel(torch.nn.Module):
         self.register_buffer("window", povey_window(opts.frame_length), persistent=False)
         self.register_buffer("filters", mel_filterbank(opts), persistent=False)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None):
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None,
+                warps: list[float] | None = None):
+        """``warps``: a frequency-warp factor per row (``mel_filterbank``), or None for none."""
         o = self.opts
         waves = waves.float()
         if lengths is None:
@@ -114,7 +151,11 @@ class LogMel(torch.nn.Module):
         frames = (frames - o.preemphasis * previous) * self.window
         spectrum = torch.fft.rfft(frames, n=o.fft_size)  # (B, T, fft_size // 2 + 1)
         power = spectrum.real.square() + spectrum.imag.square()
-        mel = power[..., : o.fft_size // 2] @ self.filters.T  # (B, T, F)
+        if warps is None or all(w == 1.0 for w in warps):
+            mel = power[..., : o.fft_size // 2] @ self.filters.T  # (B, T, F)
+        else:
+            filters = torch.stack([mel_filterbank(o, float(w)) for w in warps]).to(power)
+            mel = power[..., : o.fft_size // 2] @ filters.transpose(1, 2)  # (B, T, F)
         feats = mel.clamp(min=FLOAT_EPS).log()
         # Frames past a row's own end are padding: zero them (lengths say how many are real).
         real = torch.arange(feats.size(1), device=feats.device)[None, :] < frames_per_row[:, None]

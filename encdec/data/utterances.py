@@ -98,23 +98,26 @@ class AudioFront:
     def sample_rate(self) -> int:
         return self.opts.sample_rate
 
-    def log_mel_energies(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_mel_energies(self, waves: list[torch.Tensor], warps: list[float] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, F) floored log-mel energies (not normalized; zero past each row's end) and
-        (B,) frame counts of mono [-1, 1] waveforms at ``sample_rate``."""
+        (B,) frame counts of mono [-1, 1] waveforms at ``sample_rate``; ``warps``: a
+        frequency-warp factor per waveform (training augmentation), None for none."""
         lengths = torch.tensor([w.numel() for w in waves])
         batch = torch.zeros(len(waves), int(lengths.max()))
         for b, w in enumerate(waves):
             batch[b, : w.numel()] = w
         with torch.no_grad():
-            feats, frames = self.log_mel(batch * 32768.0, lengths)  # Kaldi's 16-bit range
+            feats, frames = self.log_mel(batch * 32768.0, lengths, warps)  # Kaldi's 16-bit range
             if self.log_floor is not None:
                 feats = torch.logaddexp(feats, self.log_floor)
         real = torch.arange(feats.size(1))[None, :] < frames[:, None]
         return feats.masked_fill(~real[..., None], 0.0), frames
 
-    def __call__(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, waves: list[torch.Tensor], warps: list[float] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized features (B, T, F), zero past each row's end, and (B,) frame counts."""
-        feats, frames = self.log_mel_energies(waves)
+        feats, frames = self.log_mel_energies(waves, warps)
         feats = self.stats.normalize(feats)
         real = torch.arange(feats.size(1))[None, :] < frames[:, None]
         return feats.masked_fill(~real[..., None], 0.0), frames
@@ -131,7 +134,8 @@ class AudioFront:
 
 class Augmenter:
     """Training-time augmentation: speed perturbation and additive noise on the waveform,
-    SpecAugment on the features (``AugmentConfig``)."""
+    vocal tract length perturbation in the filterbank, SpecAugment on the features
+    (``AugmentConfig``)."""
 
     def __init__(self, cfg, sample_rate: int):
         self.cfg = cfg
@@ -150,6 +154,14 @@ class Augmenter:
         if rng.random() < self.cfg.noise_prob:
             samples = samples + self._noise(samples, rng)
         return samples
+
+    def warps(self, n: int, rng: np.random.Generator) -> list[float] | None:
+        """Frequency-warp factors for ``n`` utterances, uniform in ``vtlp``; None (and nothing
+        drawn from ``rng``) when it is off."""
+        low, high = self.cfg.vtlp
+        if low == high == 1.0:
+            return None
+        return [float(w) for w in rng.uniform(low, high, size=n)]
 
     def _noise(self, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """White or pink (1/f power) noise scaled to an SNR drawn from ``snr_db``."""
@@ -262,7 +274,7 @@ def collate_speech(split: UtteranceSplit, indices: np.ndarray, front: AudioFront
         if augment is not None:
             samples = augment.wave(samples, rng)
         waves.append(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)))
-    feats, lengths = front(waves)
+    feats, lengths = front(waves, augment.warps(len(waves), rng) if augment is not None else None)
     if augment is not None:
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         feats = augment.spec(feats, lengths, generator=generator)
