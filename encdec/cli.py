@@ -192,6 +192,12 @@ def _print_tts_scores(r: dict) -> None:
              "model": f"{r['arch']} (length_scale {r['length_scale']:g})"}
     rows = "".join(f"\n  {names[k]:<34} WER {v['wer']:6.2f}  CER {v['cer']:6.2f}  "
                    f"{v['seconds']:8.1f} s" for k, v in r["systems"].items())
+    own = r.get("asr_judge")
+    if own:
+        rows += (f"\n  judged by encdec's own recognizer {own['run']} (checkpoint "
+                 f"{own['checkpoint']}; not independent):" + "".join(
+                     f"\n  {names[k]:<34} WER {v['wer']:6.2f}  CER {v['cer']:6.2f}"
+                     for k, v in own["systems"].items()))
     print(f"{r['split']} ({r['inputs']} utterances, judge {r['judge']}, checkpoint "
           f"{r['checkpoint']}):{rows}\n  MCD (DTW) {r['mcd_db']:.2f} dB, duration "
           f"{r['duration_ratio']:.3f}x the recordings'; real-time factor: mel "
@@ -204,7 +210,7 @@ def _evaluate(args) -> None:
 
     result = evaluate(args.run, split=args.split, checkpoint_name=args.checkpoint,
                       data_dir=args.data, device=args.device, limit=args.limit,
-                      rerank=args.rerank, **_decode_overrides(args))
+                      rerank=args.rerank, asr_judge=args.asr_judge, **_decode_overrides(args))
     if result.get("metric") == "tts":
         _print_tts_scores(result)
         return
@@ -466,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="data directory (default: the run's)")
     ev.add_argument("--limit", type=int, default=0, help="only the first N inputs")
     ev.add_argument("--rerank", metavar="RUN", help=RERANK_HELP)
+    ev.add_argument("--asr-judge", metavar="RUN",
+                    help="text-to-speech runs: also judge the audio with this encdec speech "
+                         "recognition run (besides pocketsphinx; reported as encdec's own)")
     ev.set_defaults(func=_evaluate)
 
     tl = sub.add_parser("translate", help="decode stdin, a file, or an interactive prompt")

@@ -26,8 +26,10 @@ def _modality(run_dir: Path) -> str:
 
 def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best",
              data_dir: str | None = None, device: str = "cpu", limit: int = 0,
-             rerank: str | Path | None = None, **decode_overrides) -> dict:
-    """Decode and score a split; ``rerank`` is a run whose model re-orders the candidates."""
+             rerank: str | Path | None = None, asr_judge: str | Path | None = None,
+             **decode_overrides) -> dict:
+    """Decode and score a split; ``rerank`` is a run whose model re-orders the candidates;
+    ``asr_judge`` a speech recognition run that also judges a text-to-speech run."""
     run_dir = Path(run_dir)
     if _modality(run_dir) == "tts":
         from encdec.evaluate_tts import evaluate_tts
@@ -35,7 +37,11 @@ def evaluate(run_dir: str | Path, split: str = "test", checkpoint_name: str = "b
         if rerank:
             raise DataError("--rerank applies to text models")
         return evaluate_tts(run_dir, split, checkpoint_name, data_dir, device, limit,
-                            length_scale=decode_overrides.get("length_scale") or 1.0)
+                            length_scale=decode_overrides.get("length_scale") or 1.0,
+                            asr_judge=asr_judge)
+    if asr_judge:
+        raise DataError(f"--asr-judge judges the audio of a text-to-speech run; {run_dir} is not "
+                        "one")
     tr = Translator.from_run(run_dir, checkpoint_name, device)
     if tr.assets.speech:
         if rerank:

@@ -9,6 +9,12 @@ systems are judged by PocketSphinx (``encdec.audio.judge``) on the same verses:
   ceiling: what a perfect mel predictor would reach);
 * ``model``: the run's synthesis of the verse's text.
 
+With ``asr_judge`` (``encdec evaluate TTS_RUN --asr-judge ASR_RUN``) the same audio is also
+transcribed by an encdec speech recognition run, with its own decoding settings, and scored
+the same way under ``"asr_judge"``: a second opinion, labelled as encdec's own, not independent
+(a recognizer trained on the same kind of synthesized speech may forgive what pocketsphinx
+would not).
+
 Scores: round-trip WER and CER of the judge's transcripts against the verse (both through
 ``judge_text``); mel cepstral distortion (MCD) of the model's frames against the recording's,
 after dynamic time warping; the model's total duration over the recordings'; real-time factors
@@ -87,9 +93,24 @@ def mcd_dtw(log_mel: np.ndarray, ref_log_mel: np.ndarray) -> float:
     return float(10.0 / math.log(10.0) * math.sqrt(2.0) * per_frame.mean())
 
 
+def _asr_judge(run_dir: str | Path, device: str):
+    """The encdec recognizer of the run ``run_dir`` (DataError unless it is one)."""
+    from encdec.transcribe import Transcriber
+    from encdec.translate import Translator
+
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise DataError(f"--asr-judge {run_dir}: not a run directory (no config.yaml)")
+    tr = Translator.from_run(run_dir, device=device)
+    if not tr.assets.speech or tr.assets.meta.get("metric") != "asr":
+        raise DataError(f"--asr-judge {run_dir}: not a speech recognition run (English speech "
+                        "to English text, e.g. runs/asr-small from `make asr`)")
+    return Transcriber(tr.model, tr.assets, tr.cfg, tr.device, tr.checkpoint_dir)
+
+
 def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str = "best",
                  data_dir: str | None = None, device: str = "cpu", limit: int = 0,
-                 length_scale: float = 1.0, batch_size: int = 8, samples: int = 5) -> dict:
+                 length_scale: float = 1.0, batch_size: int = 8, samples: int = 5,
+                 asr_judge: str | Path | None = None) -> dict:
     from tqdm import tqdm
 
     from encdec.audio.io import read_audio
@@ -109,6 +130,7 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
         raise DataError("length_scale needs a non-autoregressive (fastspeech) run")
     scale = {} if speaker.autoregressive else {"length_scale": length_scale}
     judge = Judge()
+    recognizer = _asr_judge(asr_judge, device) if asr_judge else None
     front = speaker.assets.audio_front
     rate = speaker.sample_rate
     refs = [[judge_text(e["text"])] for e in entries]
@@ -148,6 +170,12 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
         hyps[name] = [judge_text(t) for t in judge.transcribe(ws, rate)]
         scores[name] = asr_scores(hyps[name], refs)
         scores[name]["seconds"] = sum(len(w) for w in ws) / rate
+    own_hyps, own_scores = {}, {}
+    if recognizer is not None:
+        for name, ws in systems.items():
+            heard = recognizer.transcribe([(np.asarray(w, dtype=np.float32), rate) for w in ws])
+            own_hyps[name] = [judge_text(t) for t in heard]
+            own_scores[name] = asr_scores(own_hyps[name], refs)
     mcd = [mcd_dtw(m, r.numpy()) for m, r in zip(model_mels, ref_mels)]
     model_s, ref_s = scores["model"]["seconds"], scores["reference"]["seconds"]
     result = {
@@ -159,6 +187,10 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
         "mel_rtf": gen_s / max(model_s, 1e-9), "vocoder_rtf": voc_s / max(model_s, 1e-9),
         "threads": torch.get_num_threads(),
     }
+    if recognizer is not None:
+        result["asr_judge"] = {"run": str(asr_judge),
+                               "checkpoint": recognizer.checkpoint_dir.name,
+                               "systems": own_scores}
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"tts-{split}" + (f"-limit{limit}" if limit else "") + \
@@ -172,7 +204,9 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
     path = out_dir / f"{tag}.json"
     result["written_to"] = str(path)
     result["utterances"] = [{"id": e["id"], "text": e["text"], "scored_against": refs[i][0],
-                             "judge_heard": {n: hyps[n][i] for n in systems}, "mcd_db": mcd[i]}
+                             "judge_heard": {n: hyps[n][i] for n in systems}, "mcd_db": mcd[i],
+                             **({"asr_judge_heard": {n: own_hyps[n][i] for n in systems}}
+                                if own_hyps else {})}
                             for i, e in enumerate(entries)]
     path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result

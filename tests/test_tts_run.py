@@ -265,6 +265,40 @@ def test_evaluate_judges_reference_copy_and_model(nat_run, tts_data, capsys):
         assert np.abs(judged - speech.audio).max() <= 1.0 / 32768 + 1e-6
 
 
+def test_evaluate_with_our_own_recognizer_as_a_second_judge(nat_run, tiny_speech_run, tiny_run,
+                                                            capsys):
+    """--asr-judge transcribes the same three systems' audio with an encdec recognizer; its
+    scores are those of transcribing that audio by hand, labelled as encdec's own."""
+    from encdec.audio.judge import judge_text
+    from encdec.audio.io import read_audio
+    from encdec.data.utterances import audio_file, read_manifest
+    from encdec.metrics import asr_scores
+    from encdec.transcribe import Transcriber
+
+    assert main(["evaluate", str(nat_run), "--split", "test", "--limit", "2",
+                 "--asr-judge", str(tiny_speech_run)]) == 0
+    out = capsys.readouterr().out
+    assert f"judged by encdec's own recognizer {tiny_speech_run}" in out
+    result = json.loads((nat_run / "eval" / "tts-test-limit2.json").read_text())
+    own = result["asr_judge"]
+    assert own["run"] == str(tiny_speech_run) and set(own["systems"]) == {"reference", "copy",
+                                                                         "model"}
+    data = yaml.safe_load((nat_run / "config.yaml").read_text())["data"]["dir"]
+    entries = read_manifest(data, "test")[:2]
+    waves = [(read_audio(audio_file(data, e["audio"]), 16000).numpy(), 16000) for e in entries]
+    heard = [judge_text(t) for t in Transcriber.from_run(tiny_speech_run).transcribe(waves)]
+    assert [u["asr_judge_heard"]["reference"] for u in result["utterances"]] == heard
+    refs = [[judge_text(e["text"])] for e in entries]
+    assert own["systems"]["reference"]["wer"] == pytest.approx(asr_scores(heard, refs)["wer"])
+    # pocketsphinx's scores stay where they were
+    assert set(result["systems"]) == {"reference", "copy", "model"}
+    # a run that is not a recognizer, and a run that is not text-to-speech, are refused
+    assert main(["evaluate", str(nat_run), "--limit", "1", "--asr-judge", str(tiny_run)]) == 2
+    assert "not a speech recognition run" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--asr-judge", str(tiny_speech_run)]) == 2
+    assert "judges the audio of a text-to-speech run" in capsys.readouterr().err
+
+
 def test_cli_prepare_bible_tts_options(tmp_path, monkeypatch, capsys):
     import encdec.data.tts as tts
 
