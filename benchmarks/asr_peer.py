@@ -139,12 +139,16 @@ def run_timed(systems: dict, waves: list[np.ndarray], repeats: int) -> tuple[dic
     return texts, times
 
 
+def ordered_groups(entries: list[dict]) -> list[str]:
+    """The voice groups of ``entries``: seen, unseen, real, then any others by name."""
+    return sorted({e["group"] for e in entries},
+                  key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
+
+
 def score_groups(entries: list[dict], hyps: list[str]) -> dict:
     """group -> WER, CER and the counts behind them."""
-    groups = sorted({e["group"] for e in entries},
-                    key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
     out = {}
-    for group in groups:
+    for group in ordered_groups(entries):
         idx = [i for i, e in enumerate(entries) if e["group"] == group]
         h = [scoring_text(hyps[i]) for i in idx]
         r = [scoring_text(entries[i]["text"]) for i in idx]

@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encdec.audio.io import read_audio  # noqa: E402
 from encdec.metrics import text_scores  # noqa: E402
 
-GROUP_ORDER = ("seen", "unseen", "real")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from asr_peer import ordered_groups  # noqa: E402
 
 
 def read_manifest(data_dir: Path, split: str, limit: int) -> list[dict]:
@@ -113,10 +114,8 @@ def init_runs(run: Path) -> list[Path]:
 
 
 def score_groups(entries: list[dict], hyps: list[str]) -> dict:
-    groups = sorted({e["group"] for e in entries},
-                    key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
     out = {}
-    for group in groups:
+    for group in ordered_groups(entries):
         idx = [i for i, e in enumerate(entries) if e["group"] == group]
         out[group] = text_scores([hyps[i] for i in idx], [[entries[i]["text"]] for i in idx])
     out["all"] = text_scores(hyps, [[e["text"]] for e in entries])
