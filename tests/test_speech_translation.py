@@ -414,6 +414,9 @@ def test_decoder_of_a_translation_run_starts_the_speech_translation_model(tmp_pa
     assert "give one" in capsys.readouterr().err
     assert main(["prepare", "bible-speech", "--targets-from", str(text)]) == 2
     assert "--targets-from is an option of the bible-speech-es recipe" in capsys.readouterr().err
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out",
+                 str(tmp_path / "es-bad"), "--targets-from", str(speech)]) == 2
+    assert "not a prepared text data directory" in capsys.readouterr().err
 
     mt = _text_run(text, tmp_path)
     mt_model = model_for_data(Config.load(mt / "config.yaml").model, text_meta)

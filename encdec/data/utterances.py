@@ -307,22 +307,20 @@ def binarize_text_field(out: Path, manifests: dict[str, list[dict]], field: str,
 
     if reuse is not None:
         tokenizer, vocab = reuse_target_tokens(reuse, out, side)
-        pieces = {s: [tokenizer.encode(e[field]) for e in m] for s, m in manifests.items()}
-        unknown = sum(p not in vocab.stoi for row in pieces["train"] for p in row)
-        total = sum(len(row) for row in pieces["train"])
-        log(f"{side}: tokenizer and vocabulary of {reuse} ({len(vocab)} tokens); "
-            f"{unknown} of {total} training tokens not in it")
-        for split, rows in pieces.items():
-            _write_binarized(out, split, side, [vocab.encode(r) for r in rows])
-        return tokenizer, vocab
-    if tokenizer == "sentencepiece":
+    elif tokenizer == "sentencepiece":
         tokenizer = SentencePieceTokenizer.train([e[field] for e in manifests["train"]],
                                                  out / f"spm.{side}", vocab_size, spm_type)
     else:
         tokenizer = tokenizer_from_spec({"kind": tokenizer}, out)
     pieces = {s: [tokenizer.encode(e[field]) for e in m] for s, m in manifests.items()}
-    vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
-    vocab.save(out / f"{side}.vocab")
+    if reuse is None:
+        vocab = Vocab.build(Counter(p for row in pieces["train"] for p in row))
+        vocab.save(out / f"{side}.vocab")
+    else:
+        unknown = sum(p not in vocab.stoi for row in pieces["train"] for p in row)
+        total = sum(len(row) for row in pieces["train"])
+        log(f"{side}: tokenizer and vocabulary of {reuse} ({len(vocab)} tokens); "
+            f"{unknown} of {total} training tokens not in it")
     for split, rows in pieces.items():
         _write_binarized(out, split, side, [vocab.encode(r) for r in rows])
     return tokenizer, vocab
