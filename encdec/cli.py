@@ -1,5 +1,5 @@
 """The `encdec` command: prepare, train, average, evaluate, translate, transcribe, speak,
-pipeline, distill, export, serve."""
+pipeline, distill, export, experiment, sweep, serve."""
 
 from __future__ import annotations
 
@@ -321,6 +321,20 @@ def _experiment(args) -> None:
     print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
+def _sweep(args) -> None:
+    from encdec.sweep import parse_grid, run_sweep
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        from encdec.config import ConfigError
+        raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas")
+    run_sweep(args.config, args.out, parse_grid(args.grid), seeds, minutes=args.minutes,
+              steps=args.steps, overrides=args.overrides, average=args.average,
+              split=args.split, decode={"beam_size": args.beam, "method": args.method})
+    print(f"results: {args.out}/results.md, {args.out}/runs.csv, {args.out}/plot.png")
+
+
 def _serve(args) -> None:
     from encdec.serve import serve
 
@@ -576,6 +590,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
     ex.set_defaults(func=_experiment)
 
+    sw = sub.add_parser("sweep", help="train a grid of settings x seeds for one budget; one table")
+    sw.add_argument("config", help="base config")
+    sw.add_argument("overrides", nargs="*", help="overrides of the base config for every run")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a setting to vary (repeatable; every combination is trained)")
+    sw.add_argument("--seeds", default="1", help="seeds, e.g. 1,2,3 (default 1)")
+    sw.add_argument("--minutes", type=float, help="training minutes per run")
+    sw.add_argument("--steps", type=int, help="optimizer steps per run")
+    sw.add_argument("--average", type=int, default=0, metavar="N",
+                    help="also score the average of each run's last N checkpoints")
+    sw.add_argument("--split", default="test", help="split to score (default test)")
+    sw.add_argument("--beam", type=int, help="beam size (default: the config's)")
+    sw.add_argument("--method", choices=["greedy", "beam"], help="default: the config's")
+    sw.add_argument("--out", required=True, help="output directory (one per sweep)")
+    sw.set_defaults(func=_sweep)
+
     sv = sub.add_parser("serve", help="HTTP API and web page: encdec serve RUN [serve.key=value ...]")
     sv.add_argument("run", help="run directory")
     sv.add_argument("overrides", nargs="*",
@@ -609,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after a flag (`train RUN --resume train.lr=1e-4`)
-        if args.command not in ("train", "serve", "experiment") or any("=" not in e or e.startswith("-") for e in extra):
+        if args.command not in ("train", "serve", "experiment", "sweep") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     from encdec.train import TrainingInterrupted

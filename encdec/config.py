@@ -87,9 +87,15 @@ class TrainConfig:
     ctc_warmup_steps: int = 0
     accum_steps: int = 1  # gradient accumulation
     lr: float = 1.5e-3  # peak learning rate
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine | constant
+    # inverse_sqrt | cosine | linear | constant. cosine and linear decay to min_lr at the end of
+    # the budget, max_steps or max_minutes (whichever ends first): a run that knows its time
+    # limit ends annealed
+    schedule: str = "inverse_sqrt"
     warmup_steps: int = 200  # short: a 4000-step warmup leaves a CPU run barely trained for an hour
-    min_lr: float = 1e-5  # cosine floor
+    min_lr: float = 1e-5  # cosine/linear floor
+    # cosine/linear: decay over the budget's last fraction only, at the peak rate before it
+    # (warmup-stable-decay); 1 = decay from the end of the warmup
+    decay_fraction: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.01
@@ -335,7 +341,7 @@ _CHOICES = {
     ("model", "norm"): ("pre", "post"),
     ("model", "norm_type"): ("layernorm", "rmsnorm", "batchnorm"),
     ("model", "positions"): ("sinusoidal", "learned"),
-    ("train", "schedule"): ("inverse_sqrt", "cosine", "constant"),
+    ("train", "schedule"): ("inverse_sqrt", "cosine", "linear", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("decode", "method"): ("greedy", "beam", "sample", "nat", "ctc"),
     ("model", "encoder_block"): ("transformer", "conformer"),
@@ -384,8 +390,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr={t.lr}: must be positive")
     if t.warmup_steps < 0 or t.max_steps < 0 or t.max_epochs < 0 or t.max_minutes < 0:
         raise ConfigError("train.warmup_steps, max_steps, max_epochs, max_minutes must be >= 0")
-    if t.schedule == "cosine" and t.max_steps == 0:
-        raise ConfigError("train.schedule=cosine needs train.max_steps (the length of the cosine)")
+    if t.schedule in ("cosine", "linear") and t.max_steps == 0 and t.max_minutes == 0:
+        raise ConfigError(f"train.schedule={t.schedule} decays over the budget: it needs "
+                          "train.max_steps or train.max_minutes")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction={t.decay_fraction}: must be in (0, 1]")
     if (m.arch == "nat") != (d.method == "nat"):
         raise ConfigError(f"decode.method={d.method!r} with model.arch={m.arch!r}: a "
                           "non-autoregressive model (arch nat) decodes with method nat "

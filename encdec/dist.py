@@ -43,6 +43,15 @@ def max_int(value: int, info: DistInfo, device="cpu") -> int:
     return _reduce_int(value, info, device, dist.ReduceOp.MAX)
 
 
+def max_ints(values: list[int], info: DistInfo, device="cpu") -> list[int]:
+    """The elementwise largest of ``values`` over all ranks, in one collective."""
+    if info.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
 def sum_int(value: int, info: DistInfo, device="cpu") -> int:
     """The sum of ``value`` over all ranks (the same on every rank)."""
     return _reduce_int(value, info, device, dist.ReduceOp.SUM)

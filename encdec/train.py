@@ -43,8 +43,15 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(step: int, cfg) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+def lr_at(step: int, cfg, elapsed_s: float = 0.0) -> float:
+    """Learning rate for optimizer step ``step`` (0-based), ``elapsed_s`` seconds into training:
+    linear warmup, then the schedule.
+
+    ``cosine`` and ``linear`` decay from ``lr`` to ``min_lr`` over the budget: the steps after
+    the warmup (``max_steps``) or the wall-clock minutes (``max_minutes``), whichever ends
+    first, so a run stopped by its time limit ends annealed. With ``decay_fraction`` f < 1 the
+    rate stays at its peak and decays over the budget's last fraction f only (warmup, stable,
+    decay)."""
     s = step + 1
     warm = max(cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
@@ -53,8 +60,22 @@ def lr_at(step: int, cfg) -> float:
         return cfg.lr * s / warm
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * math.sqrt(warm / s)
-    progress = min(1.0, (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = budget_progress(s, cfg, elapsed_s)
+    f = cfg.decay_fraction
+    progress = max(0.0, progress - (1.0 - f)) / f
+    shape = (1.0 - progress) if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def budget_progress(s: int, cfg, elapsed_s: float) -> float:
+    """How much of the training budget is spent, in [0, 1], ``s`` steps and ``elapsed_s``
+    seconds in: the larger of the step fraction after the warmup and the time fraction."""
+    done = 0.0
+    if cfg.max_steps:
+        done = (s - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_minutes:
+        done = max(done, elapsed_s / (cfg.max_minutes * 60.0))
+    return min(1.0, max(0.0, done))
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -255,6 +276,8 @@ class Trainer:
                       "window": {"loss": 0.0, "nll": 0.0, "tokens": 0, "steps": 0,
                                  "audio_s": 0.0}}
         self._saved_step = -1  # the step of the newest checkpoint this process wrote or loaded
+        self._lr_elapsed = 0.0  # seconds into the run as the schedule sees them (all processes)
+        self._lr = 0.0  # the rate of the latest step
         self._signal = 0  # the signal (SIGINT, SIGTERM) that asked training to stop
         self._prepare_run_dir(resume)
 
@@ -420,7 +443,8 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------
     def _train_step(self, batches) -> tuple[float, float, int]:
         t = self.cfg.train
-        lr = lr_at(self.state["step"], t)
+        lr = lr_at(self.state["step"], t, self._lr_elapsed)
+        self._lr = lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_tokens = sum(b.num_tgt_tokens for b in batches)
@@ -598,9 +622,13 @@ class Trainer:
             while True:
                 elapsed = time.perf_counter() - start
                 reason = self._should_stop(elapsed)
-                # 0 go on, 1 a normal stop, 2 a signal: every process takes the same decision
-                code = dist.max_int(2 if self._signal else (1 if reason else 0), self.dist,
-                                    self.device)
+                # 0 go on, 1 a normal stop, 2 a signal: every process takes the same decision,
+                # and the same time into the run for a schedule over the time budget (the
+                # slowest process's, in ms) so that every process steps with the same rate
+                code, elapsed_ms = dist.max_ints(
+                    [2 if self._signal else (1 if reason else 0), int(elapsed * 1000)],
+                    self.dist, self.device)
+                self._lr_elapsed = elapsed_ms / 1000.0
                 if code:
                     reason = "interrupted" if code == 2 else (reason or "another process stopped")
                     break
@@ -640,13 +668,12 @@ class Trainer:
         return dict(self.state)
 
     def _log_window(self, window: dict, seconds: float, bar) -> None:
-        t = self.cfg.train
         step = self.state["step"]
         rate = window["tokens"] * self.dist.world_size / max(seconds, 1e-9)
         record = {"step": step, "epoch": self.state["epoch"],
                   "loss": window["loss"] / window["tokens"],
                   "nll": window["nll"] / window["tokens"],
-                  "lr": lr_at(step - 1, t), "tokens_per_s": rate,
+                  "lr": self._lr, "tokens_per_s": rate,
                   "elapsed_s": self.state["elapsed"],
                   # peak resident memory of this process so far (Linux: KiB)
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

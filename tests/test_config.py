@@ -17,7 +17,9 @@ def test_overrides_are_typed_and_validated(tmp_path):
     ("train.lr=fast", "'train.lr' must be a number"),
     ("model.norm=middle", "model.norm='middle': choose one of pre, post"),
     ("model.n_heads=3", "divisible by model.n_heads=3"),
-    ("train.schedule=cosine", "needs train.max_steps"),
+    ("train.schedule=cosine", "needs train.max_steps or train.max_minutes"),
+    ("train.schedule=linear", "needs train.max_steps or train.max_minutes"),
+    ("train.decay_fraction=0", "train.decay_fraction=0.0: must be in (0, 1]"),
     ("lr=1", "section.name"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, message):

@@ -95,6 +95,25 @@ def test_lr_schedules():
     cfg.schedule, cfg.max_steps, cfg.min_lr = "cosine", 110, 0.0
     assert lr_at(59, cfg) == pytest.approx(0.5)
     assert lr_at(109, cfg) == pytest.approx(0.0, abs=1e-12)
+    cfg.schedule = "linear"
+    assert lr_at(59, cfg) == pytest.approx(0.5)
+    assert lr_at(84, cfg) == pytest.approx(0.25)
+    # over a time budget: the same shape by the fraction of max_minutes spent
+    cfg.max_steps, cfg.max_minutes = 0, 10.0
+    assert lr_at(59, cfg, elapsed_s=150.0) == pytest.approx(0.75)
+    assert lr_at(59, cfg, elapsed_s=600.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(5, cfg, elapsed_s=300.0) == pytest.approx(0.6)  # the warmup ramp first
+    # both budgets: whichever ends first
+    cfg.max_steps = 110
+    assert lr_at(84, cfg, elapsed_s=60.0) == pytest.approx(0.25)
+    assert lr_at(19, cfg, elapsed_s=450.0) == pytest.approx(0.25)
+    # warmup-stable-decay: the peak until the last fifth, then linear to the floor
+    cfg.max_steps, cfg.decay_fraction = 0, 0.2
+    assert lr_at(59, cfg, elapsed_s=470.0) == pytest.approx(1.0)
+    assert lr_at(59, cfg, elapsed_s=540.0) == pytest.approx(0.5)
+    cfg.schedule = "cosine"
+    assert lr_at(59, cfg, elapsed_s=540.0) == pytest.approx(0.5)
+    assert lr_at(59, cfg, elapsed_s=600.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_resume_equals_uninterrupted(tiny_data, tmp_path):

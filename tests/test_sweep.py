@@ -1,0 +1,99 @@
+"""`encdec sweep`: settings x seeds for one budget, one table, stoppable and restartable."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import write_config
+from encdec import sweep
+from encdec.cli import main
+from encdec.config import ConfigError
+
+
+def test_grid_parsing_and_names():
+    grid = sweep.parse_grid(["train.lr=1e-3,2e-3", "augment.vtlp=[0.9,1.1],[0.8, 1.2]"])
+    assert grid == [("train.lr", ["1e-3", "2e-3"]), ("augment.vtlp", ["[0.9,1.1]", "[0.8, 1.2]"])]
+    combos = sweep.settings(grid)
+    assert len(combos) == 4 and combos[1] == {"train.lr": "1e-3", "augment.vtlp": "[0.8, 1.2]"}
+    assert sweep.setting_name(combos[1]) == "lr-1e-3_vtlp-0.8--1.2"
+    assert sweep.setting_name({"model.dropout": "0", "train.dropout": "1"}) == \
+        "model-dropout-0_train-dropout-1"
+    assert sweep.setting_name({}) == "base"
+    for bad in ["train.lr", "train.lr=", "train.lr=1,,2"]:
+        with pytest.raises(ConfigError, match="--grid"):
+            sweep.parse_grid([bad])
+    with pytest.raises(ConfigError, match="twice"):
+        sweep.parse_grid(["train.lr=1", "train.lr=2"])
+
+
+def test_sweep_trains_every_setting_and_seed_and_restarts(tiny_data, tmp_path, monkeypatch):
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused", valid_every=4)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(cfg), "--out", str(out), "--steps", "8", "--seeds", "1,2",
+            "--grid", "train.lr=1e-3,3e-3", "--average", "2", "--beam", "2",
+            "train.schedule=linear"]
+    # one run stopped half way beforehand: the sweep continues it rather than start over
+    half = out / "lr-3e-3" / "seed-2"
+    assert main(["train", str(cfg), f"train.run_dir={half}", "train.max_steps=4",
+                 "train.lr=3e-3", "train.seed=2", "train.schedule=linear"]) == 0
+    assert main(args) == 0
+
+    runs = list(csv.DictReader(open(out / "runs.csv", encoding="utf-8")))
+    assert [(r["setting"], r["seed"]) for r in runs] == [
+        ("lr-1e-3", "1"), ("lr-1e-3", "2"), ("lr-3e-3", "1"), ("lr-3e-3", "2")]
+    for r in runs:
+        run_dir = out / r["setting"] / f"seed-{r['seed']}"
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["train"]["seed"] == int(r["seed"])
+        assert saved["train"]["lr"] == float(r["train.lr"])
+        assert saved["train"]["schedule"] == "linear" and saved["train"]["max_steps"] == 8
+        assert r["steps"] == "8"
+        # the table's scores are the run's own evaluation files (best, and the average)
+        best = json.loads((run_dir / "eval" / "test-beam2.json").read_text())
+        assert float(r["test_wer"]) == round(best["scores"]["wer"], 2)
+        avg = json.loads((run_dir / "eval" / "test-beam2-avg-last2.json").read_text())
+        assert float(r["test_avg2_wer"]) == round(avg["scores"]["wer"], 2)
+    # seeds differ: two seeds of one setting do not train the same weights
+    curves = [[json.loads(line).get("loss") for line in
+               (out / "lr-1e-3" / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()]
+              for s in (1, 2)]
+    assert curves[0] != curves[1]
+    # the continued run kept its first four steps' records and went on to step 8
+    steps = [json.loads(line)["step"] for line in (half / "metrics.jsonl").read_text().splitlines()
+             if "valid_loss" in json.loads(line)]
+    assert steps == [4, 8]
+
+    table = (out / "results.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| lr-")]
+    assert len(lines) == 2
+    means = {}
+    for r in runs:
+        means.setdefault(r["setting"], []).append(float(r["test_wer"]))
+    best_first = sorted(means, key=lambda k: sum(means[k]) / 2)
+    assert [line.split(" | ")[0][2:] for line in lines] == best_first
+    for line in lines:
+        name = line.split(" | ")[0][2:]
+        assert f"{sum(means[name]) / 2:.2f} ({min(means[name]):.2f}–{max(means[name]):.2f})" in line
+        assert ", ".join(f"{v:.2f}" for v in means[name]) in line
+    assert (out / "plot.png").stat().st_size > 0
+
+    # a second call reads the finished runs back and trains nothing
+    def no_training(*a, **k):
+        raise AssertionError("trained a finished run again")
+
+    monkeypatch.setattr("encdec.train.train", no_training)
+    assert main(args) == 0
+    assert list(csv.DictReader(open(out / "runs.csv", encoding="utf-8"))) == runs
+
+
+def test_sweep_refuses_bad_requests(tiny_data, tmp_path, capsys):
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
+    out = str(tmp_path / "sweep")
+    assert main(["sweep", str(cfg), "--out", out, "--seeds", "1,1", "--steps", "2"]) == 2
+    assert "distinct seeds" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--out", out, "--seeds", "one", "--steps", "2"]) == 2
+    assert "--seeds 'one'" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--out", out, "--grid", "train.lrr=1,2", "--steps", "2"]) == 2
+    assert "unknown key 'train.lrr'" in capsys.readouterr().err
