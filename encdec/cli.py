@@ -317,7 +317,7 @@ def _experiment(args) -> None:
 
     out = args.out or f"runs/experiment-{args.name}"
     run_experiment(args.name, out, base_config=args.config, minutes=args.minutes,
-                   steps=args.steps, overrides=args.overrides)
+                   steps=args.steps, overrides=args.overrides, nat_config=args.nat_config)
     print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
@@ -587,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "50 / number of variants)")
     ex.add_argument("--steps", type=int,
                     help="optimizer steps per variant: the same work for each, reproducible")
+    ex.add_argument("--nat-config", default="configs/g2p-nat.yaml",
+                    help="nat: the non-autoregressive model's config (the base config's size)")
     ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
     ex.set_defaults(func=_experiment)
 

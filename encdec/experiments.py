@@ -12,6 +12,8 @@ variant, and a rerun on the same machine and thread count gives the same numbers
 * ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
 * ``sampling`` teacher forcing vs scheduled sampling (inverse-sigmoid, two-pass)
 * ``rnn``      the Transformer vs an LSTM with attention of the same parameter count
+* ``nat``      AT beam/greedy vs NAT on original and distilled targets, speed at batch 1 and 64,
+  and NAT outputs that mix two references (``encdec/experiment_nat.py``)
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int,
     raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
 
 
-EXPERIMENTS = {"depth": 2, "norm": 3, "sampling": 2, "rnn": 2}  # name -> number of variants
+# name -> number of variants (models trained)
+EXPERIMENTS = {"depth": 2, "norm": 3, "sampling": 2, "rnn": 2, "nat": 3}
 
 
 def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20) -> list[float]:
@@ -124,8 +127,15 @@ def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20)
 
 def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
                    minutes: float | None = None, steps: int | None = None,
-                   overrides: list[str] | None = None, log=print) -> list[dict]:
+                   overrides: list[str] | None = None, nat_config: str = "configs/g2p-nat.yaml",
+                   log=print) -> list[dict]:
     import yaml
+
+    if name == "nat":
+        from encdec.experiment_nat import run_nat_experiment
+
+        return run_nat_experiment(out_dir, base_config=base_config, nat_config=nat_config,
+                                  minutes=minutes, steps=steps, overrides=overrides, log=log)
 
     from encdec.data.prepare import load_meta
     from encdec.evaluate import evaluate

@@ -1,0 +1,72 @@
+"""`encdec experiment nat`: AT vs NAT on original and distilled targets, and mixed outputs."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import write_config
+from encdec.cli import main
+from encdec.experiment_nat import count_mixed, mixes_references
+from encdec.metrics import g2p_scores
+
+
+def test_an_output_mixing_two_references_is_counted():
+    a, b = "T AH M EY T OW".split(), "T AH M AA T OW".split()
+    c, d = "R IY D".split(), "R EH D".split()
+    assert not mixes_references(a, [a, b])  # a reference itself
+    assert not mixes_references("T AH M IY T OW".split(), [a, b])  # a token neither has
+    # needs a token only the first has and one only the second has
+    x, y = "K AE T AH".split(), "K AA T ER".split()
+    assert mixes_references("K AE T ER".split(), [x, y])
+    assert mixes_references("K AA T AH".split(), [x, y])
+    assert not mixes_references("K AE T".split(), [x, y])  # another length
+    assert not mixes_references(c, [c, d])
+    hyps = ["K AE T ER", "K AE T AH", "R IH D", "K AA T AH"]
+    refs = [["K AE T AH", "K AA T ER"], ["K AE T AH", "K AA T ER"], ["R IY D", "R EH D"],
+            ["K AA T AH"]]  # the last has one reference: nothing to mix
+    assert count_mixed(hyps, refs) == (1, 3)
+    # references of different lengths only cannot be mixed position by position
+    assert count_mixed(["A B"], [["A B C", "A D"]]) == (0, 0)
+    assert count_mixed(["A C"], [["A B", "A B", "D C"]]) == (1, 1)
+
+
+def test_nat_experiment_trains_distills_and_writes_one_table(tiny_data, tmp_path):
+    base = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
+    nat = write_config(tmp_path / "nat.yaml", tiny_data, tmp_path / "unused")
+    nat.write_text(nat.read_text().replace("model:\n", "model:\n  arch: nat\n")
+                   .replace("decode:\n", "decode:\n  method: nat\n  length_beam: 2\n"))
+    out = tmp_path / "nat"
+    assert main(["experiment", "nat", "--config", str(base), "--nat-config", str(nat),
+                 "--out", str(out), "--steps", "6", "train.valid_every=3",
+                 "train.valid_max_inputs=8"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert [r["decoder"] for r in rows] == [
+        "AT beam 5", "AT greedy", "NAT, 1 pass", "NAT, 4 passes", "NAT, 10 passes",
+        "NAT distilled, 1 pass", "NAT distilled, 4 passes", "NAT distilled, 10 passes"]
+    assert all(r["steps"] == "6" for r in rows)
+    assert [r["length_beam"] for r in rows] == ["", ""] + ["2"] * 6
+    # the distilled model trained on the AT model's outputs, the raw one on the real targets
+    distilled = out / "data-distilled"
+    meta = json.loads((distilled / "meta.json").read_text())
+    assert meta["distilled"]["teacher"] == str(out / "at")
+    assert meta["distilled"]["decode"]["beam_size"] == 5
+    cfgs = {run: yaml.safe_load((out / run / "config.yaml").read_text())
+            for run in ("at", "nat-raw", "nat-distilled")}
+    assert cfgs["nat-distilled"]["data"]["dir"] == str(distilled)
+    assert cfgs["nat-raw"]["data"]["dir"] == cfgs["at"]["data"]["dir"] == str(tiny_data)
+    assert cfgs["at"]["model"]["arch"] == "transformer"
+    assert cfgs["nat-raw"]["model"]["arch"] == cfgs["nat-distilled"]["model"]["arch"] == "nat"
+    # each row scores its own outputs against the real references
+    refs = [json.loads(x)["refs"] for x in (tiny_data / "test.eval.jsonl").read_text().splitlines()]
+    for r in rows:
+        hyps = (out / f"{r['decoder'].replace(' ', '-').replace(',', '')}.hyp") \
+            .read_text().splitlines()
+        assert len(hyps) == len(refs)
+        assert float(r["test_wer"]) == pytest.approx(g2p_scores(hyps, refs)["wer"], abs=0.01)
+        assert (int(r["mixed_outputs"]), int(r["mixable_inputs"])) == count_mixed(hyps, refs)
+        assert float(r["inputs_per_s_b64"]) > 0 and float(r["ms_per_input_b1"]) > 0
+    md = (out / "results.md").read_text()
+    assert "NAT distilled, 4 passes (length beam 2)" in md and "1.00×" in md
+    assert (out / "plot.png").stat().st_size > 1000
