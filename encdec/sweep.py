@@ -132,7 +132,7 @@ def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]
             atomic_write_text(done, json.dumps(row, indent=2) + "\n")
             rows.append(row)
             log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "decode"))
-    write_tables(out, rows, [k for k, _ in grid], seeds, minutes, steps, split, average)
+    write_tables(out, rows, [k for k, _ in grid], minutes, steps, split, average)
     return rows
 
 
@@ -149,7 +149,7 @@ def _headline(rows: list[dict], split: str) -> str:
     raise ConfigError(f"no {split} WER or BLEU in the sweep's results")
 
 
-def write_tables(out: Path, rows: list[dict], keys: list[str], seeds: list[int],
+def write_tables(out: Path, rows: list[dict], keys: list[str],
                  minutes: float | None, steps: int | None, split: str, average: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r if k != "decode"))
