@@ -38,13 +38,9 @@ def _reduce_int(value: int, info: DistInfo, device, op) -> int:
     return int(t.item())
 
 
-def max_int(value: int, info: DistInfo, device="cpu") -> int:
-    """The largest ``value`` over all ranks, on every rank (keeps stop decisions in lock-step)."""
-    return _reduce_int(value, info, device, dist.ReduceOp.MAX)
-
-
 def max_ints(values: list[int], info: DistInfo, device="cpu") -> list[int]:
-    """The elementwise largest of ``values`` over all ranks, in one collective."""
+    """The elementwise largest of ``values`` over all ranks, on every rank, in one collective
+    (keeps stop decisions in lock-step)."""
     if info.world_size == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.int64, device=device)

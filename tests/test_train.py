@@ -473,3 +473,21 @@ def test_cli_refuses_more_outputs_than_greedy_gives(tiny_run, capsys):
     assert main(["translate", str(tiny_run), "--beam", "1", "--nbest", "2"]) == 2
     assert "decode.nbest=2 needs beam search" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--method", "greedy", "--limit", "2"]) == 0
+
+
+def test_a_time_budgeted_schedule_decays_with_the_clock(tiny_data, tmp_path):
+    """linear over max_minutes: each step's logged rate lies between the rates at the run's
+    elapsed time before and after that step (the schedule's clock is kept in whole ms), and
+    the run ends near the floor."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "run", max_steps=0,
+                       max_minutes=0.05, schedule="linear", warmup_steps=1, min_lr=0.0,
+                       log_every=1, valid_every=100000)
+    assert main(["train", str(cfg)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "tokens_per_s" in x]
+    assert len(records) > 5
+    budget, peak = 0.05 * 60, 3e-3
+    for before, r in zip(records, records[1:]):
+        assert peak * (1 - r["elapsed_s"] / budget) - 1e-9 <= r["lr"] <= \
+            peak * (1 - (before["elapsed_s"] - 0.001) / budget) + 1e-9
+    assert records[-1]["lr"] < 0.25 * peak
