@@ -52,9 +52,10 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dic
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
-                    trainer_state: dict, rng_states: dict[str, torch.Tensor], *, is_best: bool,
+                    trainer_state: dict, state_tensors: dict[str, torch.Tensor], *, is_best: bool,
                     keep: int) -> Path:
-    """Write ``step-NNNNNNN`` (weights, optimizer, ``rng_states`` by name, trainer state) and
+    """Write ``step-NNNNNNN`` (the weights to decode with, the optimizer, ``state_tensors`` by
+    name: random states and, under a weight average, the raw weights; the trainer state) and
     point ``last`` (and ``best``) at it. Every file and directory is flushed to disk before the
     rename that makes it count; on a write error (a full disk) the partial directory is removed,
     the previous checkpoint stays current, and CheckpointError says where and how much space
@@ -65,7 +66,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, info = optimizer_tensors(optimizer)
-        tensors.update({k: v.cpu().contiguous() for k, v in rng_states.items()})
+        tensors.update({k: v.cpu().contiguous() for k, v in state_tensors.items()})
         save_file(tensors, str(tmp / "trainer.safetensors"))
         info.update(trainer_state)
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -168,10 +169,24 @@ def check_average_name(ckpt_root: Path, name: str, force: bool = False) -> None:
                               "another --name, or pass --force to replace it")
 
 
+def raw_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of a checkpoint saved under a weight average (train.ema_decay),
+    named as in its model.safetensors (which holds the average)."""
+    names = set(load_file(str(ckpt_dir / "model.safetensors")))
+    tensors = load_file(str(ckpt_dir / "trainer.safetensors"))
+    raw = {k[len("raw."):]: v for k, v in tensors.items() if k.startswith("raw.")}
+    if not raw:
+        raise CheckpointError(f"{ckpt_dir}: no raw weights (the run was trained without "
+                              "train.ema_decay, so model.safetensors holds the trained weights)")
+    return {k: v for k, v in raw.items() if k in names}
+
+
 def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None,
-                        force: bool = False) -> Path:
+                        force: bool = False, raw: bool = False) -> Path:
     """Average the weights of the run's ``last`` newest step checkpoints into a new checkpoint
-    directory (default ``avg-last{N}``), usable as ``--checkpoint avg-lastN``.
+    directory (default ``avg-last{N}``, ``raw-avg-last{N}`` with ``raw``), usable as
+    ``--checkpoint avg-lastN``. ``raw``: the trained weights of a run with a weight average
+    (train.ema_decay) rather than the average; ``last=1`` takes them out as they are.
 
     The mean is taken in float64 and stored in each tensor's own dtype. The result is written
     under a temporary name and renamed, like every checkpoint. An existing directory of that
@@ -186,12 +201,12 @@ def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None,
             f"{run_dir}: {len(steps)} step checkpoint(s) kept, cannot average the last {last}; "
             "train with train.keep_checkpoints >= N to keep enough")
     chosen = steps[-last:]
-    name = name or f"avg-last{last}"
+    name = name or f"{'raw-' if raw else ''}avg-last{last}"
     check_average_name(ckpt_root, name, force)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in chosen:
-        weights = load_file(str(path / "model.safetensors"))
+        weights = raw_weights(path) if raw else load_file(str(path / "model.safetensors"))
         if total and set(weights) != set(total):
             raise CheckpointError(f"{path}: its tensors differ from {chosen[0]}'s; "
                                   "cannot average checkpoints of different models")
@@ -210,6 +225,7 @@ def average_checkpoints(run_dir: str | Path, last: int, name: str | None = None,
         save_file(averaged, str(tmp / "model.safetensors"),
                   metadata={"averaged": ",".join(p.name for p in chosen)})
         (tmp / "averaged.json").write_text(
-            json.dumps({"checkpoints": [p.name for p in chosen]}) + "\n", encoding="utf-8")
+            json.dumps({"checkpoints": [p.name for p in chosen], "raw": raw}) + "\n",
+            encoding="utf-8")
 
     return _write_dir(ckpt_root, name, write)

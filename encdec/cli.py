@@ -181,7 +181,7 @@ def _train(args) -> None:
 def _average(args) -> None:
     from encdec.checkpoint import average_checkpoints
 
-    path = average_checkpoints(args.run, args.last, args.name, force=args.force)
+    path = average_checkpoints(args.run, args.last, args.name, force=args.force, raw=args.raw)
     chosen = json.loads((path / "averaged.json").read_text(encoding="utf-8"))["checkpoints"]
     print(f"averaged {', '.join(chosen)} -> {path}\n"
           f"use it with: encdec evaluate {args.run} --checkpoint {path.name}")
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--force", action="store_true",
                     help="replace an existing checkpoint directory of that name that is not an "
                          "earlier average")
+    av.add_argument("--raw", action="store_true",
+                    help="a run trained with train.ema_decay: average its trained weights, not "
+                         "their moving average (--last 1 takes them out as they are)")
     av.set_defaults(func=_average)
 
     def decode_args(q):

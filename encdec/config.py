@@ -100,6 +100,12 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     clip_norm: float = 1.0  # 0 disables clipping
+    # Exponential moving average of the weights (Polyak averaging), updated after every step:
+    # validation, the checkpoints' model.safetensors and so every decoder use the average; the
+    # optimizer steps the raw weights, kept in trainer.safetensors for --resume. The decay ramps
+    # up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so the initial weights fade out
+    # fast. 0 = off; 0.999 averages over about the last thousand steps.
+    ema_decay: float = 0.0
     label_smoothing: float = 0.1
     max_steps: int = 0  # 0 = no step limit
     max_epochs: int = 0  # 0 = no epoch limit
@@ -393,6 +399,8 @@ def validate(cfg: Config) -> None:
     if t.schedule in ("cosine", "linear") and t.max_steps == 0 and t.max_minutes == 0:
         raise ConfigError(f"train.schedule={t.schedule} decays over the budget: it needs "
                           "train.max_steps or train.max_minutes")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = off)")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction={t.decay_fraction}: must be in (0, 1]")
     if (m.arch == "nat") != (d.method == "nat"):

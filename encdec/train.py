@@ -78,6 +78,19 @@ def budget_progress(s: int, cfg, elapsed_s: float) -> float:
     return min(1.0, max(0.0, done))
 
 
+def ema_update(decay: float):
+    """The update of a weight average for torch.optim.swa_utils.AveragedModel: an exponential
+    moving average whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates."""
+
+    def update(averaged: list, current: list, num_averaged) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current):
+            avg.lerp_(cur, weight)
+
+    return update
+
+
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     # No weight decay on biases and LayerNorm gains (1-D parameters).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -257,6 +270,13 @@ class Trainer:
             self.log(f"init: copied {copied} tensors (decoder) from {t.init_decoder_from}")
         self.teacher = self._load_teacher(t.durations_from) if t.durations_from else None
         self.optimizer = make_optimizer(self.model, t)
+        # the weight average that validation, checkpoints and decoding use (train.ema_decay)
+        self.ema = None
+        if t.ema_decay:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(t.ema_decay))
+            self.ema.module.eval()
         self.ddp_model = self.model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -346,6 +366,15 @@ class Trainer:
     def _load(self, ckpt_dir: Path) -> None:
         checkpoint.load_weights(self.model, ckpt_dir)
         tensors, info = checkpoint.load_trainer_state(ckpt_dir)
+        raw = {k[len("raw."):]: v for k, v in tensors.items() if k.startswith("raw.")}
+        if self.ema is not None:  # model.safetensors holds the average
+            self.ema.module.load_state_dict(self.model.state_dict())
+            self.ema.n_averaged.fill_(int(tensors.get("ema.n_averaged", torch.tensor(0))))
+        if raw:  # the weights the optimizer steps (the average's run resumed with or without it)
+            self.model.load_state_dict(raw)
+        elif self.ema is not None:
+            self.log(f"ema: {ckpt_dir} was saved without a weight average; it starts from the "
+                     "checkpoint's weights")
         checkpoint.restore_optimizer(self.optimizer, tensors, info)
         for key in self.state:
             if key in info:  # checkpoints of older versions lack the newer keys
@@ -375,13 +404,19 @@ class Trainer:
         """Checkpoint the current step, with every process's random state. A failed write ends
         training on every process with CheckpointError; the previous checkpoint stays current."""
         gathered = dist.gather(self._rng_states(), self.dist)
-        rng = {f"{name}.{rank}": state for rank, states in enumerate(gathered)
-               for name, state in states.items()}
+        tensors = {f"{name}.{rank}": state for rank, states in enumerate(gathered)
+                   for name, state in states.items()}
+        if self.ema is not None:
+            # copies: tied weights share storage, which safetensors will not write twice
+            tensors.update({f"raw.{k}": v.detach().clone()
+                            for k, v in self.model.state_dict().items()})
+            tensors["ema.n_averaged"] = self.ema.n_averaged.detach().clone()
         error = None
         if self.dist.is_main:
             try:
-                checkpoint.save_checkpoint(self.run_dir, self.state["step"], self.model,
-                                           self.optimizer, json.loads(json.dumps(self.state)), rng,
+                checkpoint.save_checkpoint(self.run_dir, self.state["step"], self._eval_model(),
+                                           self.optimizer, json.loads(json.dumps(self.state)),
+                                           tensors,
                                            is_best=is_best, keep=self.cfg.train.keep_checkpoints)
             except checkpoint.CheckpointError as err:
                 error = str(err)
@@ -479,6 +514,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+            for avg, cur in zip(self.ema.module.buffers(), self.model.buffers()):
+                avg.copy_(cur)  # buffers (normalisation statistics) follow the model
         self.state["step"] += 1
         self.state["tokens_seen"] += global_tokens
         return loss_sum, nll_sum, total_tokens
@@ -501,13 +540,19 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed)
             return self._validate()
 
+    def _eval_model(self) -> torch.nn.Module:
+        """The weights validated, saved as model.safetensors and decoded with: the average
+        under train.ema_decay, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
     def _validate(self) -> dict:
-        self.model.eval()
+        model = self._eval_model()
+        model.eval()
         loss_sum = nll_sum = tokens = 0
         for idx in self._length_batches(self.dev_split, seed=0, epoch=0, shuffle=False):
             batch = self._collate(self.dev_split, idx).to(self.device)
-            loss, nll = self._loss(self.model, batch)
+            loss, nll = self._loss(model, batch)
             loss_sum += float(loss)
             nll_sum += float(nll)
             tokens += batch.num_tgt_tokens
@@ -529,19 +574,19 @@ class Trainer:
 
             waves = [read_audio(e["audio"], self.assets.audio_front.sample_rate)
                      for e in self.dev_eval]
-            outputs = decode_audio(self.model, waves, cfg=decode_cfg, device=self.device,
+            outputs = decode_audio(model, waves, cfg=decode_cfg, device=self.device,
                                    **self.assets.audio_kwargs())
             ctc_scores = {}
             if method == "greedy" and self.cfg.model.ctc_weight > 0:
                 # the CTC head's best path too: it shows the encoder's progress while the
                 # decoder is still untrained (the CTC warm-up), and costs one batched pass
-                ctc_out = decode_audio(self.model, waves, device=self.device,
+                ctc_out = decode_audio(model, waves, device=self.device,
                                        cfg=DecodeConfig(method="ctc", batch_size=decode_cfg.batch_size),
                                        **self.assets.audio_kwargs())
                 ctc_scores = score(self.metric, [o[0].text for o in ctc_out],
                                    [e["refs"] for e in self.dev_eval])
         else:
-            outputs = decode_texts(self.model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
+            outputs = decode_texts(model, [e["src"] for e in self.dev_eval], cfg=decode_cfg,
                                    device=self.device, **self.assets.text_kwargs())
         scores = score(self.metric, [o[0].text for o in outputs], [e["refs"] for e in self.dev_eval])
         self.model.train()

@@ -491,3 +491,59 @@ def test_a_time_budgeted_schedule_decays_with_the_clock(tiny_data, tmp_path):
         assert peak * (1 - r["elapsed_s"] / budget) - 1e-9 <= r["lr"] <= \
             peak * (1 - (before["elapsed_s"] - 0.001) / budget) + 1e-9
     assert records[-1]["lr"] < 0.25 * peak
+
+
+def test_weight_average_is_what_validation_and_checkpoints_use(tiny_data, tiny_run, tmp_path):
+    """train.ema_decay: model.safetensors holds the average of the raw weights after each step,
+    with the ramped decay; the raw weights ride in trainer.safetensors; validation scores the
+    average; and a resumed run equals an uninterrupted one, average and raw weights alike."""
+    decay = 0.5  # the ramp min(decay, (1 + n) / (10 + n)) is below it for the first 8 updates
+    common = dict(max_steps=12, valid_every=1, log_every=1, valid_max_inputs=8, keep_checkpoints=20)
+    full = write_config(tmp_path / "full.yaml", tiny_data, tmp_path / "full", **common)
+    assert main(["train", str(full), f"train.ema_decay={decay}"]) == 0
+    steps = sorted((tmp_path / "full" / "checkpoints").glob("step-*"))
+    assert len(steps) == 12
+    expected = None
+    for n, ckpt in enumerate(steps):
+        tensors, info = checkpoint.load_trainer_state(ckpt)
+        raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
+        if expected is None:
+            expected = {k: v.clone() for k, v in raw.items()}
+        else:
+            d = min(decay, (1 + n) / (10 + n))
+            expected = {k: d * expected[k] + (1 - d) * raw[k] for k in raw}
+        saved = load_file(str(ckpt / "model.safetensors"))
+        assert set(saved) <= set(expected) and int(tensors["ema.n_averaged"]) == n + 1
+        for key in saved:
+            torch.testing.assert_close(saved[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # an average, not a copy
+
+    # validation scores the average: the dev loss of the saved weights, recomputed
+    cfg = Config.load(tmp_path / "full" / "config.yaml")
+    trainer = Trainer(cfg, resume=True, log=lambda *a: None)
+    assert trainer.ema is not None
+    valid = [r for r in _records(tmp_path / "full") if "valid_loss" in r]
+    assert trainer.validate()["valid_loss"] == pytest.approx(valid[-1]["valid_loss"], rel=1e-6)
+    checkpoint.load_weights(trainer.model, steps[-1])  # the average as the trained weights
+    trainer.ema = None
+    assert trainer.validate()["valid_loss"] == pytest.approx(valid[-1]["valid_loss"], rel=1e-6)
+    # `encdec average --raw --last 1` takes the trained weights out as a checkpoint of their own
+    assert main(["average", str(tmp_path / "full"), "--last", "1", "--raw"]) == 0
+    checkpoint.load_weights(trainer.model, tmp_path / "full" / "checkpoints" / "raw-avg-last1")
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, raw[key], rtol=0, atol=0)
+    assert trainer.validate()["valid_loss"] != pytest.approx(valid[-1]["valid_loss"], rel=1e-6)
+    with pytest.raises(checkpoint.CheckpointError, match="without train.ema_decay"):
+        checkpoint.raw_weights(checkpoint.resolve(tiny_run, "last"))
+
+    part = write_config(tmp_path / "part.yaml", tiny_data, tmp_path / "part", **common)
+    assert main(["train", str(part), f"train.ema_decay={decay}", "train.max_steps=5"]) == 0
+    assert main(["train", str(tmp_path / "part"), "--resume", "train.max_steps=12"]) == 0
+    losses = lambda d: [(r["step"], r.get("loss"), r.get("valid_loss")) for r in _records(d)]
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    for name in ("model.safetensors", "trainer.safetensors"):
+        a = load_file(str(checkpoint.resolve(tmp_path / "full", "last") / name))
+        b = load_file(str(checkpoint.resolve(tmp_path / "part", "last") / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
