@@ -172,9 +172,14 @@ def _train(args) -> None:
     from encdec.train import train
 
     path = Path(args.config)
-    if path.is_dir():  # a run directory: continue with its saved config
+    run_dir = None
+    if path.is_dir():  # a run directory: continue with its saved config, in that directory
+        run_dir = path  # (a copied or moved run trains where it is, not where it was made)
         path = path / "config.yaml"
     cfg = Config.load(path, args.overrides)
+    if run_dir is not None and not any(o.split("=", 1)[0].strip() == "train.run_dir"
+                                       for o in args.overrides):
+        cfg.train.run_dir = str(run_dir)
     train(cfg, resume=args.resume)
 
 

@@ -131,6 +131,9 @@ class TrainConfig:
     ss_max_prob: float = 0.25
     ss_steps: int = 2000  # linear: steps until eps reaches 0
     ss_k: float = 500.0  # exponential (use e.g. 0.999) and inverse sigmoid
+    # The schedule's step 0 (teacher forcing before it): scheduled sampling from a trained
+    # model, resumed with train.ss_start_step at its last step, anneals from zero as from scratch
+    ss_start_step: int = 0
     # Start from another run's weights (speech): before the first step (not on --resume), the
     # parameters of init_parts are copied from the best checkpoint of the run directory
     # init_from; shapes must match. Parts: front (conv subsampler), encoder (blocks and final
@@ -417,6 +420,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
     if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:
         raise ConfigError(f"train.ss_k={t.ss_k}: exponential decay needs 0 < ss_k < 1")
+    if t.ss_start_step < 0:
+        raise ConfigError(f"train.ss_start_step={t.ss_start_step}: must be >= 0")
     if t.scheduled_sampling in ("linear", "inverse_sigmoid") and (t.ss_steps <= 0 or t.ss_k <= 0):
         raise ConfigError("train.ss_steps and train.ss_k must be positive")
     if not 0.0 <= m.glat_ratio <= 1.0:

@@ -31,9 +31,11 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 
 def sampling_prob(step: int, cfg) -> float:
-    """Scheduled sampling: probability that a decoder input is the model's own prediction."""
-    if cfg.scheduled_sampling == "off":
+    """Scheduled sampling: probability that a decoder input is the model's own prediction,
+    by the schedule's own steps, counted from train.ss_start_step."""
+    if cfg.scheduled_sampling == "off" or step < cfg.ss_start_step:
         return 0.0
+    step -= cfg.ss_start_step
     if cfg.scheduled_sampling == "linear":
         eps = max(0.0, 1.0 - step / cfg.ss_steps)
     elif cfg.scheduled_sampling == "exponential":

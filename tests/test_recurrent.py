@@ -75,6 +75,11 @@ def test_scheduled_sampling_schedules():
     sig = TrainConfig(scheduled_sampling="inverse_sigmoid", ss_k=10.0, ss_max_prob=1.0)
     assert sampling_prob(0, sig) == pytest.approx(1 - 10 / 11)
     assert sampling_prob(10_000, sig) == pytest.approx(1.0)
+    # from a trained model: teacher forcing until ss_start_step, then the schedule from its 0
+    late = TrainConfig(scheduled_sampling="linear", ss_steps=100, ss_max_prob=0.25,
+                       ss_start_step=3000)
+    assert [sampling_prob(s, late) for s in (0, 2999, 3000, 3010, 3100, 9000)] == \
+        pytest.approx([0, 0, 0, 0.1, 0.25, 0.25])
 
 
 class _Batch:

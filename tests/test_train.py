@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,11 +125,15 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert main(["train", str(part), "train.max_steps=4"]) == 0
     # refusing to overwrite a trained run without --resume
     assert main(["train", str(part), "train.max_steps=4"]) == 2
-    assert main(["train", str(tmp_path / "part"), "--resume", "train.max_steps=8"]) == 0
+    # a run directory copied elsewhere resumes where it is now, leaving the original alone
+    shutil.copytree(tmp_path / "part", tmp_path / "moved")
+    assert main(["train", str(tmp_path / "moved"), "--resume", "train.max_steps=8"]) == 0
+    assert checkpoint.resolve(tmp_path / "part", "last").name == "step-0000004"
+    assert Config.load(tmp_path / "moved" / "config.yaml").train.run_dir == str(tmp_path / "moved")
     losses = lambda d: [(r["step"], r["loss"]) for r in _records(d) if "loss" in r]
-    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    assert losses(tmp_path / "full") == losses(tmp_path / "moved")
     a = load_file(str(checkpoint.resolve(tmp_path / "full", "last") / "model.safetensors"))
-    b = load_file(str(checkpoint.resolve(tmp_path / "part", "last") / "model.safetensors"))
+    b = load_file(str(checkpoint.resolve(tmp_path / "moved", "last") / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
