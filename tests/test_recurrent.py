@@ -242,7 +242,7 @@ def test_inverse_sigmoid_k_reaches_the_cap_at_the_step(step, cap):
     from encdec.experiments import inverse_sigmoid_k
     from encdec.losses import sampling_prob
     cfg = SimpleNamespace(scheduled_sampling="inverse_sigmoid", ss_max_prob=1.0,
-                          ss_k=inverse_sigmoid_k(step, cap))
+                          ss_k=inverse_sigmoid_k(step, cap), ss_start_step=0)
     assert sampling_prob(step, cfg) == pytest.approx(cap, abs=1e-6)
     assert sampling_prob(step // 2, cfg) < cap
 
