@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from encdec.data.vocab import EOS, PAD
+from encdec.scheduled_sampling import mix_predictions
 
 
 def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
@@ -28,30 +27,6 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (N,)
     loss = ((1.0 - smoothing) * nll + smoothing * smooth).sum()
     return loss, nll.sum().detach()
-
-
-def sampling_prob(step: int, cfg) -> float:
-    """Scheduled sampling: probability that a decoder input is the model's own prediction,
-    by the schedule's own steps, counted from train.ss_start_step."""
-    if cfg.scheduled_sampling == "off" or step < cfg.ss_start_step:
-        return 0.0
-    step -= cfg.ss_start_step
-    if cfg.scheduled_sampling == "linear":
-        eps = max(0.0, 1.0 - step / cfg.ss_steps)
-    elif cfg.scheduled_sampling == "exponential":
-        eps = cfg.ss_k ** step
-    else:  # inverse sigmoid
-        eps = cfg.ss_k / (cfg.ss_k + math.exp(min(step / cfg.ss_k, 700.0)))
-    return min(cfg.ss_max_prob, 1.0 - eps)
-
-
-def mix_predictions(tgt_in: torch.Tensor, predicted: torch.Tensor, prob: float) -> torch.Tensor:
-    """Decoder inputs for a second pass: position t > 0 takes, with probability ``prob``, the
-    first pass's prediction for it (made at t - 1) instead of the reference; padding stays."""
-    shifted = torch.cat([tgt_in[:, :1], predicted[:, :-1]], dim=1)
-    use = torch.rand(tgt_in.shape, device=tgt_in.device) < prob
-    use[:, 0] = False  # BOS
-    return torch.where(use & tgt_in.ne(PAD), shifted, tgt_in)
 
 
 def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False):

@@ -28,9 +28,10 @@ from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
 from encdec.host import retain_freed_memory
-from encdec.losses import sampling_prob, sequence_loss, tts_loss
+from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import model_for_data
+from encdec.scheduled_sampling import sampling_prob
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

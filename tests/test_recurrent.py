@@ -11,9 +11,10 @@ from encdec.cli import main
 from encdec.config import DecodeConfig, ModelConfig
 from encdec.data.vocab import BOS, EOS, PAD
 from encdec.decoding import beam_search, generate
-from encdec.losses import mix_predictions, sampling_prob, sequence_loss
+from encdec.losses import sequence_loss
 from encdec.models import build_model
 from encdec.nn.norms import MaskedBatchNorm
+from encdec.scheduled_sampling import mix_predictions, sampling_prob
 from encdec.translate import Translator
 
 SRC = torch.tensor([[5, 6, 7, 8, 9], [7, 5, PAD, PAD, PAD], [9, 8, 7, 6, PAD]])
@@ -240,7 +241,7 @@ def test_inverse_sigmoid_k_reaches_the_cap_at_the_step(step, cap):
     from types import SimpleNamespace
 
     from encdec.experiments import inverse_sigmoid_k
-    from encdec.losses import sampling_prob
+    from encdec.scheduled_sampling import sampling_prob
     cfg = SimpleNamespace(scheduled_sampling="inverse_sigmoid", ss_max_prob=1.0,
                           ss_k=inverse_sigmoid_k(step, cap), ss_start_step=0)
     assert sampling_prob(step, cfg) == pytest.approx(cap, abs=1e-6)
