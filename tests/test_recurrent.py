@@ -14,7 +14,7 @@ from encdec.decoding import beam_search, generate
 from encdec.losses import sequence_loss
 from encdec.models import build_model
 from encdec.nn.norms import MaskedBatchNorm
-from encdec.scheduled_sampling import mix_predictions, sampling_prob
+from encdec.scheduled_sampling import mix_predictions
 from encdec.translate import Translator
 
 SRC = torch.tensor([[5, 6, 7, 8, 9], [7, 5, PAD, PAD, PAD], [9, 8, 7, 6, PAD]])
@@ -63,24 +63,6 @@ def test_beam_one_is_greedy_and_batched_beam_is_per_input(arch, attention):
         assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
         for a, b in zip(alone, batched[i]):
             assert a.score == pytest.approx(b.score, abs=1e-5)
-
-
-def test_scheduled_sampling_schedules():
-    from encdec.config import TrainConfig
-    off = TrainConfig()
-    assert sampling_prob(10_000, off) == 0.0
-    lin = TrainConfig(scheduled_sampling="linear", ss_steps=100, ss_max_prob=0.25)
-    assert [sampling_prob(s, lin) for s in (0, 10, 100, 500)] == pytest.approx([0, 0.1, 0.25, 0.25])
-    exp = TrainConfig(scheduled_sampling="exponential", ss_k=0.99, ss_max_prob=1.0)
-    assert sampling_prob(100, exp) == pytest.approx(1 - 0.99 ** 100)
-    sig = TrainConfig(scheduled_sampling="inverse_sigmoid", ss_k=10.0, ss_max_prob=1.0)
-    assert sampling_prob(0, sig) == pytest.approx(1 - 10 / 11)
-    assert sampling_prob(10_000, sig) == pytest.approx(1.0)
-    # from a trained model: teacher forcing until ss_start_step, then the schedule from its 0
-    late = TrainConfig(scheduled_sampling="linear", ss_steps=100, ss_max_prob=0.25,
-                       ss_start_step=3000)
-    assert [sampling_prob(s, late) for s in (0, 2999, 3000, 3010, 3100, 9000)] == \
-        pytest.approx([0, 0, 0, 0.1, 0.25, 0.25])
 
 
 class _Batch:
@@ -234,18 +216,6 @@ def test_step_budgeted_experiments_are_reproducible(tiny_data, tmp_path):
                         for r in rows], [x for x in losses if x is not None]))
     assert tables[0][1] and tables[0] == tables[1]  # bit-identical dev losses too
     assert "5 steps per variant" in (tmp_path / "b" / "results.md").read_text()
-
-
-@pytest.mark.parametrize("step, cap", [(160, 0.25), (1000, 0.25), (50, 0.5)])
-def test_inverse_sigmoid_k_reaches_the_cap_at_the_step(step, cap):
-    from types import SimpleNamespace
-
-    from encdec.experiments import inverse_sigmoid_k
-    from encdec.scheduled_sampling import sampling_prob
-    cfg = SimpleNamespace(scheduled_sampling="inverse_sigmoid", ss_max_prob=1.0,
-                          ss_k=inverse_sigmoid_k(step, cap), ss_start_step=0)
-    assert sampling_prob(step, cfg) == pytest.approx(cap, abs=1e-6)
-    assert sampling_prob(step // 2, cfg) < cap
 
 
 def test_error_by_position():
