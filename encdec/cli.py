@@ -322,7 +322,8 @@ def _experiment(args) -> None:
 
     out = args.out or f"runs/experiment-{args.name}"
     run_experiment(args.name, out, base_config=args.config, minutes=args.minutes,
-                   steps=args.steps, overrides=args.overrides, nat_config=args.nat_config)
+                   steps=args.steps, overrides=args.overrides, nat_config=args.nat_config,
+                   from_run=args.from_run)
     print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
@@ -597,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizer steps per variant: the same work for each, reproducible")
     ex.add_argument("--nat-config", default="configs/g2p-nat.yaml",
                     help="nat: the non-autoregressive model's config (the base config's size)")
+    ex.add_argument("--from", dest="from_run", metavar="RUN",
+                    help="sampling: continue a copy of this trained run for --steps more steps "
+                         "in each variant (its config is the base), scheduled sampling "
+                         "starting from zero at the run's last step; scored at the last step")
     ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
     ex.set_defaults(func=_experiment)
 

@@ -10,7 +10,9 @@ variant, and a rerun on the same machine and thread count gives the same numbers
 
 * ``depth``    deep-thin (2L layers) vs shallow-wide (2L/3 layers) at the base's parameter count
 * ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
-* ``sampling`` teacher forcing vs scheduled sampling (inverse-sigmoid, two-pass)
+* ``sampling`` teacher forcing vs scheduled sampling (inverse-sigmoid, two-pass); with
+  ``from_run`` (``--from RUN``) both continue a trained run for ``steps`` more steps, the
+  schedule starting from zero at its last step: scheduled sampling from a trained model
 * ``rnn``      the Transformer vs an LSTM with attention of the same parameter count
 * ``nat``      AT beam/greedy vs NAT on original and distilled targets, speed at batch 1 and 64,
   and NAT outputs that mix two references (``encdec/experiment_nat.py``)
@@ -64,7 +66,7 @@ def inverse_sigmoid_k(step: float, max_prob: float) -> float:
 
 
 def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int,
-              steps: int | None = None) -> dict[str, dict]:
+              steps: int | None = None, start_step: int = 0) -> dict[str, dict]:
     m = base["model"]
     base_params = count_parameters(Config.from_dict(base), src_vocab, tgt_vocab)
     layers = max(m.get("enc_layers", 3), 1)
@@ -91,12 +93,15 @@ def _variants(name: str, base: dict, src_vocab: int, tgt_vocab: int,
                 "pre-LN": variant(model={"norm": "pre", "norm_type": "layernorm"}),
                 "pre-BatchNorm": variant(model={"norm": "pre", "norm_type": "batchnorm"})}
     if name == "sampling":
-        # With a step budget the schedule is scaled to it: sampling reaches its cap 40 % in.
+        # With a step budget the schedule is scaled to it: sampling reaches its cap 40 % in
+        # (40 % into the continuation of a trained run, whose step start_step is the
+        # schedule's zero).
         k = inverse_sigmoid_k(0.4 * steps, SS_MAX_PROB) if steps else 300.0
         return {"teacher forcing": variant(train={"scheduled_sampling": "off"}),
                 "scheduled sampling": variant(train={"scheduled_sampling": "inverse_sigmoid",
                                                      "ss_k": round(k, 1),
-                                                     "ss_max_prob": SS_MAX_PROB})}
+                                                     "ss_max_prob": SS_MAX_PROB,
+                                                     "ss_start_step": start_step})}
     if name == "rnn":
         lstm = variant(model={"arch": "lstm", "enc_layers": 2, "dec_layers": 2,
                               "rnn_attention": "luong"})
@@ -125,11 +130,49 @@ def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20)
     return [100.0 * w / t if t else float("nan") for w, t in zip(wrong, total)]
 
 
+def _last_step(run: Path) -> int:
+    from encdec import checkpoint
+
+    last = checkpoint.resolve(run, "last")
+    return int(json.loads((last / "trainer.json").read_text(encoding="utf-8"))["step"])
+
+
+def _continued_copy(run: Path, dest: Path) -> None:
+    """Copy the run directory ``run`` with its last checkpoint only, to continue it in
+    ``dest`` (a copy left by an interrupted experiment is kept, and continued)."""
+    import shutil
+
+    from encdec import checkpoint
+
+    last = checkpoint.resolve(run, "last")
+    if not (dest / "checkpoints" / "last").exists():
+        keep = {last.name, "last"}
+        shutil.copytree(run, dest, dirs_exist_ok=True, ignore=lambda d, names: [
+            n for n in names if Path(d) == run / "checkpoints" and n not in keep] + [
+            n for n in names if Path(d) == run and n == "eval"])
+        (dest / "checkpoints" / "best").write_text(last.name + "\n", encoding="utf-8")
+
+
 def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
                    minutes: float | None = None, steps: int | None = None,
                    overrides: list[str] | None = None, nat_config: str = "configs/g2p-nat.yaml",
-                   log=print) -> list[dict]:
+                   from_run: str | Path | None = None, log=print) -> list[dict]:
+    """``from_run`` (experiment sampling only, with ``steps``): every variant continues a copy
+    of that trained run for ``steps`` more steps and is scored at its last checkpoint."""
     import yaml
+
+    from encdec.config import ConfigError
+
+    if from_run is not None:
+        if name != "sampling":
+            raise ConfigError(f"--from continues a trained run, which only experiment sampling "
+                              f"does (experiment {name} changes the model itself)")
+        if not steps or minutes:
+            raise ConfigError("--from needs --steps N, the steps each variant trains on from "
+                              "the run's last checkpoint (and no --minutes)")
+        if not (Path(from_run) / "config.yaml").exists():
+            raise ConfigError(f"--from {from_run}: not a run directory (no config.yaml)")
+        base_config = str(Path(from_run) / "config.yaml")
 
     if name == "nat":
         from encdec.experiment_nat import run_nat_experiment
@@ -151,7 +194,12 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) +
                           ([f"{steps} steps"] if steps else []))
     meta = load_meta(Config.from_dict(base).data.dir)
-    variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"], steps)
+    start = 0
+    if from_run is not None:
+        start = _last_step(Path(from_run))
+        budget = f"{steps} steps from step {start} of {from_run}"
+    variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,
+                         start_step=start)
     rows = []
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")
@@ -160,15 +208,20 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         if minutes:
             t["max_minutes"] = minutes
         if steps:
-            t["max_steps"] = steps
+            t["max_steps"] = start + steps
             t["valid_every"] = max(25, steps // 8)  # about eight points on the dev curve
             if not minutes:
                 t["max_minutes"] = 0
         cfg = Config.from_dict(raw, source=f"{name}/{label}")
         params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
         log(f"== {name}: {label} ({params / 1e6:.2f}M parameters, {budget})")
-        state = train(cfg, log=lambda *a: None, progress=False)
-        result = evaluate(cfg.train.run_dir, split="test", method="greedy")
+        if from_run is not None:
+            _continued_copy(Path(from_run), Path(cfg.train.run_dir))
+        state = train(cfg, resume=from_run is not None, log=lambda *a: None, progress=False)
+        # a continued run is scored where it ended: its best dev checkpoint may predate the
+        # continuation
+        result = evaluate(cfg.train.run_dir, split="test", method="greedy",
+                          checkpoint_name="last" if from_run is not None else "best")
         records = [json.loads(line) for line in
                    (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
         speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import write_config
 from encdec.cli import main
-from encdec.config import DecodeConfig, ModelConfig
+from encdec.config import Config, DecodeConfig, ModelConfig
 from encdec.data.vocab import BOS, EOS, PAD
 from encdec.decoding import beam_search, generate
 from encdec.losses import sequence_loss
@@ -216,6 +216,46 @@ def test_step_budgeted_experiments_are_reproducible(tiny_data, tmp_path):
                         for r in rows], [x for x in losses if x is not None]))
     assert tables[0][1] and tables[0] == tables[1]  # bit-identical dev losses too
     assert "5 steps per variant" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_sampling_from_a_trained_run(tiny_run, tmp_path):
+    """experiment sampling --from RUN: both variants continue a copy of the trained run from
+    its last checkpoint on the same batches; only the scheduled-sampling one samples, on a
+    schedule that starts at the run's last step; the run itself is left as it was."""
+    import csv
+
+    from encdec import checkpoint
+    before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    out = tmp_path / "ss"
+    assert main(["experiment", "sampling", "--from", str(tiny_run), "--steps", "16",
+                 "--out", str(out), "train.valid_max_inputs=8", "train.log_every=1"]) == 0
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [int(r["steps"]) for r in rows] == [616, 616]
+    tf, ss = (Config.load(out / d / "config.yaml").train
+              for d in ("teacher-forcing", "scheduled-sampling"))
+    assert tf.scheduled_sampling == "off" and ss.scheduled_sampling == "inverse_sigmoid"
+    assert ss.ss_start_step == 600 and tf.max_steps == ss.max_steps == 616
+    # the same start: the copies' records up to step 600 are the run's own
+    records = {d: [json.loads(x) for x in (out / d / "metrics.jsonl").read_text().splitlines()]
+               for d in ("teacher-forcing", "scheduled-sampling")}
+    original = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    for recs in records.values():
+        assert [r for r in recs if r["step"] <= 600] == original
+    losses = {d: [r["loss"] for r in recs if "loss" in r and r["step"] > 600]
+              for d, recs in records.items()}
+    assert len(losses["teacher-forcing"]) == 16
+    assert losses["teacher-forcing"] != losses["scheduled-sampling"]
+    for d in records:  # scored at the last step
+        assert checkpoint.resolve(out / d, "last").name == "step-0000616"
+        assert json.loads((out / d / "eval" / "test-greedy-last.json").read_text())["checkpoint"] \
+            == "step-0000616"
+    assert "16 steps from step 600" in (out / "results.md").read_text()
+    for bad in (["experiment", "depth", "--from", str(tiny_run), "--steps", "4"],
+                ["experiment", "sampling", "--from", str(tiny_run), "--minutes", "1"],
+                ["experiment", "sampling", "--from", str(tmp_path), "--steps", "4"]):
+        assert main(bad + ["--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
 
 
 def test_error_by_position():
