@@ -337,7 +337,8 @@ def _sweep(args) -> None:
         raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas")
     run_sweep(args.config, args.out, parse_grid(args.grid), seeds, minutes=args.minutes,
               steps=args.steps, overrides=args.overrides, average=args.average,
-              split=args.split, decode={"beam_size": args.beam, "method": args.method})
+              split=args.split, decode={"beam_size": args.beam, "method": args.method},
+              jobs=args.jobs)
     print(f"results: {args.out}/results.md, {args.out}/runs.csv, {args.out}/plot.png")
 
 
@@ -618,6 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--split", default="test", help="split to score (default test)")
     sw.add_argument("--beam", type=int, help="beam size (default: the config's)")
     sw.add_argument("--method", choices=["greedy", "beam"], help="default: the config's")
+    sw.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once, each in its own process on cores / jobs threads "
+                         "(two one-thread runs do more work in all on 2 cores than one "
+                         "two-thread run); compare settings by --steps then, or keep every run "
+                         "paired (a run alone at the end trains faster per minute)")
     sw.add_argument("--out", required=True, help="output directory (one per sweep)")
     sw.set_defaults(func=_sweep)
 

@@ -10,6 +10,8 @@ machine's load), evaluates each run on a split, and writes one table:
   and every seed's figure, so a lucky run shows as one;
 * ``plot.png``   every run's dev curve against training minutes, one colour per setting.
 
+``jobs`` > 1 (``--jobs 2``) trains that many runs at once, each in a process of its own.
+
 Every run keeps its own directory (``OUT/SETTING/seed-N``, with its config and curve). The
 sweep can be stopped and started again: a finished run is read back, not trained again, and a
 run stopped half way (Ctrl-C saves a checkpoint) continues from its last checkpoint.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import statistics
+from concurrent.futures import as_completed
 from pathlib import Path
 
 from encdec.config import Config, ConfigError, apply_override
@@ -74,30 +78,36 @@ def setting_name(setting: dict[str, str]) -> str:
 def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]],
               seeds: list[int], *, minutes: float | None = None, steps: int | None = None,
               overrides: list[str] | None = None, average: int = 0, split: str = "test",
-              decode: dict | None = None, log=print) -> list[dict]:
-    """Train and evaluate every setting x seed (skipping finished runs); write the table."""
-    import yaml
+              decode: dict | None = None, jobs: int = 1, log=print) -> list[dict]:
+    """Train and evaluate every setting x seed (skipping finished runs); write the table.
 
-    from encdec.checkpoint import average_checkpoints
-    from encdec.evaluate import evaluate
-    from encdec.train import train
+    ``jobs`` > 1 trains that many runs at once, each in its own process on
+    cores / ``jobs`` threads (unless the config sets train.num_threads): on a 2-core CPU two
+    one-thread runs side by side do more work in all than one two-thread run."""
+    import yaml
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {seeds}: give distinct seeds")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be at least 1")
     out = Path(out_dir)
     base = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
     for item in overrides or []:
         apply_override(base, item)
     decode = {k: v for k, v in (decode or {}).items() if v is not None}
+    threads = 0
+    if jobs > 1 and not base.get("train", {}).get("num_threads"):
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     combos = settings(grid)
-    names = [setting_name(s) for s in combos]
-    rows = []
-    for setting, name in zip(combos, names):
+    rows: dict[tuple[str, int], dict] = {}
+    pending = []  # (name, seed, setting, raw config, run directory)
+    for setting in combos:
+        name = setting_name(setting)
         for seed in seeds:
             run_dir = out / name / f"seed-{seed}"
             done = run_dir / "sweep.json"
             if done.exists():
-                rows.append(json.loads(done.read_text(encoding="utf-8")))
+                rows[name, seed] = json.loads(done.read_text(encoding="utf-8"))
                 log(f"== {name}, seed {seed}: finished earlier ({done})")
                 continue
             raw = json.loads(json.dumps(base))  # a deep copy
@@ -105,6 +115,8 @@ def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]
                 apply_override(raw, f"{key}={value}")
             t = raw.setdefault("train", {})
             t.update(run_dir=str(run_dir), seed=seed)
+            if threads:
+                t["num_threads"] = threads
             if minutes is not None:
                 t["max_minutes"] = minutes
             if steps is not None:  # a step budget alone, unless minutes are given too
@@ -115,25 +127,70 @@ def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]
             cfg = Config.from_dict(raw, source=f"{config} [{name}, seed {seed}]")
             if not (cfg.train.max_minutes or cfg.train.max_steps or cfg.train.max_epochs):
                 raise ConfigError(f"{config}: no budget; give --minutes or --steps")
-            resume = (run_dir / "checkpoints" / "last").exists()
-            log(f"== {name}, seed {seed}: {'continuing' if resume else 'training'} ({run_dir})")
-            state = train(cfg, resume=resume, log=lambda *a: None, progress=False)
-            row = {"setting": name, **setting, "seed": seed, "steps": state["step"],
-                   "epochs": state["epoch"], "train_min": round(state["elapsed"] / 60, 1)}
-            result = evaluate(run_dir, split=split, **decode)
-            row.update(metric=result["metric"], **_scores(result, split))
-            if average:
-                average_checkpoints(run_dir, average)  # replaces an earlier average only
-                avg = evaluate(run_dir, split=split, checkpoint_name=f"avg-last{average}",
-                               **decode)
-                row.update(_scores(avg, f"{split}_avg{average}"))
-            row["decode"] = {k: v for k, v in result["decode"].items()
-                             if k in ("method", "beam_size", "length_penalty")}
-            atomic_write_text(done, json.dumps(row, indent=2) + "\n")
-            rows.append(row)
-            log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "decode"))
-    write_tables(out, rows, [k for k, _ in grid], minutes, steps, split, average)
-    return rows
+            pending.append((name, seed, setting, raw, run_dir))
+
+    def started(name, seed, run_dir) -> None:
+        resume = (run_dir / "checkpoints" / "last").exists()
+        log(f"== {name}, seed {seed}: {'continuing' if resume else 'training'} ({run_dir})")
+
+    def finished(key, row) -> None:
+        rows[key] = row
+        log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "decode"))
+
+    args = lambda name, seed, setting, raw, run_dir: (  # noqa: E731
+        raw, f"{config} [{name}, seed {seed}]", {"setting": name, **setting, "seed": seed},
+        split, decode, average, threads)
+    if jobs == 1:
+        for task in pending:
+            started(*task[:2], task[4])
+            finished(task[:2], train_and_score(*args(*task)))
+    elif pending:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned workers: a forked copy of a process that has run torch can deadlock
+        with ProcessPoolExecutor(max_workers=jobs,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for task in pending:
+                started(*task[:2], task[4])
+                futures[pool.submit(train_and_score, *args(*task))] = task[:2]
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    ordered = [rows[setting_name(s), seed] for s in combos for seed in seeds]
+    write_tables(out, ordered, [k for k, _ in grid], minutes, steps, split, average)
+    return ordered
+
+
+def train_and_score(raw: dict, source: str, row: dict, split: str, decode: dict, average: int,
+                    threads: int = 0) -> dict:
+    """One run of a sweep: train (or continue) the config ``raw``, score it on ``split`` (and
+    the average of its last ``average`` checkpoints), record it in RUN/sweep.json; ``row``
+    holds the run's setting and seed. ``threads``: torch's threads in this process."""
+    import torch
+
+    from encdec.checkpoint import average_checkpoints
+    from encdec.evaluate import evaluate
+    from encdec.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = Config.from_dict(raw, source=source)
+    run_dir = Path(cfg.train.run_dir)
+    resume = (run_dir / "checkpoints" / "last").exists()
+    state = train(cfg, resume=resume, log=lambda *a: None, progress=False)
+    row = {**row, "steps": state["step"], "epochs": state["epoch"],
+           "train_min": round(state["elapsed"] / 60, 1)}
+    result = evaluate(run_dir, split=split, **decode)
+    row.update(metric=result["metric"], **_scores(result, split))
+    if average:
+        average_checkpoints(run_dir, average)  # replaces an earlier average only
+        avg = evaluate(run_dir, split=split, checkpoint_name=f"avg-last{average}", **decode)
+        row.update(_scores(avg, f"{split}_avg{average}"))
+    row["decode"] = {k: v for k, v in result["decode"].items()
+                     if k in ("method", "beam_size", "length_penalty")}
+    atomic_write_text(run_dir / "sweep.json", json.dumps(row, indent=2) + "\n")
+    return row
 
 
 def _scores(result: dict, prefix: str) -> dict:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -97,3 +98,25 @@ def test_sweep_refuses_bad_requests(tiny_data, tmp_path, capsys):
     assert "--seeds 'one'" in capsys.readouterr().err
     assert main(["sweep", str(cfg), "--out", out, "--grid", "train.lrr=1,2", "--steps", "2"]) == 2
     assert "unknown key 'train.lrr'" in capsys.readouterr().err
+
+
+def test_parallel_sweep_equals_one_run_at_a_time(tiny_data, tmp_path):
+    """--jobs 2 trains two runs at once in worker processes: with the same threads per run the
+    table is the one a sequential sweep writes; without train.num_threads each run gets its
+    share of the cores."""
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused", valid_every=4)
+    common = ["--steps", "8", "--seeds", "1", "--grid", "train.lr=1e-3,3e-3", "--beam", "2"]
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs-{jobs}"
+        assert main(["sweep", str(cfg), "--out", str(out), "--jobs", jobs, *common]) == 0
+        rows = list(csv.DictReader(open(out / "runs.csv", encoding="utf-8")))
+        tables.append([{k: v for k, v in r.items() if k != "train_min"} for r in rows])
+    assert [r["setting"] for r in tables[0]] == ["lr-1e-3", "lr-3e-3"]
+    assert tables[0] == tables[1]
+    out = tmp_path / "shared"
+    assert main(["sweep", str(cfg), "--out", str(out), "--jobs", "2", "--steps", "2", "--seeds",
+                 "1,2", "train.num_threads=0"]) == 0
+    for seed in (1, 2):
+        saved = yaml.safe_load((out / "base" / f"seed-{seed}" / "config.yaml").read_text())
+        assert saved["train"]["num_threads"] == max(1, (os.cpu_count() or 1) // 2)
