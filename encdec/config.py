@@ -104,7 +104,8 @@ class TrainConfig:
     # validation, the checkpoints' model.safetensors and so every decoder use the average; the
     # optimizer steps the raw weights, kept in trainer.safetensors for --resume. The decay ramps
     # up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so the initial weights fade out
-    # fast. 0 = off; 0.999 averages over about the last thousand steps.
+    # fast; until the ramp reaches ema_decay (about 9,000 updates for 0.999) it averages mostly
+    # the last fifth of the updates so far, then about the last 1 / (1 - ema_decay). 0 = off.
     ema_decay: float = 0.0
     label_smoothing: float = 0.1
     max_steps: int = 0  # 0 = no step limit
