@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -667,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone before the last write is caught
     except (ConfigError, DataError, CheckpointError, SpeakError) as err:
         print(f"encdec: error: {err}", file=sys.stderr)
         return 2
@@ -676,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("encdec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`encdec ... | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # what a shell reports for a death by SIGPIPE
     return 0
 
 

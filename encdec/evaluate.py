@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from encdec.config import DecodeConfig
 from encdec.data.corpus import DataError
 from encdec.data.dataset import read_eval
 from encdec.decoding.audio import decode_audio
@@ -85,6 +86,8 @@ def _write(result, hyps, run_dir, tr, split, checkpoint_name, data_dir, limit, d
         tag += "-every-pass" if not decode_cfg.early_exit and decode_cfg.iterations > 1 else ""
     if decode_cfg.method == "beam" and decode_cfg.ctc_weight > 0:
         tag += f"-ctc{decode_cfg.ctc_weight:g}"
+    if decode_cfg.method == "beam" and decode_cfg.length_penalty != DecodeConfig.length_penalty:
+        tag += f"-lp{decode_cfg.length_penalty:g}"
     tag += "-rerank" if rerank else ""
     # Results of other checkpoints, subsets or data never overwrite each other.
     tag += f"-{checkpoint_name}" if checkpoint_name != "best" else ""

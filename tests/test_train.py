@@ -464,8 +464,10 @@ def test_evaluation_files_name_checkpoint_limit_and_data(tiny_run, tiny_data, tm
     assert main(["evaluate", str(run), "--beam", "2", "--checkpoint", "last"]) == 0
     assert main(["evaluate", str(run), "--beam", "2", "--limit", "5"]) == 0
     assert main(["evaluate", str(run), "--beam", "2", "--data", str(tiny_data)]) == 0
+    assert main(["evaluate", str(run), "--beam", "2", "--length-penalty", "0.6"]) == 0
     names = sorted(p.name for p in (run / "eval").glob("*.json"))
-    assert names == ["test-beam2-first5.json", "test-beam2-last.json", "test-beam2.json"]
+    assert names == ["test-beam2-first5.json", "test-beam2-last.json", "test-beam2-lp0.6.json",
+                     "test-beam2.json"]
     assert json.loads((run / "eval" / "test-beam2-first5.json").read_text())["inputs"] == 5
     assert json.loads((run / "eval" / "test-beam2.json").read_text())["inputs"] == 40
     other = tmp_path / "other-data"
@@ -552,3 +554,15 @@ def test_weight_average_is_what_validation_and_checkpoints_use(tiny_data, tiny_r
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_closed_pipe_ends_the_cli_quietly(tiny_run, tmp_path):
+    """`encdec translate ... | head -1`: the reader goes away before the output is written;
+    no traceback, the SIGPIPE exit status."""
+    (tmp_path / "in.txt").write_text("abc\n" * 40000)  # outputs beyond a pipe's 64 KiB buffer
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(f"{sys.executable} -m encdec.cli translate {tiny_run} --method greedy "
+                         f"-i {tmp_path / 'in.txt'} | true; exit ${{PIPESTATUS[0]}}", shell=True,
+                         capture_output=True, text=True, env=env, executable="/bin/bash")
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.returncode == 141
