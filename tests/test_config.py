@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from encdec.config import Config, ConfigError
@@ -27,3 +29,12 @@ def test_bad_config_names_the_key(tmp_path, override, message):
     path.write_text("{}\n")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         Config.load(path, [override])
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml: each one a valid config (unknown keys and bad values are refused)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        Config.load(path)
