@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from encdec.files import atomic_write_text, fsync_dir, fsync_file, write_error
 
@@ -51,6 +51,37 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, info: dic
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
+def _same_memory_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by the memory they read: tied weights (one tensor under several names)
+    fall in one group. Views into one buffer at different places (cuDNN packs an RNN's
+    weights into one flat buffer on the GPU) are separate groups."""
+    groups: dict[tuple, list[str]] = {}
+    for name, value in state.items():
+        key = (value.device, value.data_ptr(), tuple(value.shape), tuple(value.stride()),
+               value.dtype)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's weights as safetensors writes them: tied weights once, under the first of
+    their names in sorted order (the metadata maps each other name to it, as safetensors'
+    ``save_model`` does, so files of either writer load the same way), and every tensor in
+    memory of its own (a view into a packed buffer is copied out)."""
+    state = model.state_dict()
+    tensors, metadata = {}, {}
+    for names in _same_memory_groups(state):
+        keep = sorted(names)[0]
+        for other in names:
+            if other != keep:
+                metadata[other] = keep
+        value = state[keep].detach()
+        whole = (value.is_contiguous() and value.storage_offset() == 0 and
+                 value.untyped_storage().nbytes() == value.numel() * value.element_size())
+        tensors[keep] = value if whole else value.clone(memory_format=torch.contiguous_format)
+    return tensors, metadata
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer,
                     trainer_state: dict, state_tensors: dict[str, torch.Tensor], *, is_best: bool,
                     keep: int) -> Path:
@@ -64,9 +95,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     name = f"step-{step:07d}"
 
     def write(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))
+        weights, metadata = model_tensors(model)
+        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata or None)
         tensors, info = optimizer_tensors(optimizer)
-        tensors.update({k: v.cpu().contiguous() for k, v in state_tensors.items()})
+        tensors.update({k: v.detach().to("cpu", copy=True) for k, v in state_tensors.items()})
         save_file(tensors, str(tmp / "trainer.safetensors"))
         info.update(trainer_state)
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -142,7 +174,15 @@ def resolve(run_dir: str | Path, which: str = "best") -> Path:
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    missing, unexpected = load_model(model, str(Path(ckpt_dir) / "model.safetensors"), strict=False)
+    """Copy a checkpoint's weights into ``model`` in place. A name the file leaves out is
+    fine when it is tied to a name the file has (the same memory in the model)."""
+    tensors = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    state = model.state_dict()
+    unexpected = [name for name in tensors if name not in state]
+    missing = [name for names in _same_memory_groups(state)
+               if not any(n in tensors for n in names) for name in names]
+    if not missing and not unexpected:
+        model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_dir}: weights do not match the model "
                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")

@@ -17,6 +17,10 @@ from encdec.nn.norms import MaskedBatchNorm
 from encdec.scheduled_sampling import mix_predictions
 from encdec.translate import Translator
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                    reason="no CUDA device"))
+
+
 SRC = torch.tensor([[5, 6, 7, 8, 9], [7, 5, PAD, PAD, PAD], [9, 8, 7, 6, PAD]])
 TGT_IN = torch.tensor([[BOS, 4, 5, 6, 7], [BOS, 8, 4, PAD, PAD], [BOS, 9, 5, 4, 6]])
 
@@ -135,6 +139,37 @@ def test_batchnorm_statistics_ignore_padding():
     y = x.clone()
     y[~mask] = 1000.0  # whatever sits in the padding
     torch.testing.assert_close(MaskedBatchNorm(8).train()(y, mask)[mask], out[mask])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_equals_pytorch_batchnorm_on_the_real_positions(momentum, device):
+    """Outputs, gradients and running statistics (unbiased variance, exponential or
+    cumulative average) over three steps equal nn.BatchNorm1d given the real positions only;
+    in eval mode both use the running statistics."""
+    torch.manual_seed(1)
+    ours = MaskedBatchNorm(6, momentum=momentum).to(device).train()
+    ref = nn.BatchNorm1d(6, momentum=momentum).to(device).train()
+    with torch.no_grad():
+        for bn in (ours, ref):
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            bn.bias.copy_(torch.linspace(-1, 1, 6))
+    for _ in range(3):
+        x = (torch.randn(4, 7, 6, device=device) * 3 + 2).requires_grad_()
+        mask = torch.rand(4, 7, device=device) < 0.6
+        mask[:, 0] = True
+        xr = x.detach().clone().requires_grad_()
+        out, expected = ours(x, mask), ref(xr[mask])
+        torch.testing.assert_close(out[mask], expected)
+        grad = torch.randn_like(expected)
+        out[mask].backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(x.grad, xr.grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    x = torch.randn(2, 3, 6, device=device)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x.reshape(-1, 6)).view(2, 3, 6))
 
 
 @pytest.mark.parametrize("norm_type", ["batchnorm", "rmsnorm", "layernorm"])
@@ -262,3 +297,56 @@ def test_error_by_position():
     from encdec.experiments import error_by_position
     errs = error_by_position(["A B C", "A X", "A B C D"], [["A B C"], ["A B C"], ["A B C E"]], 4)
     assert errs[:4] == pytest.approx([0.0, 100 / 3, 100 / 3, 100.0])
+
+
+def pack_rnn_weights(model: nn.Module, device: str = "cpu") -> nn.Module:
+    """Every RNN's weights as views into one flat buffer: what cuDNN does on a GPU, done by
+    hand on the CPU."""
+    if device != "cpu":
+        return model.to(device)  # cuDNN packs them itself
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            params = list(module.parameters(recurse=False))
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            offset = 0
+            for p in params:
+                p.data = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+    return model
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_checkpoint_of_packed_rnn_weights_round_trips(arch, device, tmp_path):
+    """A GPU-trained RNN holds its weights packed in one buffer (cuDNN): the checkpoint stores
+    each weight on its own and tied weights once, and loads into a packed or a plain model;
+    the raw weights a weight average keeps load back the same."""
+    from safetensors.torch import load_file
+
+    from encdec import checkpoint
+
+    model = pack_rnn_weights(rnn(arch, tie_output=True), device)
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    assert rnns and all(len({p.untyped_storage().data_ptr() for p in m.parameters()}) == 1
+                        for m in rnns)
+    state = model.state_dict()
+    raw = {f"raw.{k}": v.detach().clone() for k, v in state.items()}
+    path = checkpoint.save_checkpoint(tmp_path, 5, model, torch.optim.AdamW(model.parameters()),
+                                      {"step": 5}, raw, is_best=True, keep=2)
+    names = set(load_file(str(path / "model.safetensors")))
+    left_out = set(state) - names
+    assert left_out, "the tied output layer is stored once"
+    for name in left_out:
+        assert any(state[k].data_ptr() == state[name].data_ptr() for k in names)
+    for packed in (True, False):
+        target = rnn(arch, tie_output=True)
+        with torch.no_grad():
+            for p in target.parameters():
+                p.zero_()
+        target = pack_rnn_weights(target, device) if packed else target.to(device)
+        checkpoint.load_weights(target, path)
+        for name, value in target.state_dict().items():
+            assert torch.equal(value, state[name]), name
+    raw_back = checkpoint.raw_weights(path)
+    assert raw_back.keys() == names
+    assert all(torch.equal(raw_back[k], state[k].cpu()) for k in names)

@@ -352,12 +352,12 @@ from encdec.train import Trainer
 
 run = Path(sys.argv[1])
 
-def half_written(model, filename, **kw):  # write part of the file, then hang until killed
+def half_written(tensors, filename, **kw):  # write part of the file, then hang until killed
     Path(filename).write_bytes(b"\x00" * 1000)
     (run / "inside-save").touch()
     time.sleep(600)
 
-ck.save_model = half_written
+ck.save_file = half_written
 cfg = Config.load(run / "config.yaml", ["train.max_steps=610", "train.valid_every=10",
                                         f"train.run_dir={run}"])
 Trainer(cfg, resume=True, log=lambda *a: None).fit()

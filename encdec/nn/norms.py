@@ -22,14 +22,33 @@ class RMSNorm(nn.RMSNorm):
 
 
 class MaskedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the feature axis with statistics over the non-padded positions."""
+    """BatchNorm over the feature axis with statistics over the non-padded positions.
+
+    In training the statistics are masked sums, so no step waits on the device to count the
+    real positions (selecting them with the mask would: a sync per norm layer, which costs a
+    shared GPU most of its throughput). Padded positions come out as zeros."""
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if pad_mask is None or not self.training:  # running statistics: positions independent
             return super().forward(x.reshape(-1, x.size(-1))).view_as(x)
-        out = torch.zeros_like(x)
-        out[pad_mask] = super().forward(x[pad_mask])  # (N_real, d)
-        return out
+        keep = pad_mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+        xf = x.float()
+        count = keep.sum()
+        mean = (xf * keep).sum((0, 1)) / count
+        var = (((xf - mean) * keep) ** 2).sum((0, 1)) / count  # biased, to normalize with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum
+                if factor is None:  # cumulative moving average
+                    factor = 1.0 / self.num_batches_tracked
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        out = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return (out * keep).to(x.dtype)
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "batchnorm": MaskedBatchNorm}
