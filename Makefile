@@ -36,7 +36,7 @@ data/g2p-cmudict/meta.json: $(VENV)/.installed
 
 demo: data/g2p-cmudict/meta.json
 	rm -rf runs/g2p-demo
-	$(VENV)/bin/encdec train configs/g2p-small.yaml train.run_dir=runs/g2p-demo \
+	$(VENV)/bin/encdec train configs/g2p-small-60min.yaml train.run_dir=runs/g2p-demo \
 		train.max_minutes=$(DEMO_MINUTES)
 	$(VENV)/bin/encdec evaluate runs/g2p-demo --split test --beam 5
 	@echo "Pronunciations of words that are not in CMUdict:"
