@@ -318,25 +318,30 @@ def _export(args) -> None:
           f"{info['quantization']} weights)\nuse it with: {use}")
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        from encdec.config import ConfigError
+        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas") from None
+
+
 def _experiment(args) -> None:
     from encdec.experiments import run_experiment
 
     out = args.out or f"runs/experiment-{args.name}"
     run_experiment(args.name, out, base_config=args.config, minutes=args.minutes,
                    steps=args.steps, overrides=args.overrides, nat_config=args.nat_config,
-                   from_run=args.from_run)
+                   from_run=args.from_run,
+                   seeds=_parse_seeds(args.seeds) if args.seeds else None, jobs=args.jobs)
     print(f"results: {out}/results.md, {out}/results.csv, {out}/plot.png")
 
 
 def _sweep(args) -> None:
     from encdec.sweep import parse_grid, run_sweep
 
-    try:
-        seeds = [int(x) for x in args.seeds.split(",")]
-    except ValueError:
-        from encdec.config import ConfigError
-        raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas")
-    run_sweep(args.config, args.out, parse_grid(args.grid), seeds, minutes=args.minutes,
+    run_sweep(args.config, args.out, parse_grid(args.grid), _parse_seeds(args.seeds),
+              minutes=args.minutes,
               steps=args.steps, overrides=args.overrides, average=args.average,
               split=args.split, decode={"beam_size": args.beam, "method": args.method},
               jobs=args.jobs)
@@ -604,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling: continue a copy of this trained run for --steps more steps "
                          "in each variant (its config is the base), scheduled sampling "
                          "starting from zero at the run's last step; scored at the last step")
+    ex.add_argument("--seeds", help="train every variant once per seed, e.g. 1,2,3, in "
+                    "OUT/VARIANT/seed-N; the table gives each variant's mean and range "
+                    "(default: once, with the config's seed, in OUT/VARIANT)")
+    ex.add_argument("--jobs", type=int, default=1,
+                    help="models trained at once, each in its own process on cores / jobs "
+                         "threads (as sweep --jobs); compare by --steps then")
     ex.add_argument("--out", help="output directory (default runs/experiment-NAME)")
     ex.set_defaults(func=_experiment)
 

@@ -6,7 +6,9 @@ the test split, and writes ``results.csv``, ``results.md`` and ``plot.png`` (dev
 training time or steps; for ``sampling`` also the error rate by output position). The budget is
 either wall-clock minutes per variant (``--minutes``: what a user with this machine gets, but
 it moves with the machine's load) or optimizer steps (``--steps``: the same work for each
-variant, and a rerun on the same machine and thread count gives the same numbers).
+variant, and a rerun on the same machine and thread count gives the same numbers). With
+``--seeds 1,2,3`` every variant trains once per seed and the table gives each variant's mean
+and range; ``--jobs N`` trains N models at once, each in its own process.
 
 * ``depth``    deep-thin (2L layers) vs shallow-wide (2L/3 layers) at the base's parameter count
 * ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
@@ -156,13 +158,23 @@ def _continued_copy(run: Path, dest: Path) -> None:
 def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
                    minutes: float | None = None, steps: int | None = None,
                    overrides: list[str] | None = None, nat_config: str = "configs/g2p-nat.yaml",
-                   from_run: str | Path | None = None, log=print) -> list[dict]:
+                   from_run: str | Path | None = None, seeds: list[int] | None = None,
+                   jobs: int = 1, log=print) -> list[dict]:
     """``from_run`` (experiment sampling only, with ``steps``): every variant continues a copy
-    of that trained run for ``steps`` more steps and is scored at its last checkpoint."""
+    of that trained run for ``steps`` more steps and is scored at its last checkpoint.
+
+    ``seeds``: train every variant once per seed (in OUT/VARIANT/seed-N), and report each
+    variant's mean and range; without it, once with the config's seed (in OUT/VARIANT).
+    ``jobs`` > 1 trains that many models at once, each in its own process on cores / ``jobs``
+    threads (unless the config sets train.num_threads), as ``encdec sweep --jobs`` does."""
     import yaml
 
     from encdec.config import ConfigError
 
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"--seeds {seeds}: give distinct seeds")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be at least 1")
     if from_run is not None:
         if name != "sampling":
             raise ConfigError(f"--from continues a trained run, which only experiment sampling "
@@ -172,17 +184,21 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
                               "the run's last checkpoint (and no --minutes)")
         if not (Path(from_run) / "config.yaml").exists():
             raise ConfigError(f"--from {from_run}: not a run directory (no config.yaml)")
+        if seeds is not None and len(seeds) > 1:
+            raise ConfigError("--from with several --seeds: a continued run resumes the trained "
+                              "run's random state, so the seeds would train the same model")
         base_config = str(Path(from_run) / "config.yaml")
 
     if name == "nat":
+        if seeds is not None or jobs > 1:
+            raise ConfigError("experiment nat trains one seed, one model at a time "
+                              "(no --seeds or --jobs)")
         from encdec.experiment_nat import run_nat_experiment
 
         return run_nat_experiment(out_dir, base_config=base_config, nat_config=nat_config,
                                   minutes=minutes, steps=steps, overrides=overrides, log=log)
 
     from encdec.data.prepare import load_meta
-    from encdec.evaluate import evaluate
-    from encdec.train import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,50 +216,106 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         budget = f"{steps} steps from step {start} of {from_run}"
     variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,
                          start_step=start)
-    rows = []
+    threads = 0
+    if jobs > 1 and not base.get("train", {}).get("num_threads"):
+        import os
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = []  # (label, seed or None, raw config)
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")
-        t = raw.setdefault("train", {})
-        t["run_dir"] = str(out / slug)
-        if minutes:
-            t["max_minutes"] = minutes
-        if steps:
-            t["max_steps"] = start + steps
-            t["valid_every"] = max(25, steps // 8)  # about eight points on the dev curve
-            if not minutes:
-                t["max_minutes"] = 0
+        for seed in seeds or [None]:
+            run = json.loads(json.dumps(raw))
+            t = run.setdefault("train", {})
+            t["run_dir"] = str(out / slug if seed is None else out / slug / f"seed-{seed}")
+            if seed is not None:
+                t["seed"] = seed
+            if threads:
+                t["num_threads"] = threads
+            if minutes:
+                t["max_minutes"] = minutes
+            if steps:
+                t["max_steps"] = start + steps
+                t["valid_every"] = max(25, steps // 8)  # about eight points on the dev curve
+                if not minutes:
+                    t["max_minutes"] = 0
+            tasks.append((label, seed, run))
+
+    def started(label, seed, raw) -> None:
         cfg = Config.from_dict(raw, source=f"{name}/{label}")
         params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
-        log(f"== {name}: {label} ({params / 1e6:.2f}M parameters, {budget})")
-        if from_run is not None:
-            _continued_copy(Path(from_run), Path(cfg.train.run_dir))
-        state = train(cfg, resume=from_run is not None, log=lambda *a: None, progress=False)
-        # a continued run is scored where it ended: its best dev checkpoint may predate the
-        # continuation
-        result = evaluate(cfg.train.run_dir, split="test", method="greedy",
-                          checkpoint_name="last" if from_run is not None else "best")
-        records = [json.loads(line) for line in
-                   (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
-        speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-        hyps = (Path(result["written_to"]).with_suffix(".hyp")).read_text(encoding="utf-8")
-        row = {"variant": label, "parameters": params,
-               "layers": f"{cfg.model.enc_layers}+{cfg.model.dec_layers}",
-               "d_model": cfg.model.d_model, "steps": state["step"],
-               "train_min": round(state["elapsed"] / 60, 1),
-               "train_tok_s": round(statistics.median(speeds)) if speeds else None,
-               **{f"test_{k}": round(v, 2) for k, v in result["scores"].items()
-                  if isinstance(v, float)},
-               "_curve": [(r["step"] if steps else r["elapsed_s"] / 60,
-                           r.get(f"valid_{_key(result['metric'])}"))
-                          for r in records if "valid_loss" in r],
-               "_hyps": hyps.splitlines()}
-        rows.append(row)
+        log(f"== {name}: {label}{'' if seed is None else f', seed {seed}'} "
+            f"({params / 1e6:.2f}M parameters, {budget})")
+
+    def finished(row) -> None:
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
+
+    args = lambda label, seed, raw: (name, label, seed, raw, meta["src_vocab_size"],  # noqa: E731
+                                     meta["tgt_vocab_size"], steps, from_run, threads)
+    results: dict[tuple[str, int | None], dict] = {}
+    if jobs == 1:
+        for task in tasks:
+            started(*task)
+            results[task[:2]] = _train_variant(*args(*task))
+            finished(results[task[:2]])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawned workers: a forked copy of a process that has run torch can deadlock
+        with ProcessPoolExecutor(max_workers=jobs,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for task in tasks:
+                started(*task)
+                futures[pool.submit(_train_variant, *args(*task))] = task[:2]
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                finished(results[futures[future]])
+    rows = [results[task[:2]] for task in tasks]
     refs = [json.loads(line)["refs"] for line in
             (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
     metric = _key(meta["metric"]).upper()
-    _write(name, out, rows, refs, budget, "steps" if steps else "training minutes", metric)
+    _write(name, out, rows, refs, budget, "steps" if steps else "training minutes", metric,
+           seeds is not None)
     return rows
+
+
+def _train_variant(name: str, label: str, seed: int | None, raw: dict, src_vocab: int,
+                   tgt_vocab: int, steps: int | None, from_run, threads: int = 0) -> dict:
+    """Train one variant (one seed) and score it on the test split, greedy: its table row,
+    with its dev curve and test outputs under the keys ``_curve`` and ``_hyps``."""
+    import torch
+
+    from encdec.evaluate import evaluate
+    from encdec.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = Config.from_dict(raw, source=f"{name}/{label}")
+    params = count_parameters(cfg, src_vocab, tgt_vocab)
+    if from_run is not None:
+        _continued_copy(Path(from_run), Path(cfg.train.run_dir))
+    state = train(cfg, resume=from_run is not None, log=lambda *a: None, progress=False)
+    # a continued run is scored where it ended: its best dev checkpoint may predate the
+    # continuation
+    result = evaluate(cfg.train.run_dir, split="test", method="greedy",
+                      checkpoint_name="last" if from_run is not None else "best")
+    records = [json.loads(line) for line in
+               (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    hyps = (Path(result["written_to"]).with_suffix(".hyp")).read_text(encoding="utf-8")
+    return {"variant": label, **({} if seed is None else {"seed": seed}), "parameters": params,
+            "layers": f"{cfg.model.enc_layers}+{cfg.model.dec_layers}",
+            "d_model": cfg.model.d_model, "steps": state["step"],
+            "train_min": round(state["elapsed"] / 60, 1),
+            "train_tok_s": round(statistics.median(speeds)) if speeds else None,
+            **{f"test_{k}": round(v, 2) for k, v in result["scores"].items()
+               if isinstance(v, float)},
+            "_curve": [(r["step"] if steps else r["elapsed_s"] / 60,
+                        r.get(f"valid_{_key(result['metric'])}"))
+                       for r in records if "valid_loss" in r],
+            "_hyps": hyps.splitlines()}
 
 
 def _key(metric: str) -> str:
@@ -251,19 +323,54 @@ def _key(metric: str) -> str:
 
 
 def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: str,
-           metric: str) -> None:
+           metric: str, per_seed: bool = False) -> None:
+    """results.csv (a row per model trained), results.md (with seeds: a row per variant, the
+    mean and range over its seeds, then each seed's figure) and plot.png."""
     fields = [k for k in rows[0] if not k.startswith("_")]
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: r[k] for k in fields} for r in rows)
-    lines = [f"# experiment `{name}` ({budget} per variant, test split, greedy)", "",
-             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    lines += ["| " + " | ".join(str(r[k]) for k in fields) + " |" for r in rows]
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    seeds_note = ""
+    if per_seed:
+        tests = [k for k in fields if k.startswith("test_")]
+        table_fields = ["variant", "parameters", "layers", "d_model", "seeds", "steps",
+                        "train_min", "train_tok_s"] + [f"{k} mean (range)" for k in tests] + \
+            [f"{tests[0]} per seed"]
+        table = []
+        for variant, runs in by_variant.items():
+            row = {k: runs[0][k] for k in ("variant", "parameters", "layers", "d_model")}
+            row["seeds"] = ", ".join(str(r["seed"]) for r in runs)
+            lo, hi = min(r["steps"] for r in runs), max(r["steps"] for r in runs)
+            row["steps"] = str(lo) if lo == hi else f"{lo}–{hi}"
+            row["train_min"] = round(statistics.mean(r["train_min"] for r in runs), 1)
+            speeds = [r["train_tok_s"] for r in runs if r["train_tok_s"] is not None]
+            row["train_tok_s"] = round(statistics.median(speeds)) if speeds else None
+            for k in tests:
+                values = [r[k] for r in runs]
+                row[f"{k} mean (range)"] = (f"{statistics.mean(values):.2f}" if len(values) == 1
+                                            else f"{statistics.mean(values):.2f} "
+                                                 f"({min(values):.2f}–{max(values):.2f})")
+            row[f"{tests[0]} per seed"] = " / ".join(f"{r[tests[0]]:.2f}" for r in runs)
+            table.append(row)
+        seeds_note = f", {len(rows) // len(by_variant)} seeds"
+    else:
+        table_fields, table = fields, rows
+    lines = [f"# experiment `{name}` ({budget} per variant{seeds_note}, test split, greedy)", "",
+             "| " + " | ".join(table_fields) + " |", "|" + "---|" * len(table_fields)]
+    lines += ["| " + " | ".join(str(r[k]) for k in table_fields) + " |" for r in table]
     positions = None
-    if name == "sampling":
-        positions = {r["variant"]: error_by_position(r["_hyps"], refs) for r in rows}
-        lines += ["", "Error rate (%) by output position (1-based):", "",
+    if name == "sampling":  # per variant, the mean over its seeds
+        positions = {}
+        for variant, runs in by_variant.items():
+            each = [error_by_position(r["_hyps"], refs) for r in runs]
+            positions[variant] = [statistics.mean(e[i] for e in each) for i in range(len(each[0]))]
+        lines += ["", "Error rate (%) by output position (1-based"
+                  + (", mean over the seeds" if per_seed and len(rows) > len(by_variant) else "")
+                  + "):", "",
                   "| variant | " + " | ".join(str(i + 1) for i in range(10)) + " |",
                   "|---|" + "---|" * 10]
         lines += [f"| {v} | " + " | ".join(f"{e:.1f}" for e in errs[:10]) + " |"
@@ -278,9 +385,11 @@ def _write(name: str, out: Path, rows: list[dict], refs, budget: str, x_label: s
     panels = 2 if positions else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
     ax = axes[0][0]
-    for r in rows:
-        pts = [(t, v) for t, v in r["_curve"] if v is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["variant"])
+    for i, (variant, runs) in enumerate(by_variant.items()):
+        for j, r in enumerate(runs):  # a variant's seeds in one colour, labelled once
+            pts = [(t, v) for t, v in r["_curve"] if v is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}",
+                    alpha=1.0 if j == 0 else 0.5, label=variant if j == 0 else None)
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"dev {metric} (greedy)")
     ax.set_title(f"{name}: dev {metric} during training")

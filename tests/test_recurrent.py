@@ -350,3 +350,53 @@ def test_checkpoint_of_packed_rnn_weights_round_trips(arch, device, tmp_path):
     raw_back = checkpoint.raw_weights(path)
     assert raw_back.keys() == names
     assert all(torch.equal(raw_back[k], state[k].cpu()) for k in names)
+
+
+def test_experiment_over_seeds_in_parallel(tiny_data, tmp_path):
+    """experiment --seeds S1,S2 --jobs 2: every variant once per seed in OUT/VARIANT/seed-N,
+    trained two at a time in worker processes; seed 1's model is the one a plain run with
+    train.seed=1 trains, seed 2's differs; the table gives each variant's mean and range."""
+    import csv
+    import statistics
+
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
+    common = ["--config", str(cfg), "--steps", "5", "train.valid_max_inputs=8",
+              "train.num_threads=1"]
+    out = tmp_path / "seeds"
+    assert main(["experiment", "depth", "--seeds", "1,2", "--jobs", "2", "--out", str(out),
+                 *common]) == 0
+    assert main(["experiment", "depth", "--out", str(tmp_path / "one"), *common,
+                 "train.seed=1"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    assert len(variants) == 2 and [(r["variant"], r["seed"]) for r in rows] == [
+        (v, s) for v in variants for s in ("1", "2")]
+
+    def losses(run):
+        return [json.loads(x)["valid_loss"] for x in (run / "metrics.jsonl").read_text()
+                .splitlines() if "valid_loss" in x]
+
+    for slug in (v.replace(" ", "-").replace("+", "x") for v in variants):
+        assert Config.load(out / slug / "seed-2" / "config.yaml").train.seed == 2
+        assert losses(out / slug / "seed-1") == losses(tmp_path / "one" / slug)
+        assert losses(out / slug / "seed-1") != losses(out / slug / "seed-2")
+    one = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "one" / "results.csv"))}
+    md = (out / "results.md").read_text()
+    assert "5 steps per variant, 2 seeds" in md
+    for variant in variants:
+        wers = [float(r["test_wer"]) for r in rows if r["variant"] == variant]
+        assert wers[0] == float(one[variant]["test_wer"])
+        line = next(x for x in md.splitlines() if x.startswith(f"| {variant} |"))
+        assert f"{statistics.mean(wers):.2f} ({min(wers):.2f}–{max(wers):.2f})" in line
+        assert f"{wers[0]:.2f} / {wers[1]:.2f}" in line
+    for bad in (["--seeds", "1,1"], ["--seeds", "1,x"], ["--jobs", "0"]):
+        assert main(["experiment", "depth", *bad, "--out", str(tmp_path / "no"), *common]) == 2
+    assert main(["experiment", "nat", "--seeds", "1,2", "--out", str(tmp_path / "no"),
+                 *common]) == 2
+    assert not (tmp_path / "no").exists()
+
+
+def test_experiment_from_a_run_refuses_several_seeds(tiny_run, tmp_path):
+    assert main(["experiment", "sampling", "--from", str(tiny_run), "--steps", "4",
+                 "--seeds", "1,2", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
