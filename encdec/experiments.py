@@ -241,38 +241,21 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
                     t["max_minutes"] = 0
             tasks.append((label, seed, run))
 
-    def started(label, seed, raw) -> None:
+    def started(i) -> None:
+        label, seed, raw = tasks[i]
         cfg = Config.from_dict(raw, source=f"{name}/{label}")
         params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
         log(f"== {name}: {label}{'' if seed is None else f', seed {seed}'} "
             f"({params / 1e6:.2f}M parameters, {budget})")
 
-    def finished(row) -> None:
+    def finished(i, row) -> None:
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
 
-    args = lambda label, seed, raw: (name, label, seed, raw, meta["src_vocab_size"],  # noqa: E731
-                                     meta["tgt_vocab_size"], steps, from_run, threads)
-    results: dict[tuple[str, int | None], dict] = {}
-    if jobs == 1:
-        for task in tasks:
-            started(*task)
-            results[task[:2]] = _train_variant(*args(*task))
-            finished(results[task[:2]])
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    from encdec.workers import run_tasks
 
-        # spawned workers: a forked copy of a process that has run torch can deadlock
-        with ProcessPoolExecutor(max_workers=jobs,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            for task in tasks:
-                started(*task)
-                futures[pool.submit(_train_variant, *args(*task))] = task[:2]
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                finished(results[futures[future]])
-    rows = [results[task[:2]] for task in tasks]
+    rows = run_tasks(_train_variant, [
+        (name, label, seed, raw, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,
+         from_run, threads) for label, seed, raw in tasks], jobs, started, finished)
     refs = [json.loads(line)["refs"] for line in
             (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
     metric = _key(meta["metric"]).upper()

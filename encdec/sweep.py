@@ -24,11 +24,11 @@ import itertools
 import json
 import os
 import statistics
-from concurrent.futures import as_completed
 from pathlib import Path
 
 from encdec.config import Config, ConfigError, apply_override
 from encdec.files import atomic_write_text
+from encdec.workers import run_tasks
 
 LOWER_IS_BETTER = {"wer", "per", "cer"}
 
@@ -129,34 +129,18 @@ def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]
                 raise ConfigError(f"{config}: no budget; give --minutes or --steps")
             pending.append((name, seed, setting, raw, run_dir))
 
-    def started(name, seed, run_dir) -> None:
+    def started(i) -> None:
+        name, seed, _, _, run_dir = pending[i]
         resume = (run_dir / "checkpoints" / "last").exists()
         log(f"== {name}, seed {seed}: {'continuing' if resume else 'training'} ({run_dir})")
 
-    def finished(key, row) -> None:
-        rows[key] = row
+    def finished(i, row) -> None:
+        rows[pending[i][:2]] = row
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "decode"))
 
-    args = lambda name, seed, setting, raw, run_dir: (  # noqa: E731
-        raw, f"{config} [{name}, seed {seed}]", {"setting": name, **setting, "seed": seed},
-        split, decode, average, threads)
-    if jobs == 1:
-        for task in pending:
-            started(*task[:2], task[4])
-            finished(task[:2], train_and_score(*args(*task)))
-    elif pending:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawned workers: a forked copy of a process that has run torch can deadlock
-        with ProcessPoolExecutor(max_workers=jobs,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            for task in pending:
-                started(*task[:2], task[4])
-                futures[pool.submit(train_and_score, *args(*task))] = task[:2]
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
+    tasks = [(raw, f"{config} [{name}, seed {seed}]", {"setting": name, **setting, "seed": seed},
+              split, decode, average, threads) for name, seed, setting, raw, _ in pending]
+    run_tasks(train_and_score, tasks, jobs, started, finished)
     ordered = [rows[setting_name(s), seed] for s in combos for seed in seeds]
     write_tables(out, ordered, [k for k, _ in grid], minutes, steps, split, average)
     return ordered

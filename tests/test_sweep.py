@@ -120,3 +120,70 @@ def test_parallel_sweep_equals_one_run_at_a_time(tiny_data, tmp_path):
     for seed in (1, 2):
         saved = yaml.safe_load((out / "base" / f"seed-{seed}" / "config.yaml").read_text())
         assert saved["train"]["num_threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found |= {int(x) for x in f.read().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_workers_of_a_killed_sweep_save_and_exit(tiny_data, tmp_path):
+    """A sweep killed while its workers train (SIGKILL: nothing of it can pass the word on)
+    leaves no worker behind: each notices it is orphaned, saves a resumable checkpoint and
+    exits; the same command started again continues both runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused", valid_every=10000,
+                       log_every=1)
+    out = tmp_path / "sweep"
+    def cmd(steps):
+        return [sys.executable, "-m", "encdec.cli", "sweep", str(cfg), "--out", str(out),
+                "--jobs", "2", "--seeds", "1,2", "--steps", str(steps), "--method", "greedy"]
+
+    parent = subprocess.Popen(cmd(100000), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = [out / "base" / f"seed-{s}" / "metrics.jsonl" for s in (1, 2)]
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not all(p.exists() and p.read_text().count("\n") >= 3 for p in logs):
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = {pid for pid in _children(parent.pid) if _alive(pid)}
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its sweep"
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    steps = []
+    for s in (1, 2):
+        last = (out / "base" / f"seed-{s}" / "checkpoints" / "last").read_text().strip()
+        steps.append(int(last.split("-")[1]))
+    assert min(steps) >= 3
+    again = subprocess.run(cmd(max(steps) + 2), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("continuing") == 2
+    rows = list(csv.DictReader(open(out / "runs.csv", encoding="utf-8")))
+    assert [int(r["steps"]) for r in rows] == [max(steps) + 2] * 2
