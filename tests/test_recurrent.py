@@ -142,13 +142,16 @@ def test_batchnorm_statistics_ignore_padding():
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batchnorm_equals_pytorch_batchnorm_on_the_real_positions(momentum, device):
-    """Outputs, gradients and running statistics (unbiased variance, exponential or
-    cumulative average) over three steps equal nn.BatchNorm1d given the real positions only;
-    in eval mode both use the running statistics."""
+def test_batchnorm_equals_pytorch_batchnorm_on_the_real_positions(momentum, sync_free, device):
+    """Both ways (positions picked out, or masked sums with no device sync): outputs,
+    gradients and running statistics (unbiased variance, exponential or cumulative average)
+    over three steps equal nn.BatchNorm1d given the real positions only; in eval mode both
+    use the running statistics."""
     torch.manual_seed(1)
     ours = MaskedBatchNorm(6, momentum=momentum).to(device).train()
+    ours.sync_free = sync_free
     ref = nn.BatchNorm1d(6, momentum=momentum).to(device).train()
     with torch.no_grad():
         for bn in (ours, ref):

@@ -22,15 +22,24 @@ class RMSNorm(nn.RMSNorm):
 
 
 class MaskedBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the feature axis with statistics over the non-padded positions.
+    """BatchNorm over the feature axis with statistics over the non-padded positions; padded
+    positions come out as zeros.
 
-    In training the statistics are masked sums, so no step waits on the device to count the
-    real positions (selecting them with the mask would: a sync per norm layer, which costs a
-    shared GPU most of its throughput). Padded positions come out as zeros."""
+    Two ways to the same numbers: on a CPU, PyTorch's BatchNorm over the real positions picked
+    out with the mask (the fastest there); on a GPU, masked sums, since picking positions out
+    makes the host wait for the device to count them, a sync per norm layer that costs a busy
+    GPU most of its throughput. ``sync_free`` forces one way (None: by the tensor's device)."""
+
+    sync_free: bool | None = None
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if pad_mask is None or not self.training:  # running statistics: positions independent
             return super().forward(x.reshape(-1, x.size(-1))).view_as(x)
+        sync_free = self.sync_free if self.sync_free is not None else x.device.type != "cpu"
+        if not sync_free:
+            out = torch.zeros_like(x)
+            out[pad_mask] = super().forward(x[pad_mask])  # (N_real, d)
+            return out
         keep = pad_mask.unsqueeze(-1).to(torch.float32)  # (B, T, 1)
         xf = x.float()
         count = keep.sum()
