@@ -58,7 +58,7 @@ def _same_memory_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
     groups: dict[tuple, list[str]] = {}
     for name, value in state.items():
         key = (value.device, value.data_ptr(), tuple(value.shape), tuple(value.stride()),
-               value.dtype)
+               value.dtype) if value.numel() else (name,)  # empty tensors share no memory
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
