@@ -216,11 +216,9 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         budget = f"{steps} steps from step {start} of {from_run}"
     variants = _variants(name, base, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,
                          start_step=start)
-    threads = 0
-    if jobs > 1 and not base.get("train", {}).get("num_threads"):
-        import os
+    from encdec.workers import run_tasks, threads_per_job
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(base, jobs)
     tasks = []  # (label, seed or None, raw config)
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")
@@ -250,8 +248,6 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
 
     def finished(i, row) -> None:
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
-
-    from encdec.workers import run_tasks
 
     rows = run_tasks(_train_variant, [
         (name, label, seed, raw, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,

@@ -22,13 +22,12 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import statistics
 from pathlib import Path
 
 from encdec.config import Config, ConfigError, apply_override
 from encdec.files import atomic_write_text
-from encdec.workers import run_tasks
+from encdec.workers import run_tasks, threads_per_job
 
 LOWER_IS_BETTER = {"wer", "per", "cer"}
 
@@ -95,9 +94,7 @@ def run_sweep(config: str, out_dir: str | Path, grid: list[tuple[str, list[str]]
     for item in overrides or []:
         apply_override(base, item)
     decode = {k: v for k, v in (decode or {}).items() if v is not None}
-    threads = 0
-    if jobs > 1 and not base.get("train", {}).get("num_threads"):
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(base, jobs)
     combos = settings(grid)
     rows: dict[tuple[str, int], dict] = {}
     pending = []  # (name, seed, setting, raw config, run directory)

@@ -39,6 +39,14 @@ def _call(fn, args: tuple):
             os._exit(1)
 
 
+def threads_per_job(raw: dict, jobs: int) -> int:
+    """Torch threads for each of ``jobs`` models trained at once: cores / jobs, unless the
+    config (``raw``) sets train.num_threads; 0 (all cores) for one job at a time."""
+    if jobs > 1 and not raw.get("train", {}).get("num_threads"):
+        return max(1, (os.cpu_count() or 1) // jobs)
+    return 0
+
+
 def run_tasks(fn, tasks: list[tuple], jobs: int, started=None, finished=None,
               watch_every_s: float = 1.0) -> list:
     """``fn(*task)`` for every task, ``jobs`` at once in spawned worker processes (one at a time
