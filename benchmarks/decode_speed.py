@@ -23,8 +23,8 @@ its beams once, where encdec shares one copy between the beams (a design choice 
 
 Against CTranslate2 on the same weights:
 
-    python benchmarks/decode_speed.py RUN --engines encdec,ctranslate2 [--batches 64,1]
-                                      [--thread-counts 1,2] [--batch1-limit 300]
+    python benchmarks/decode_speed.py RUN --engines encdec[,encdec-unpacked],ctranslate2
+                                      [--batches 64,1] [--thread-counts 1,2] [--batch1-limit 300]
 
 encdec's own search and CTranslate2's (``translate_batch`` on the fp32 export that ``encdec
 export`` writes, RUN/export/ctranslate2, made on first use) decode the split, greedy and beam
@@ -35,7 +35,9 @@ length before batching (CTranslate2 inside ``translate_batch``, given all inputs
 CTranslate2 gets the run's length penalty and the longest length limit of the inputs (one
 number per call; outputs end at </s> long before it), and runs with ``intra_threads`` = the
 thread count and one translator. Batch-1 rows decode the first ``--batch1-limit`` inputs only
-(the same ones for both engines). The outputs are compared and scored: CTranslate2
+(the same ones for both engines). ``encdec-unpacked`` is encdec with its linear layers on
+PyTorch's ``F.linear`` instead of oneDNN-packed weights (``encdec/nn/packed.py``), to show what
+the packing gives. The outputs are compared and scored: CTranslate2
 renormalizes without <pad>/<s> and ends beams its own way, so a few may differ (``encdec
 translate --engine ctranslate2`` makes them equal; that is not what is timed here).
 """
@@ -55,6 +57,7 @@ from reference import ReferenceTransformer  # noqa: E402
 
 from encdec.data.dataset import pad, read_eval  # noqa: E402
 from encdec.metrics import score  # noqa: E402
+from encdec.nn.packed import unpack_linear_weights  # noqa: E402
 from encdec.translate import Translator  # noqa: E402
 
 DEFAULT_RUN = "runs/bench-g2p"
@@ -110,19 +113,28 @@ def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
 
     from encdec.export import ensure_export
 
-    export = ensure_export(args.run, tr.checkpoint_dir)
     engines = args.engines.split(",")
     for engine in engines:
-        if engine not in ("encdec", "ctranslate2"):
-            sys.exit(f"decode_speed.py: --engines takes encdec and ctranslate2, not {engine!r}")
+        if engine not in ("encdec", "encdec-unpacked", "ctranslate2"):
+            sys.exit("decode_speed.py: --engines takes encdec, encdec-unpacked and ctranslate2, "
+                     f"not {engine!r}")
+    translators_by_engine = {"encdec": tr}
+    if "encdec-unpacked" in engines:
+        plain = Translator.from_run(args.run)
+        unpack_linear_weights(plain.model)  # F.linear (PyTorch's BLAS) in every layer
+        translators_by_engine["encdec-unpacked"] = plain
     batches = [int(b) for b in args.batches.split(",")]
     thread_counts = [int(t) for t in args.thread_counts.split(",")]
     K = args.beam
     metric = tr.assets.meta["metric"]
     key = "wer" if metric == "g2p" else "bleu"
-    translators = {t: ctranslate2.Translator(str(export), device="cpu", compute_type="float32",
-                                             intra_threads=t, inter_threads=1)
-                   for t in thread_counts}
+    translators = {}
+    if "ctranslate2" in engines:
+        export = ensure_export(args.run, tr.checkpoint_dir)
+        translators = {t: ctranslate2.Translator(str(export), device="cpu",
+                                                 compute_type="float32", intra_threads=t,
+                                                 inter_threads=1)
+                       for t in thread_counts}
     table: dict = {}
     notes = []
     for threads in thread_counts:
@@ -133,9 +145,11 @@ def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
                 cfg = tr.decode_config(method="greedy" if beam == 1 else "beam", beam_size=K,
                                        nbest=1)
                 runs = {}
-                if "encdec" in engines:
-                    runs["encdec"] = (lambda b=batch, m=cfg.method: tr.translate(
-                        texts, method=m, beam_size=K, nbest=1, batch_size=b))
+                for name in engines:
+                    if name in translators_by_engine:
+                        runs[name] = (lambda t=translators_by_engine[name], b=batch,
+                                      m=cfg.method: t.translate(texts, method=m, beam_size=K,
+                                                                nbest=1, batch_size=b))
                 if "ctranslate2" in engines:
                     fn = ctranslate2_decoder(tr, translators[threads], batch, beam, cfg)
                     runs["ctranslate2"] = (lambda f=fn: f(texts))
@@ -145,13 +159,16 @@ def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
                     print(f"  {name:<12} {method:<7} batch {batch:<3} {threads} thread(s): "
                           f"{len(texts) / statistics.median(ts):8,.1f} inputs/s (runs: "
                           + ", ".join(f"{len(texts) / t:,.1f}" for t in ts) + ")", flush=True)
-                if len(runs) == 2 and threads == thread_counts[0]:
-                    same = sum(x == y for x, y in zip(outputs["encdec"], outputs["ctranslate2"]))
+                if threads == thread_counts[0]:
                     quality = {n: score(metric, o, refs[: len(texts)])[key]
                                for n, o in outputs.items()}
-                    notes.append(f"{method}, batch {batch}: outputs equal for {same}/{len(texts)}; "
-                                 f"{args.split} {key.upper()} encdec {quality['encdec']:.2f}, "
-                                 f"ctranslate2 {quality['ctranslate2']:.2f}")
+                    line = f"{method}, batch {batch}: {args.split} {key.upper()} " + ", ".join(
+                        f"{n} {q:.2f}" for n, q in quality.items())
+                    names = list(outputs)
+                    for other in names[1:]:
+                        same = sum(x == y for x, y in zip(outputs[names[0]], outputs[other]))
+                        line += f"; {names[0]} and {other} equal for {same}/{len(texts)}"
+                    notes.append(line)
     cols = [(b, t) for b in batches for t in thread_counts]
     print(f"\n{args.run}: {len(words)} {args.split} inputs (batch 1: the first "
           f"{min(len(words), args.batch1_limit or len(words))}), inputs/s, median of "
@@ -163,9 +180,14 @@ def compare_engines(args, tr: Translator, words: list[str], refs) -> None:
         for name in engines:
             print(f"| {name} | {method} | " + " | ".join(
                 f"{table[(name, method, b, t)]:,.0f}" for b, t in cols) + " |")
-        if len(engines) == 2:
-            print(f"| encdec / ctranslate2 | {method} | " + " | ".join(
-                f"{table[('encdec', method, b, t)] / table[('ctranslate2', method, b, t)]:.2f}x"
+        for name in engines:
+            if name != "ctranslate2" and "ctranslate2" in engines:
+                print(f"| {name} / ctranslate2 | {method} | " + " | ".join(
+                    f"{table[(name, method, b, t)] / table[('ctranslate2', method, b, t)]:.2f}x"
+                    for b, t in cols) + " |")
+        if "encdec" in engines and "encdec-unpacked" in engines:
+            print(f"| encdec / encdec-unpacked | {method} | " + " | ".join(
+                f"{table[('encdec', method, b, t)] / table[('encdec-unpacked', method, b, t)]:.2f}x"
                 for b, t in cols) + " |")
     for note in notes:
         print("  " + note)
@@ -182,7 +204,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="only the first N inputs")
     ap.add_argument("--engines", default="encdec,reference",
-                    help="encdec,reference (default) or encdec,ctranslate2")
+                    help="encdec,reference (default), or a list of encdec, encdec-unpacked "
+                         "and ctranslate2")
     ap.add_argument("--batches", default="64,1", help="with ctranslate2: batch sizes")
     ap.add_argument("--thread-counts", default="1,2", help="with ctranslate2: thread counts")
     ap.add_argument("--batch1-limit", type=int, default=300,
@@ -197,7 +220,7 @@ def main():
     entries = read_eval(tr.cfg.data.dir, args.split)
     entries = entries[: args.limit] if args.limit else entries
     words, refs = [e["src"] for e in entries], [e["refs"] for e in entries]
-    if "ctranslate2" in args.engines:
+    if args.engines != "encdec,reference":
         compare_engines(args, tr, words, refs)
         return
     ref = ReferenceTransformer(tr.cfg.model, tr.assets.meta["src_vocab_size"],

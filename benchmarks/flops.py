@@ -91,9 +91,13 @@ def training_flops(cfg: Config, n_batches: int) -> float:
 
 def decoding_flops(run: str, split: str, decoders: list[str], limit: int,
                    length_beam: int | None) -> dict[str, float]:
+    from encdec.nn.packed import unpack_linear_weights
     from encdec.translate import Translator
 
     tr = Translator.from_run(run)
+    # The counter sees aten's matrix products, not oneDNN's packed inner product: count the
+    # same products on F.linear (the FLOPs are the same either way).
+    unpack_linear_weights(tr.model)
     texts = [e["src"] for e in read_eval(tr.cfg.data.dir, split)]
     texts = texts[:limit] if limit else texts
     print(f"decoding {run}, {len(texts):,} {split} inputs, batch 64:")

@@ -22,6 +22,7 @@ from encdec.decoding.texts import Translation, decode_texts
 from encdec.files import atomic_write_text
 from encdec.models import model_for_data
 from encdec.models.base import EncoderOut
+from encdec.nn.packed import pack_linear_weights
 
 ENGINES = ("encdec", "ctranslate2")
 
@@ -42,6 +43,8 @@ class Translator:
     def __init__(self, model, assets, cfg: Config, device: torch.device, checkpoint_dir: Path,
                  search=None):
         self.model = model.eval()
+        if device.type == "cpu" and search is None:
+            pack_linear_weights(self.model)
         self.assets = assets
         self.cfg = cfg
         self.device = device

@@ -37,6 +37,36 @@ def test_cached_decoding_equals_uncached(norm, positions):
             torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_cached_decoding_with_reordered_rows_equals_uncached():
+    """40 steps (the cache's buffers grow twice) with the rows reordered as beam search and
+    finished inputs do: every step equals the full forward of the row's own history."""
+    model = _model(positions="learned")
+    src = _src()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        enc = model.encode(src)
+        state = model.init_state(enc, group_size=2)  # rows 2i, 2i+1 belong to input i
+        inputs = [0, 0, 1, 1, 2, 2]
+        history = [[BOS] for _ in inputs]
+        for t in range(40):
+            prev = torch.tensor([h[-1] for h in history])
+            step, _ = model.decode_step(prev, state)
+            full_in = torch.tensor(history)
+            full = torch.log_softmax(model.logits(model(src[inputs], full_in)), dim=-1)
+            torch.testing.assert_close(step, full[:, -1], atol=1e-5, rtol=1e-5)
+            nxt = torch.randint(4, 13, (len(history),), generator=g).tolist()
+            history = [h + [tok] for h, tok in zip(history, nxt)]
+            if t in (3, 20):  # beams swap and one beam takes over both rows of an input
+                index = torch.tensor([1, 0, 2, 2, 5, 4])
+            elif t == 30:  # input 1 finishes and leaves the batch
+                index = torch.tensor([0, 1, 4, 5])
+            else:
+                continue
+            model.reorder_state(state, index)
+            history = [history[i] for i in index.tolist()]
+            inputs = [inputs[i] for i in index.tolist()]  # rows of the original batch
+
+
 def test_cached_attention_equals_uncached_attention():
     model = _model()
     src = _src()
