@@ -31,6 +31,7 @@ from encdec.host import retain_freed_memory
 from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import model_for_data
+from encdec.nn.packed import forget_packed_weights, pack_linear_weights
 from encdec.scheduled_sampling import sampling_prob
 
 
@@ -261,6 +262,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = model_for_data(cfg.model, meta).to(self.device)
+        if self.device.type == "cpu" and t.packed_linear:
+            pack_linear_weights(self.model)
         if t.init_from and not resume:  # resumed runs have these weights in their checkpoint
             copied = copy_parts(self.model, t.init_from, t.init_parts, data_dir=cfg.data.dir)
             self.log(f"init: copied {copied} tensors ({', '.join(t.init_parts)}) from "
@@ -550,6 +553,7 @@ class Trainer:
     def _validate(self) -> dict:
         model = self._eval_model()
         model.eval()
+        forget_packed_weights(model)  # the optimizer changed the weights since the last one
         loss_sum = nll_sum = tokens = 0
         for idx in self._length_batches(self.dev_split, seed=0, epoch=0, shuffle=False):
             batch = self._collate(self.dev_split, idx).to(self.device)
