@@ -52,6 +52,13 @@ def available() -> bool:
     return _available
 
 
+def _pack(w: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = w.detach()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+    return packed, (torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 64)
+                    if transposed else None)
+
+
 def _inner_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -88,24 +95,18 @@ class PackedLinear(nn.Linear):
     _packed: tuple | None = None  # (weight version, data pointer, packed W, packed W^T or None)
 
     def _packed_weights(self, transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W packed for ``_inner_product`` and, with ``transposed``, W^T (for grad_y W)."""
         w = self.weight
         if self.training:
             # Packed afresh for every forward: the weights change every step, and a fused
             # optimizer (AdamW(fused=True), encdec's) updates them without bumping _version.
-            w = w.detach()
-            return (torch.ops.mkldnn._reorder_linear_weight(w, 64),
-                    torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 64)
-                    if transposed else None)
+            return _pack(w, transposed)
         # (inference tensors have no version counter; they change in place only under
         # inference_mode, where encdec never loads weights)
         key = (-1 if w.is_inference() else w._version, w.data_ptr())
-        if self._packed is None or self._packed[:2] != key or (transposed and
-                                                                self._packed[3] is None):
-            w = w.detach()
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-            packed_t = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 64) \
-                if transposed else None
-            self._packed = (*key, packed, packed_t)
+        if (self._packed is None or self._packed[:2] != key
+                or (transposed and self._packed[3] is None)):
+            self._packed = (*key, *_pack(w, transposed))
         return self._packed[2], self._packed[3]
 
     def __getstate__(self):
