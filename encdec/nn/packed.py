@@ -4,7 +4,8 @@ For fp32 on the CPU, ``F.linear`` calls the BLAS that PyTorch is built with (MKL
 shapes of incremental decoding (a few to a few hundred rows against a 256-wide layer, or
 against a vocabulary-sized output layer) oneDNN's inner product on a weight reordered into its
 own blocked layout does the same product at up to 3x the rate on the CPUs measured
-(``benchmarks/decode_speed.py --engines encdec,encdec-unpacked``); for training-sized products
+(``benchmarks/linear_kernels.py``; whole decoding: ``benchmarks/decode_speed.py --engines
+encdec,encdec-unpacked``); for training-sized products
 the gain is smaller, largest on the output layer. ``pack_linear_weights`` turns a model's
 ``nn.Linear`` modules into ``PackedLinear`` in place: same parameters, same ``state_dict``;
 in eval mode each packs its weight on first use and again whenever the weight has changed
