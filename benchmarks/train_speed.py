@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py [--config configs/g2p-small.yaml] [--repeats 3]
                                      [--warmup 20] [--steps 100] [--device cpu|cuda]
                                      [--peer fairseq] [--allocator default|all]
+                                     [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...]
 
 Throughput = target tokens (EOS included) per second over steps 20-120 (``--warmup`` steps
 untimed, then ``--steps`` timed), on the same token-based batches (encdec's batching of the
@@ -23,6 +24,10 @@ encdec's trainer keeps freed buffers in glibc's heap on the CPU (``train.retain_
 would. ``--allocator all`` gives them the same setting (the reference calls the same function;
 fairseq gets the equivalent ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment),
 so the table shows what remains without it.
+
+``--variant packed:train.packed_linear=true`` adds encdec with those config overrides as one
+more system (its own row, timed in the same rotation), so an option is measured against
+encdec's defaults and the peers in one table.
 
 The reference (``benchmarks/reference.py``) is put on equal footing with encdec's trainer:
 - the same optimizer: encdec's ``make_optimizer`` (fused AdamW, weight decay on >= 2-D
@@ -185,7 +190,16 @@ def measure_one(args) -> None:
 
 def _config(args) -> Config:
     return Config.load(args.config, [f"train.num_threads={args.threads}",
-                                     f"train.device={args.device}"])
+                                     f"train.device={args.device}"] + list(args.set))
+
+
+def _variant(text: str) -> tuple[str, list[str]]:
+    """'NAME:KEY=VALUE,KEY=VALUE' -> (NAME, [KEY=VALUE, ...])."""
+    name, sep, overrides = text.partition(":")
+    pairs = [o for o in overrides.split(",") if o]
+    if not sep or not name or not pairs or any("=" not in o for o in pairs):
+        sys.exit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name, pairs
 
 
 def _run(cmd: list[str], env: dict | None = None) -> dict:
@@ -206,11 +220,15 @@ def main():
     ap.add_argument("--peer", choices=["fairseq"], help="also time this toolkit on the same batches")
     ap.add_argument("--allocator", choices=["default", "all"], default="default",
                     help="all: the reference and the peer get encdec's allocator setting too")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="also time encdec with these config overrides, as system 'encdec NAME'")
     ap.add_argument("--one", choices=["encdec", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         return measure_one(args)
+    variants = [_variant(v) for v in args.variant]
     if args.peer and args.device != "cpu":
         sys.exit("--peer fairseq runs on the CPU only")
     torch.set_num_threads(args.threads)
@@ -236,6 +254,9 @@ def main():
     here = str(Path(__file__).resolve())
     systems = {"encdec": [sys.executable, here, "--one", "encdec"] + common,
                "torch.nn.Transformer": [sys.executable, here, "--one", "reference"] + common}
+    for name, overrides in variants:
+        systems[f"encdec {name}"] = ([sys.executable, here, "--one", "encdec"] + common
+                                     + [f"--set={o}" for o in overrides])
     if args.peer == "fairseq":
         python = fairseq_peer.install()
         data = fairseq_peer.convert(cfg.data.dir, python)

@@ -727,6 +727,8 @@ class Trainer:
                   "elapsed_s": self.state["elapsed"],
                   # peak resident memory of this process so far (Linux: KiB)
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.cfg.train.scheduled_sampling != "off":  # the decoder inputs' sampling rate now
+            record["sampling_prob"] = sampling_prob(step, self.cfg.train)
         if self.speech or self.tts:  # audio seconds trained on (generated) per wall-clock second
             record["audio_s_per_s"] = window.get("audio_s", 0.0) * self.dist.world_size / \
                 max(seconds, 1e-9)

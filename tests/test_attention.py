@@ -59,3 +59,40 @@ def test_causal_mask_hides_the_future():
     c, w = attn(x, is_causal=True, need_weights=True)
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     assert torch.all(w[0, :, 0, 1:] == 0)
+
+
+def test_short_sequences_on_cpu_take_the_explicit_path_with_sdpa_results(monkeypatch):
+    """Training-mode forward and backward on short keys (the explicit path on the CPU) give
+    SDPA's outputs and gradients: padded keys, causal self-attention, cross-attention."""
+    import encdec.nn.attention as attention
+
+    torch.manual_seed(3)
+    self_attn, cross_attn = MultiHeadAttention(32, 4).train(), MultiHeadAttention(32, 4, cross=True).train()
+    x, memory = torch.randn(3, 6, 32), torch.randn(3, 9, 32)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 5:] = True
+    pad[2, 2:] = True
+    mask = ~pad[:, None, None, :]
+
+    def run():
+        xs, ms = x.clone().requires_grad_(), memory.clone().requires_grad_()
+        a = self_attn(ms, attn_mask=mask)[0]
+        b = self_attn(xs, is_causal=True)[0]
+        c = cross_attn(xs, ms, attn_mask=mask)[0]
+        loss = (a * a.detach().cos()).sum() + (b * b.detach().sin()).sum() + (c * c.detach()).sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in list(self_attn.parameters()) + list(cross_attn.parameters())]
+        self_attn.zero_grad(), cross_attn.zero_grad()
+        return [a, b, c, xs.grad, ms.grad] + grads
+
+    calls = []
+    explicit = attention._attention_with_weights
+    monkeypatch.setattr(attention, "_attention_with_weights",
+                        lambda *a: calls.append(1) or explicit(*a))
+    short = run()
+    assert len(calls) == 3  # all three took the explicit path (9 keys <= EXPLICIT_MAX_KEYS)
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_KEYS", 0)
+    kernel = run()
+    assert len(calls) == 3  # ... and none now
+    for got, expected in zip(short, kernel):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

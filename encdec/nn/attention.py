@@ -1,8 +1,10 @@
 """Multi-head attention on top of ``F.scaled_dot_product_attention`` with a key/value cache.
 
 Projections live here; the kernel is PyTorch's, so the fastest implementation for the device
-(flash / memory-efficient / CPU flash) is chosen for us. Self-attention can rotate queries and
-keys by position first (``rotary``, see ``encdec/nn/rotary.py``).
+(flash / memory-efficient / CPU flash) is chosen for us, except on the CPU for short key
+sequences (``EXPLICIT_MAX_KEYS``), where the plain product, softmax and product are faster.
+Self-attention can rotate queries and keys by position first (``rotary``, see
+``encdec/nn/rotary.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from encdec.nn.rotary import Rotary
+
+# On the CPU, up to this many keys the explicit attention (two batched products and a softmax)
+# is faster than SDPA's CPU flash kernel, forward and backward: 1.6-2.2x for 8-32 keys, about
+# even from 48 to 160, on a 2-core AMD EPYC at 4,000 tokens per batch (the kernel's blocking
+# does not pay for rows this short). G2P words and most subword sentences are this short.
+# Incremental decoding always takes the explicit path on the CPU (a handful of queries).
+EXPLICIT_MAX_KEYS = 48
 
 
 class MultiHeadAttention(nn.Module):
@@ -78,9 +87,11 @@ class MultiHeadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             out, weights = _attention_with_weights(q, k, v, attn_mask, is_causal)
-        elif cache is not None and q.device.type == "cpu":
-            # Incremental decoding on CPU: for a handful of queries the explicit product is
-            # 1.5-3x faster than SDPA's CPU kernels (benchmarks/decode_speed.py); same math.
+        elif q.device.type == "cpu" and dropout == 0.0 and (
+                cache is not None or k.size(2) <= EXPLICIT_MAX_KEYS):
+            # Incremental decoding on CPU (a handful of queries: 1.5-3x faster than SDPA's CPU
+            # kernels, benchmarks/decode_speed.py) and short sequences in training or a full
+            # forward (see EXPLICIT_MAX_KEYS); the same math.
             out, weights = _attention_with_weights(q, k, v, attn_mask, is_causal)[0], None
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
