@@ -16,17 +16,51 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     (1 - smoothing) * NLL + smoothing * mean over the vocabulary of -log p, as in
     ``F.cross_entropy(label_smoothing=...)``. The plain NLL, what perplexity is made of, comes
     from the same log-softmax: with large vocabularies a second pass over the logits costs
-    several percent of a training step. PAD targets are ignored.
+    several percent of a training step. PAD targets are ignored. The gradient is written in
+    one pass (see ``_SmoothedCrossEntropy``).
     """
-    log_probs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
-    keep = target.ne(PAD)
-    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (N,)
-    if smoothing == 0.0:
+    return _SmoothedCrossEntropy.apply(logits, target, smoothing)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """Label-smoothed cross-entropy whose backward writes d loss / d logits directly:
+    softmax - (1 - smoothing) * onehot(target) - smoothing / V, zero on PAD rows, in place on
+    the saved log-probabilities. Autograd's chain through log_softmax, gather and mean costs
+    five passes over (N, V) and a zero-filled buffer as large: 0.35 s of a 2 s step on the
+    Bible preset (7,809 subwords, 5,300 target tokens per batch)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, smoothing):
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        keep = target.ne(PAD)
+        nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (N,)
         loss = nll.sum()
-        return loss, loss.detach()
-    smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (N,)
-    loss = ((1.0 - smoothing) * nll + smoothing * smooth).sum()
-    return loss, nll.sum().detach()
+        if smoothing > 0.0:
+            smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (N,)
+            loss = ((1.0 - smoothing) * nll + smoothing * smooth).sum()
+        ctx.save_for_backward(log_probs, target)
+        ctx.smoothing, ctx.logits_dtype, ctx.spent = smoothing, logits.dtype, False
+        nll_sum = nll.sum()
+        ctx.mark_non_differentiable(nll_sum)
+        return loss, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        if ctx.spent:  # the saved buffer became the gradient the first time
+            raise RuntimeError("label_smoothed_nll: backward through the loss twice is not "
+                               "supported (retain_graph=True)")
+        ctx.spent = True
+        log_probs, target = ctx.saved_tensors
+        s = ctx.smoothing
+        grad = log_probs.exp_()  # softmax, in the saved buffer
+        if s > 0.0:
+            grad.sub_(s / grad.size(-1))
+        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.size(0), 1), s - 1.0))
+        keep = target.ne(PAD)
+        if not bool(keep.all()):
+            grad.mul_(keep.unsqueeze(1))
+        grad.mul_(grad_loss)
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False):
