@@ -4,6 +4,7 @@
                                      [--warmup 20] [--steps 100] [--device cpu|cuda]
                                      [--peer fairseq] [--allocator default|all]
                                      [--variant NAME:KEY=VALUE[,KEY=VALUE...] ...]
+                                     [--no-reference]
 
 Throughput = target tokens (EOS included) per second over steps 20-120 (``--warmup`` steps
 untimed, then ``--steps`` timed), on the same token-based batches (encdec's batching of the
@@ -27,7 +28,8 @@ so the table shows what remains without it.
 
 ``--variant packed:train.packed_linear=true`` adds encdec with those config overrides as one
 more system (its own row, timed in the same rotation), so an option is measured against
-encdec's defaults and the peers in one table.
+encdec's defaults and the peers in one table; ``--no-reference`` leaves the reference out
+(an option against encdec's defaults alone).
 
 The reference (``benchmarks/reference.py``) is put on equal footing with encdec's trainer:
 - the same optimizer: encdec's ``make_optimizer`` (fused AdamW, weight decay on >= 2-D
@@ -40,10 +42,13 @@ The reference (``benchmarks/reference.py``) is put on equal footing with encdec'
 - the same masks, and logits only at real target positions.
 
 Differences that remain, and why:
-- nn.MultiheadAttention turns a boolean key-padding mask into an additive float mask, per head;
-  encdec passes the boolean mask to SDPA. It is the reference's own way, not a handicap.
-- The reference's loss is ``F.cross_entropy(label_smoothing=)`` (one fused kernel); encdec's
-  ``label_smoothed_nll`` also returns the plain NLL for its logs. Same loss value.
+- nn.MultiheadAttention turns a boolean key-padding mask into an additive float mask, per head,
+  and calls its own attention; encdec passes the boolean mask to SDPA, or on the CPU, for up to
+  ``EXPLICIT_MAX_KEYS`` keys, computes the attention itself (faster there:
+  ``benchmarks/attention_kernels.py``). Each is the system's own way, not a handicap.
+- The reference's loss is ``F.cross_entropy(label_smoothing=)``, differentiated by autograd;
+  encdec's ``label_smoothed_nll`` writes its gradient in one pass and also returns the plain
+  NLL for its logs. Same loss value and gradient.
 - encdec's step reads the NLL too and computes the scheduled-sampling probability (0 here):
   bookkeeping the trainer needs, counted against encdec.
 - Post-LN configs: nn.Transformer still ends each stack with a LayerNorm (2 x 2 d extra
@@ -222,6 +227,8 @@ def main():
                     help="all: the reference and the peer get encdec's allocator setting too")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="also time encdec with these config overrides, as system 'encdec NAME'")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="leave the torch.nn.Transformer reference out of the table")
     ap.add_argument("--one", choices=["encdec", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -254,6 +261,8 @@ def main():
     here = str(Path(__file__).resolve())
     systems = {"encdec": [sys.executable, here, "--one", "encdec"] + common,
                "torch.nn.Transformer": [sys.executable, here, "--one", "reference"] + common}
+    if args.no_reference:
+        del systems["torch.nn.Transformer"]
     for name, overrides in variants:
         systems[f"encdec {name}"] = ([sys.executable, here, "--one", "encdec"] + common
                                      + [f"--set={o}" for o in overrides])

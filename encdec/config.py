@@ -123,8 +123,9 @@ class TrainConfig:
     # whose shapes vary too much (the heap grows)
     retain_freed_memory: bool = True
     # CPU, fp32: linear layers through oneDNN on packed weights (encdec/nn/packed.py), as
-    # decoding always does. Off by default: 4-6 % more tokens/s on the presets measured, for
-    # 0.5-1 GB more resident memory (oneDNN keeps a kernel per batch shape)
+    # decoding always does. Off by default: 4-6 % more tokens/s on the presets before the
+    # explicit short-sequence attention, within noise since, for 0.5-1.3 GB more resident
+    # memory (oneDNN keeps a kernel per batch shape)
     packed_linear: bool = False
     max_len: int = 256  # longer training pairs are skipped when batching
     # Scheduled sampling (Bengio et al., 2015): with probability p(step) a decoder input is the

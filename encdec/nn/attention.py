@@ -18,9 +18,9 @@ from torch import nn
 from encdec.nn.rotary import Rotary
 
 # On the CPU, up to this many keys the explicit attention (two batched products and a softmax)
-# is faster than SDPA's CPU flash kernel, forward and backward: 1.6-2.2x for 8-32 keys, about
-# even from 48 to 160, on a 2-core AMD EPYC at 4,000 tokens per batch (the kernel's blocking
-# does not pay for rows this short). G2P words and most subword sentences are this short.
+# is faster than SDPA's CPU flash kernel, forward and backward: 1.7-1.9x at 8-12 keys, 1.1-1.4x
+# at 16-48, even at 96 and 0.9x at 160, on a 2-core AMD EPYC at 4,000 tokens per batch
+# (`python benchmarks/attention_kernels.py`). G2P words and many subword sentences are this short.
 # Incremental decoding always takes the explicit path on the CPU (a handful of queries).
 EXPLICIT_MAX_KEYS = 48
 
