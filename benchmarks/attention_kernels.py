@@ -29,12 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from encdec.nn.attention import _attention_with_weights  # noqa: E402
 
 # Runs train_speed.py's one-system measurement with the module's threshold set first.
@@ -87,13 +87,13 @@ def kernels(args) -> None:
 
 
 def training(args) -> None:
+    from train_speed import first_batches, save_batches  # the batches train_speed.py times
+
     from encdec.config import Config
-    from encdec.data.dataset import BinarizedSplit, token_batches
+    from encdec.data.dataset import BinarizedSplit
 
     cfg = Config.load(args.train, [])
-    split = BinarizedSplit(cfg.data.dir, "train")
-    order = token_batches(split.src_lens, split.tgt_lens, cfg.train.max_tokens, seed=1,
-                          epoch=0)[: args.warmup + args.steps]
+    order = first_batches(cfg, BinarizedSplit(cfg.data.dir, "train"), args.warmup + args.steps)
     script = str(ROOT / "benchmarks" / "train_speed.py")
     code = _WITH_THRESHOLD.format(script=script)
     settings = {"SDPA (0 keys)": 0, f"explicit up to {args.max_keys} keys": args.max_keys}
@@ -101,7 +101,7 @@ def training(args) -> None:
     rss = {name: [] for name in settings}
     with tempfile.TemporaryDirectory() as tmp:
         batches = Path(tmp) / "batches.npz"
-        np.savez(batches, indices=np.concatenate(order), sizes=np.array([len(o) for o in order]))
+        save_batches(order, batches)
         names = list(settings)
         for r in range(args.repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -131,16 +131,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", default="8,12,16,24,32,48,64,96,160")
     ap.add_argument("--tokens", type=int, default=4000)
-    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--repeats", type=int, help="rounds per setting (default 8; 3 with --train)")
     ap.add_argument("--train", metavar="CONFIG", help="time training steps instead of kernels")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--max-keys", type=int, default=48)
     args = ap.parse_args()
     if args.train:
-        if args.repeats == ap.get_default("repeats"):
-            args.repeats = 3
+        args.repeats = args.repeats or 3
         return training(args)
+    args.repeats = args.repeats or 8
     kernels(args)
 
 

@@ -193,6 +193,17 @@ def measure_one(args) -> None:
                       "src_padding": src_pad, "tgt_padding": tgt_pad}))
 
 
+def first_batches(cfg: Config, split: BinarizedSplit, count: int) -> list:
+    """The first ``count`` token batches (index arrays) of encdec's batching: seed 1, epoch 0."""
+    return token_batches(split.src_lens, split.tgt_lens, cfg.train.max_tokens, seed=1,
+                         epoch=0)[:count]
+
+
+def save_batches(order: list, path: Path) -> None:
+    """Batches as one file every timed process reads (``--batches``)."""
+    np.savez(path, indices=np.concatenate(order), sizes=np.array([len(o) for o in order]))
+
+
 def _config(args) -> Config:
     return Config.load(args.config, [f"train.num_threads={args.threads}",
                                      f"train.device={args.device}"] + list(args.set))
@@ -243,8 +254,7 @@ def main():
     device = torch.device(args.device)
     split = BinarizedSplit(cfg.data.dir, "train")
     meta = load_meta(cfg.data.dir)
-    order = token_batches(split.src_lens, split.tgt_lens, cfg.train.max_tokens, seed=1, epoch=0)
-    order = order[: args.warmup + args.steps]
+    order = first_batches(cfg, split, args.warmup + args.steps)
     print(f"{args.config}: {cfg.model.enc_layers}+{cfg.model.dec_layers} x {cfg.model.d_model}, "
           f"ffn {cfg.model.ffn_dim}, max_tokens {cfg.train.max_tokens}, steps "
           f"{args.warmup}-{args.warmup + args.steps} timed, "
@@ -254,7 +264,7 @@ def main():
     check_same_model(cfg, meta, collate(split, order[0]), device)
     tmp = tempfile.TemporaryDirectory()
     batches_file = Path(tmp.name) / "batches.npz"
-    np.savez(batches_file, indices=np.concatenate(order), sizes=np.array([len(o) for o in order]))
+    save_batches(order, batches_file)
     common = ["--config", args.config, "--warmup", str(args.warmup), "--steps", str(args.steps),
               "--threads", str(args.threads), "--device", args.device, "--batches", str(batches_file),
               "--allocator", args.allocator]
