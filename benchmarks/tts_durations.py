@@ -1,6 +1,6 @@
 """Learned phone durations scored against the synthesizer's own: mean absolute error in ms.
 
-    python benchmarks/tts_durations.py RUN [RUN ...] [--split test] [--limit 100]
+    python benchmarks/tts_durations.py RUN [RUN ...] [--split test] [--limit 100] [--checkpoint step-0000500]
 
 The bible-tts audio comes from flite, which can print the phone segmentation of what it
 speaks (``flite -psdur``, with the same voice and settings the recipe synthesized with, so the
@@ -135,18 +135,19 @@ class Score:
                 f"{self.placed / self.units:.1%} | {self.same / max(self.placed, 1):.1%} |")
 
 
-def load(run: Path):
+def load(run: Path, which: str = "best"):
     cfg = Config.load(run / "config.yaml")
     assets = load_assets(run / "data")
     model = model_for_data(cfg.model, assets.meta)
-    checkpoint.load_weights(model, checkpoint.resolve(run, "best"))
+    checkpoint.load_weights(model, checkpoint.resolve(run, which))
     return cfg, assets, model.eval()
 
 
 @torch.no_grad()
-def run_durations(run: Path, split: TTSSplit, indices: list[int], front) -> dict[str, list]:
-    """{method: [durations (frames) per utterance]} for one run."""
-    cfg, assets, model = load(run)
+def run_durations(run: Path, split: TTSSplit, indices: list[int], front,
+                  which: str = "best") -> dict[str, list]:
+    """{method: [durations (frames) per utterance]} for one run's checkpoint ``which``."""
+    cfg, assets, model = load(run, which)
     out: dict[str, list] = {}
     for i in indices:
         batch = collate_tts(split, [i], front)
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=100, help="utterances (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoint", default="best",
+                    help="every run's checkpoint: best, last, or a step-NNNNNNN name")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.runs]
@@ -190,12 +193,14 @@ def main() -> None:
         even = [frames // n + (k < frames % n) for k in range(n)]
         uniform.add(our_units(toks, even, frame_ms), ref)
     for run in runs:
-        for method, per_utt in run_durations(run, split, indices, assets.audio_front).items():
+        for method, per_utt in run_durations(run, split, indices, assets.audio_front,
+                                             args.checkpoint).items():
             score = scores.setdefault(f"{run.name}: {method}", Score())
             for toks, frames, ref in zip(tokens, per_utt, refs):
                 score.add(our_units(toks, frames, frame_ms), ref)
     print(f"{len(indices)} {args.split} utterances of {cfg.data.dir} ({voice}); flite's phone "
-          f"times as the reference; {sum(len(r) for r in refs):,} flite units")
+          f"times as the reference; {sum(len(r) for r in refs):,} flite units; checkpoint "
+          f"{args.checkpoint}")
     print("| durations | MAE ms | median ms | MAE phones | MAE pauses | units placed | "
           "same label |")
     print("|---|---:|---:|---:|---:|---:|---:|")
