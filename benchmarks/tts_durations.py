@@ -18,6 +18,8 @@ sound rules, lower case); a punctuation token against flite's pause; a word boun
 frames go to the phone before it, flite's leading pause to the first phone (encdec has no token
 for it). The two sequences are aligned by edit distance; units at the same place (equal or
 substituted) are scored, the rest (a different pronunciation's extra phones) counted apart.
+The last column is the share of all frames the durations give to word-boundary tokens, which
+have no sound of their own in flite's segmentation (scored with the phone before them).
 """
 
 from __future__ import annotations
@@ -115,8 +117,12 @@ class Score:
         self.errors: list[float] = []
         self.pause_errors: list[float] = []
         self.same = self.placed = self.units = 0
+        self.frames = self.boundary_frames = 0
 
-    def add(self, ours: list[tuple[str, float]], ref: list[tuple[str, float]]) -> None:
+    def add(self, ours: list[tuple[str, float]], ref: list[tuple[str, float]],
+            tokens: list[str], frames: list[int]) -> None:
+        self.frames += sum(frames)
+        self.boundary_frames += sum(n for tok, n in zip(tokens, frames) if tok == WORD_BOUNDARY)
         pairs = align([u for u, _ in ours], [u for u, _ in ref])
         self.units += len(ref)
         self.placed += len(pairs)
@@ -132,7 +138,8 @@ class Score:
             return f"{statistics.mean(xs):.1f}" if xs else "-"
         return (f"| {name} | {mean(both)} | {statistics.median(both):.1f} | "
                 f"{mean(self.errors)} | {mean(self.pause_errors)} | "
-                f"{self.placed / self.units:.1%} | {self.same / max(self.placed, 1):.1%} |")
+                f"{self.placed / self.units:.1%} | {self.same / max(self.placed, 1):.1%} | "
+                f"{self.boundary_frames / max(self.frames, 1):.1%} |")
 
 
 def load(run: Path, which: str = "best"):
@@ -191,19 +198,19 @@ def main() -> None:
         frames = int(split.frames[i])
         n = len(toks)
         even = [frames // n + (k < frames % n) for k in range(n)]
-        uniform.add(our_units(toks, even, frame_ms), ref)
+        uniform.add(our_units(toks, even, frame_ms), ref, toks, even)
     for run in runs:
         for method, per_utt in run_durations(run, split, indices, assets.audio_front,
                                              args.checkpoint).items():
             score = scores.setdefault(f"{run.name}: {method}", Score())
             for toks, frames, ref in zip(tokens, per_utt, refs):
-                score.add(our_units(toks, frames, frame_ms), ref)
+                score.add(our_units(toks, frames, frame_ms), ref, toks, frames)
     print(f"{len(indices)} {args.split} utterances of {cfg.data.dir} ({voice}); flite's phone "
           f"times as the reference; {sum(len(r) for r in refs):,} flite units; checkpoint "
           f"{args.checkpoint}")
     print("| durations | MAE ms | median ms | MAE phones | MAE pauses | units placed | "
-          "same label |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "same label | frames on word boundaries |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, score in scores.items():
         print(score.row(name))
     print(uniform.row("uniform (every unit the same length)"))

@@ -64,6 +64,7 @@ class ModelConfig:
     # Text-to-speech (arch: fastspeech | transformer_tts): tokens -> 80-bin log-mel frames.
     tts_reduction: int = 2  # transformer_tts: frames per decoder step (Tacotron's r)
     tts_guided_weight: float = 1.0  # transformer_tts: guided-attention (diagonal prior) loss weight
+    tts_guided_sigma: float = 0.2  # transformer_tts: the prior's width, a fraction of the lengths
     # fastspeech: durations learned jointly (forward-sum over monotonic paths + MAS); the
     # binarization loss joins after this many steps, once the soft alignment has converged a bit
     tts_binarize_from: int = 1000
@@ -466,6 +467,9 @@ def _validate_speech(cfg: Config) -> None:
                        ("model.tts_guided_weight", m.tts_guided_weight)):
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0 (0 = off)")
+    if m.tts_guided_sigma <= 0:
+        raise ConfigError(f"model.tts_guided_sigma={m.tts_guided_sigma}: must be > 0 (a fraction "
+                          "of the text and frame lengths)")
     if m.aux_ctc_weight < 0:
         raise ConfigError(f"model.aux_ctc_weight={m.aux_ctc_weight}: must be >= 0 (0 = no "
                           "auxiliary CTC head)")

@@ -212,5 +212,6 @@ def tts_loss(model, batch, step: int = 0, teacher=None):
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths, **kwargs)
     else:
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths,
-                             guided_weight=core.cfg.tts_guided_weight)
+                             guided_weight=core.cfg.tts_guided_weight,
+                             guided_sigma=core.cfg.tts_guided_sigma)
     return total * frames, torch.tensor(parts["postnet"] * frames)

@@ -241,6 +241,38 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
 
 
+def test_guided_attention_weighs_mass_off_the_diagonal_by_its_width():
+    from encdec.config import ModelConfig
+    from encdec.models.tts import TransformerTTS, guided_attention_loss
+
+    # one row of 4 frames over 2 tokens (a padded third): all mass on token 0, then token 1
+    att = torch.zeros(1, 4, 3)
+    att[0, :2, 0] = 1.0
+    att[0, 2:, 1] = 1.0
+    text, frames = torch.tensor([2]), torch.tensor([4])
+
+    def by_hand(sigma):
+        total = 0.0
+        for t in range(4):
+            n = 0 if t < 2 else 1
+            total += 1 - math.exp(-(n / 2 - t / 4) ** 2 / (2 * sigma ** 2))
+        return total / 8  # 4 frames x 2 real tokens
+
+    for sigma in (0.2, 0.05):
+        assert float(guided_attention_loss(att, text, frames, sigma)) == pytest.approx(
+            by_hand(sigma), rel=1e-6)
+    # a narrower prior costs the same attention more, and model.loss passes the width on
+    assert by_hand(0.05) > 1.5 * by_hand(0.2)
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0)
+    model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
+    tok, mel, lengths, _ = _toy_tts_batch(torch.Generator().manual_seed(1), torch.randn(12, 16))
+    with torch.no_grad():
+        wide = model.loss(tok, mel, lengths, guided_sigma=0.2)[1]["guided"]
+        narrow = model.loss(tok, mel, lengths, guided_sigma=0.05)[1]["guided"]
+    assert narrow > wide > 0
+
+
 def test_beta_binomial_prior_is_a_diagonal_distribution_over_real_tokens():
     from encdec.nn.alignment import beta_binomial_prior
 

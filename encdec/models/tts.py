@@ -275,7 +275,7 @@ class TransformerTTS(TextToFrames):
         return frames
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
-             guided_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+             guided_weight: float = 1.0, guided_sigma: float = 0.2) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
         cross-entropy on the stop flags (1 at each row's last frame, weighted
         ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
@@ -311,7 +311,8 @@ class TransformerTTS(TextToFrames):
                      pos_weight=stop_logits.new_tensor(self.stop_pos_weight))}
         attention = weights.mean(dim=1)  # (B, S, N): per decoder step
         attention_frames = attention.repeat_interleave(r, dim=1)[:, :T]
-        parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths)
+        parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths,
+                                                guided_sigma)
         total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {
             "attention": attention_frames.detach(), "before": before.detach()}
