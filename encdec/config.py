@@ -65,6 +65,10 @@ class ModelConfig:
     tts_reduction: int = 2  # transformer_tts: frames per decoder step (Tacotron's r)
     tts_guided_weight: float = 1.0  # transformer_tts: guided-attention (diagonal prior) loss weight
     tts_guided_sigma: float = 0.2  # transformer_tts: the prior's width, a fraction of the lengths
+    # transformer_tts: what the last decoder layer's cross-attention (the guided one, which
+    # durations are read from) projects its keys from: encoder (its output, like the values)
+    # | embedding (its input: token embeddings with positions, without the neighbours' context)
+    tts_attention_keys: str = "encoder"
     # fastspeech: durations learned jointly (forward-sum over monotonic paths + MAS); the
     # binarization loss joins after this many steps, once the soft alignment has converged a bit
     tts_binarize_from: int = 1000
@@ -467,6 +471,9 @@ def _validate_speech(cfg: Config) -> None:
                        ("model.tts_guided_weight", m.tts_guided_weight)):
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0 (0 = off)")
+    if m.tts_attention_keys not in ("encoder", "embedding"):
+        raise ConfigError(f"model.tts_attention_keys={m.tts_attention_keys!r}: choose encoder or "
+                          "embedding")
     if m.tts_guided_sigma <= 0:
         raise ConfigError(f"model.tts_guided_sigma={m.tts_guided_sigma}: must be > 0 (a fraction "
                           "of the text and frame lengths)")

@@ -197,14 +197,16 @@ def test_fastspeech_learns_durations_without_an_aligner_and_length_scale_control
     assert (per_token.durations[:, 0] >= 2 * out.durations[:, 0] - 1).all()
 
 
-def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_durations():
+@pytest.mark.parametrize("keys", ["encoder", "embedding"])
+def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_durations(keys):
     from encdec.config import ModelConfig
     from encdec.models.tts import TransformerTTS, durations_from_attention
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     protos = torch.randn(12, 16, generator=gen) * 2
-    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0)
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0,
+                      tts_attention_keys=keys)
     model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2,
                            prenet_dropout=0.2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -225,8 +227,8 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
     # one cached step at a time, fed the true previous frames = the teacher-forced pass
     with torch.no_grad():
-        memory, mask = model.encode(tok)
-        caches = model.init_caches(memory)
+        memory, mask, embedded = model.encode_with_input(tok)
+        caches = model.init_caches(memory, embedded)
         prev = mel.new_zeros(mel.size(0), 16)
         steps = []
         for s in range(-(-mel.size(1) // 2)):
@@ -239,6 +241,30 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     out = model.synthesize(tok, max_frames=60)
     assert out.mels.shape[0] == 16 and (out.frame_lengths <= 60).all()
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
+
+
+def test_transformer_tts_attention_keys_from_the_embeddings_skip_the_encoder():
+    """With tts_attention_keys=embedding the guided attention (one decoder layer here, so its
+    queries see no memory) does not move when the encoder's layers change; the values and the
+    mel frames still do. With the default keys it moves."""
+    from encdec.config import ModelConfig
+    from encdec.models.tts import TransformerTTS
+
+    tok, mel, lengths, _ = _toy_tts_batch(torch.Generator().manual_seed(1), torch.randn(12, 16))
+    for keys in ("encoder", "embedding"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64,
+                          dropout=0.0, tts_attention_keys=keys)
+        model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2,
+                               prenet_dropout=0.0).eval()
+        with torch.no_grad():
+            before = model.loss(tok, mel, lengths)[1]
+            for p in model.encoder.parameters():
+                p.add_(torch.randn_like(p))
+            after = model.loss(tok, mel, lengths)[1]
+        moved = (after["attention"] - before["attention"]).abs().max().item()
+        assert (moved < 1e-6) == (keys == "embedding"), (keys, moved)
+        assert (after["before"] - before["before"]).abs().max().item() > 1e-3
 
 
 def test_guided_attention_weighs_mass_off_the_diagonal_by_its_width():

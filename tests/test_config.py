@@ -23,6 +23,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
     ("train.schedule=linear", "needs train.max_steps or train.max_minutes"),
     ("train.decay_fraction=0", "train.decay_fraction=0.0: must be in (0, 1]"),
     ("model.tts_guided_sigma=0", "model.tts_guided_sigma=0.0: must be > 0"),
+    ("model.tts_attention_keys=decoder", "model.tts_attention_keys=.decoder.: choose encoder or"),
     ("lr=1", "section.name"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, message):

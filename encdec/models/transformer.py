@@ -59,8 +59,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, memory, memory_mask, cache: dict | None = None, need_attention=False,
                 causal: bool = True, self_mask: torch.Tensor | None = None,
-                pad_mask: torch.Tensor | None = None):
+                pad_mask: torch.Tensor | None = None, memory_keys: torch.Tensor | None = None):
         """Teacher-forced (cache None, causal over all of x) or one incremental step (cache).
+
+        ``memory_keys`` (B, S, d): what the cross-attention keys are projected from, when not
+        ``memory`` (a cache holds its projected keys already).
 
         ``causal=False`` with ``self_mask`` (B, 1, 1, T) lets every position see every real
         target position: the non-autoregressive decoder.
@@ -76,7 +79,8 @@ class DecoderLayer(nn.Module):
             nonlocal weights
             if cache is None:
                 out, weights = self.cross_attn(h, memory, attn_mask=memory_mask,
-                                               need_weights=need_attention)
+                                               need_weights=need_attention,
+                                               memory_keys=memory_keys)
                 return out
             out, weights = self._cached_cross(h, cache, memory_mask, need_attention)
             return out

@@ -133,8 +133,15 @@ class TextToFrames(nn.Module):
         return norm(x, mask) if norm is not None else x
 
     def encode(self, tokens: torch.Tensor):
+        memory, mask, _ = self.encode_with_input(tokens)
+        return memory, mask
+
+    def encode_with_input(self, tokens: torch.Tensor):
+        """The encoder's output (B, N, d), the token mask (B, N) and the encoder's input (the
+        token embeddings with positions, B, N, d)."""
         mask = tokens.ne(PAD)
-        return self._stack(self.encoder, self.enc_norm, self.embed(tokens), mask), mask
+        embedded = self.embed(tokens)
+        return self._stack(self.encoder, self.enc_norm, embedded, mask), mask, embedded
 
     def _postnet(self, mels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.postnet is None:
@@ -251,7 +258,13 @@ class TransformerTTS(TextToFrames):
     """Autoregressive text-to-speech: tokens -> mel frames, ``reduction`` frames per decoder
     step, with a stop-token head, a pre-net, a post-net and guided attention. The decoder
     layers and their key/value caches are the text decoder's. Dimensions as in FastSpeech;
-    S = T / reduction decoder steps."""
+    S = T / reduction decoder steps.
+
+    ``cfg.tts_attention_keys`` = "embedding": the last decoder layer's cross-attention (the
+    one guided attention trains and durations are read from) projects its keys from the
+    encoder's input, the token embeddings with positions, instead of its output; its values
+    stay the encoder's output. With the encoder's context in the keys, that attention
+    follows words rather than phones (README, "Speech synthesis")."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80, reduction: int = 2,
                  prenet_dropout: float = 0.5, postnet_layers: int = 5,
@@ -259,6 +272,7 @@ class TransformerTTS(TextToFrames):
         super().__init__(cfg, vocab_size, n_mels, postnet_layers)
         from encdec.models.transformer import DecoderLayer
 
+        self.embedding_keys = cfg.tts_attention_keys == "embedding"
         self.stop_pos_weight = stop_pos_weight
         self.reduction = reduction
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
@@ -281,7 +295,7 @@ class TransformerTTS(TextToFrames):
         ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
         cross-attention. Returns the attention (B, T, N) and the frames before the post-net
         (B, T, M) too."""
-        memory, mask = self.encode(tokens)
+        memory, mask, embedded = self.encode_with_input(tokens)
         B, T, M = mels.shape
         r = self.reduction
         S = -(-T // r)
@@ -295,8 +309,9 @@ class TransformerTTS(TextToFrames):
         cross_mask = mask[:, None, None, :]
         weights = None
         for i, layer in enumerate(self.decoder):
-            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
-                               need_attention=i == len(self.decoder) - 1)
+            last = i == len(self.decoder) - 1
+            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask, need_attention=last,
+                               memory_keys=embedded if last and self.embedding_keys else None)
         if self.dec_norm is not None:
             x = self.dec_norm(x, step_mask)
         before = self.mel_out(x).view(B, S * r, M)[:, :T]
@@ -319,10 +334,19 @@ class TransformerTTS(TextToFrames):
 
     forward = loss  # so DistributedDataParallel sees the training pass
 
-    def init_caches(self, memory: torch.Tensor) -> list[dict]:
+    def init_caches(self, memory: torch.Tensor, embedded: torch.Tensor | None = None
+                    ) -> list[dict]:
+        """Per decoder layer: an empty self-attention cache and the projected memory.
+        ``embedded``: the encoder's input (``encode_with_input``), which the last layer's keys
+        come from with ``tts_attention_keys`` = "embedding"."""
+        if self.embedding_keys and embedded is None:
+            raise ValueError("this model's last cross-attention takes its keys from the token "
+                             "embeddings: pass embedded= (from encode_with_input)")
         caches = []
-        for layer in self.decoder:
-            k, v = layer.cross_attn.project_memory(memory)
+        for i, layer in enumerate(self.decoder):
+            last = i == len(self.decoder) - 1
+            k, v = layer.cross_attn.project_memory(
+                memory, embedded if last and self.embedding_keys else None)
             caches.append({"self": {}, "cross_k": k, "cross_v": v})
         return caches
 
@@ -347,9 +371,9 @@ class TransformerTTS(TextToFrames):
         """Frames step by step with the decoder's key/value caches until every row's stop
         probability passes ``stop_threshold`` (or ``max_frames``). ``durations`` of the result
         are read off the attention (``durations_from_attention``)."""
-        memory, mask = self.encode(tokens)
+        memory, mask, embedded = self.encode_with_input(tokens)
         B, r, M = tokens.size(0), self.reduction, self.n_mels
-        caches = self.init_caches(memory)
+        caches = self.init_caches(memory, embedded)
         cross_mask = mask[:, None, None, :]
         prev = memory.new_zeros(B, M)
         frames, attention = [], []

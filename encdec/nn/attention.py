@@ -45,21 +45,30 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the encoder output; computed once per input for decoding."""
-        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+    def project_memory(self, memory: torch.Tensor, keys: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output; computed once per input for decoding.
+        ``keys`` (B, S, d), when given, is what the keys are projected from instead (the
+        values still come from ``memory``)."""
+        if keys is None:
+            k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        else:
+            w_k, w_v = self.kv_proj.weight.chunk(2, dim=0)
+            b_k, b_v = self.kv_proj.bias.chunk(2, dim=0)
+            k, v = F.linear(keys, w_k, b_k), F.linear(memory, w_v, b_v)
         return self._heads(k), self._heads(v)  # (B, nh, S, hd) each
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 cache: dict | None = None, need_weights: bool = False,
-                rotary: Rotary | None = None):
+                rotary: Rotary | None = None, memory_keys: torch.Tensor | None = None):
         """x: (B, T, d). attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend.
 
         ``cache`` (decoding): for self-attention, keys/values of earlier steps are appended to
         ``cache["k"]``/``cache["v"]``; for cross-attention they hold the projected memory.
         ``rotary`` (self-attention only): rotate q and k by their positions, which continue
-        after the cached steps. Returns (output (B, T, d), weights (B, nh, T, S) or None).
+        after the cached steps. ``memory_keys`` (cross-attention): project the keys from it
+        instead of ``memory`` (``project_memory``). Returns (output (B, T, d), weights (B, nh, T, S) or None).
         """
         B, T, d = x.shape
         if self.cross and rotary is not None:
@@ -70,7 +79,7 @@ class MultiHeadAttention(nn.Module):
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
             else:
-                k, v = self.project_memory(memory)
+                k, v = self.project_memory(memory, memory_keys)
                 if cache is not None:
                     cache["k"], cache["v"] = k, v
         else:
