@@ -309,9 +309,9 @@ class TransformerTTS(TextToFrames):
         cross_mask = mask[:, None, None, :]
         weights = None
         for i, layer in enumerate(self.decoder):
-            last = i == len(self.decoder) - 1
-            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask, need_attention=last,
-                               memory_keys=embedded if last and self.embedding_keys else None)
+            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
+                               need_attention=i == len(self.decoder) - 1,
+                               memory_keys=self._cross_keys(i, embedded))
         if self.dec_norm is not None:
             x = self.dec_norm(x, step_mask)
         before = self.mel_out(x).view(B, S * r, M)[:, :T]
@@ -344,11 +344,15 @@ class TransformerTTS(TextToFrames):
                              "embeddings: pass embedded= (from encode_with_input)")
         caches = []
         for i, layer in enumerate(self.decoder):
-            last = i == len(self.decoder) - 1
-            k, v = layer.cross_attn.project_memory(
-                memory, embedded if last and self.embedding_keys else None)
+            k, v = layer.cross_attn.project_memory(memory, self._cross_keys(i, embedded))
             caches.append({"self": {}, "cross_k": k, "cross_v": v})
         return caches
+
+    def _cross_keys(self, layer: int, embedded: torch.Tensor | None) -> torch.Tensor | None:
+        """What decoder layer ``layer`` projects its cross-attention keys from when not the
+        memory: the embeddings, for the last (guided) layer with embedding keys."""
+        last = layer == len(self.decoder) - 1
+        return embedded if last and self.embedding_keys else None
 
     def decode_step(self, prev: torch.Tensor, caches: list[dict], cross_mask: torch.Tensor,
                     step: int):

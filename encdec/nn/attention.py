@@ -68,7 +68,8 @@ class MultiHeadAttention(nn.Module):
         ``cache["k"]``/``cache["v"]``; for cross-attention they hold the projected memory.
         ``rotary`` (self-attention only): rotate q and k by their positions, which continue
         after the cached steps. ``memory_keys`` (cross-attention): project the keys from it
-        instead of ``memory`` (``project_memory``). Returns (output (B, T, d), weights (B, nh, T, S) or None).
+        instead of ``memory`` (``project_memory``).
+        Returns (output (B, T, d), weights (B, nh, T, S) or None).
         """
         B, T, d = x.shape
         if self.cross and rotary is not None:
