@@ -265,6 +265,9 @@ def test_transformer_tts_attention_keys_from_the_embeddings_skip_the_encoder():
         moved = (after["attention"] - before["attention"]).abs().max().item()
         assert (moved < 1e-6) == (keys == "embedding"), (keys, moved)
         assert (after["before"] - before["before"]).abs().max().item() > 1e-3
+        if keys == "embedding":  # the caches need the embeddings the keys come from
+            with pytest.raises(ValueError, match="pass embedded="):
+                model.init_caches(model.encode(tok)[0])
 
 
 def test_guided_attention_weighs_mass_off_the_diagonal_by_its_width():
