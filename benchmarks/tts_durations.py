@@ -10,7 +10,8 @@ times are those of the recording). The durations are scored, never trained on. P
   frames (the durations it trained its decoder and duration predictor on);
 - fastspeech: ``predicted`` - its duration predictor from the text alone (what it speaks with);
 - transformer_tts: ``attention`` - MAS over its teacher-forced cross-attention on the
-  recording (the durations ``train.durations_from`` teaches a fastspeech model);
+  recording with the pre-net's dropout off (the durations ``train.durations_from`` teaches a
+  fastspeech model; ``--prenet-dropout`` reads them with it on, as the model trained);
 - ``uniform``: every unit of an utterance the same length (a floor any aligner must beat).
 
 Units: encdec's phonemes (CMUdict, no stress) against flite's (its CMU lexicon and letter-to-
@@ -152,7 +153,7 @@ def load(run: Path, which: str = "best"):
 
 @torch.no_grad()
 def run_durations(run: Path, split: TTSSplit, indices: list[int], front,
-                  which: str = "best") -> dict[str, list]:
+                  which: str = "best", prenet_dropout: bool = False) -> dict[str, list]:
     """{method: [durations (frames) per utterance]} for one run's checkpoint ``which``."""
     cfg, assets, model = load(run, which)
     out: dict[str, list] = {}
@@ -167,7 +168,8 @@ def run_durations(run: Path, split: TTSSplit, indices: list[int], front,
             out.setdefault("predicted", []).append(model.synthesize(batch.tokens).durations[0]
                                                    .tolist())
         else:
-            _, parts = model.loss(batch.tokens, batch.mels, batch.mel_lengths)
+            _, parts = model.loss(batch.tokens, batch.mels, batch.mel_lengths,
+                                  prenet_dropout=prenet_dropout)
             out.setdefault("attention", []).append(
                 durations_from_attention(parts["attention"], n, batch.mel_lengths)[0].tolist())
     return out
@@ -181,8 +183,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default="best",
                     help="every run's checkpoint: best, last, or a step-NNNNNNN name")
+    ap.add_argument("--prenet-dropout", action="store_true",
+                    help="transformer_tts: read the attention with the pre-net's dropout on, as "
+                         "in training (default off, as train.durations_from reads it)")
+    ap.add_argument("--seed", type=int, default=0, help="for --prenet-dropout")
+    ap.add_argument("--reread", action="store_true",
+                    help="transformer_tts: read the durations a second time (the next seed) and "
+                         "print how many tokens' durations changed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     runs = [Path(r) for r in args.runs]
     cfg = Config.load(runs[0] / "config.yaml")
     assets = load_assets(runs[0] / "data")
@@ -199,21 +209,35 @@ def main() -> None:
         n = len(toks)
         even = [frames // n + (k < frames % n) for k in range(n)]
         uniform.add(our_units(toks, even, frame_ms), ref, toks, even)
+    rereads = []
     for run in runs:
-        for method, per_utt in run_durations(run, split, indices, assets.audio_front,
-                                             args.checkpoint).items():
+        read = run_durations(run, split, indices, assets.audio_front, args.checkpoint,
+                             args.prenet_dropout)
+        for method, per_utt in read.items():
             score = scores.setdefault(f"{run.name}: {method}", Score())
             for toks, frames, ref in zip(tokens, per_utt, refs):
                 score.add(our_units(toks, frames, frame_ms), ref, toks, frames)
+        if args.reread and "attention" in read:
+            torch.manual_seed(args.seed + 1)
+            again = run_durations(run, split, indices, assets.audio_front, args.checkpoint,
+                                  args.prenet_dropout)["attention"]
+            diffs = [abs(a - b) for first, second in zip(read["attention"], again)
+                     for a, b in zip(first, second)]
+            rereads.append(f"{run.name}: read again, {sum(d > 0 for d in diffs) / len(diffs):.1%}"
+                           f" of {len(diffs):,} tokens change duration, by "
+                           f"{statistics.fmean(diffs) * frame_ms:.1f} ms on average")
     print(f"{len(indices)} {args.split} utterances of {cfg.data.dir} ({voice}); flite's phone "
           f"times as the reference; {sum(len(r) for r in refs):,} flite units; checkpoint "
-          f"{args.checkpoint}")
+          f"{args.checkpoint}" + (f"; pre-net dropout on, seed {args.seed}"
+                                  if args.prenet_dropout else ""))
     print("| durations | MAE ms | median ms | MAE phones | MAE pauses | units placed | "
           "same label | frames on word boundaries |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, score in scores.items():
         print(score.row(name))
     print(uniform.row("uniform (every unit the same length)"))
+    for line in rereads:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ def tts_loss(model, batch, step: int = 0, teacher=None):
                   "align_weight": core.cfg.tts_align_weight}
         if teacher is not None:
             with torch.no_grad():
-                _, parts = teacher.loss(batch.tokens, batch.mels, batch.mel_lengths)
+                _, parts = teacher.loss(batch.tokens, batch.mels, batch.mel_lengths,
+                                        prenet_dropout=False)
             kwargs["durations"] = durations_from_attention(
                 parts["attention"], batch.tokens.ne(PAD).sum(dim=1), batch.mel_lengths)
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths, **kwargs)

@@ -317,3 +317,41 @@ def test_beta_binomial_prior_is_a_diagonal_distribution_over_real_tokens():
     # the most likely token moves from the first to the last along the frames
     peaks = p[0].argmax(-1).tolist()
     assert peaks[0] == 0 and peaks[-1] == 3 and peaks == sorted(peaks)
+
+
+def test_teacher_durations_are_read_without_the_prenet_dropout():
+    """train.durations_from: the student's durations come from the teacher's attention with the
+    pre-net's dropout off, so every epoch teaches the same durations for an utterance."""
+    from types import SimpleNamespace
+
+    from encdec.config import ModelConfig
+    from encdec.losses import tts_loss
+    from encdec.models.tts import FastSpeech, TransformerTTS, durations_from_attention
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    protos = torch.randn(12, 16, generator=gen) * 2
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=64, dropout=0.0)
+    teacher = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2,
+                             prenet_dropout=0.5).eval()
+    student = FastSpeech(cfg, 12, n_mels=16, predictor_channels=32, postnet_layers=2).eval()
+    tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
+    n = tok.ne(0).sum(1)
+
+    def read(seed, **kw):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            _, parts = teacher.loss(tok, mel, lengths, **kw)
+        return durations_from_attention(parts["attention"], n, lengths)
+
+    # with the dropout on (as the teacher trained) the durations change from call to call
+    assert not torch.equal(read(1), read(2))
+    assert torch.equal(read(1, prenet_dropout=False), read(2, prenet_dropout=False))
+    batch = SimpleNamespace(tokens=tok, mels=mel, mel_lengths=lengths,
+                            num_tgt_tokens=int(lengths.sum()))
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses.append(tts_loss(student, batch, teacher=teacher)[0])
+    assert torch.equal(losses[0], losses[1])

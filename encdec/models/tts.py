@@ -282,19 +282,21 @@ class TransformerTTS(TextToFrames):
         self.mel_out = nn.Linear(cfg.d_model, n_mels * reduction)
         self.stop_out = nn.Linear(cfg.d_model, reduction)
 
-    def _prenet(self, frames: torch.Tensor) -> torch.Tensor:
+    def _prenet(self, frames: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
         # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
         for linear in self.prenet:
-            frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=True)
+            frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=stochastic)
         return frames
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
-             guided_weight: float = 1.0, guided_sigma: float = 0.2) -> tuple[torch.Tensor, dict]:
+             guided_weight: float = 1.0, guided_sigma: float = 0.2,
+             prenet_dropout: bool = True) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
         cross-entropy on the stop flags (1 at each row's last frame, weighted
         ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
         cross-attention. Returns the attention (B, T, N) and the frames before the post-net
-        (B, T, M) too."""
+        (B, T, M) too. ``prenet_dropout=False`` (with the model in eval mode): the same
+        attention on every call, as durations are read from it."""
         memory, mask, embedded = self.encode_with_input(tokens)
         B, T, M = mels.shape
         r = self.reduction
@@ -303,7 +305,7 @@ class TransformerTTS(TextToFrames):
         steps = padded.view(B, S, r, M)
         # the input of step s is the last frame of step s - 1 (zeros at the start)
         prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)
-        x = self._prenet(prev) + self.positions(S)[None]
+        x = self._prenet(prev, stochastic=prenet_dropout) + self.positions(S)[None]
         step_lengths = -(-mel_lengths // r)
         step_mask = lengths_mask(step_lengths, S)
         cross_mask = mask[:, None, None, :]
