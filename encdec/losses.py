@@ -196,8 +196,8 @@ def tts_loss(model, batch, step: int = 0, teacher=None):
     trainer divides by the frames). The loss is the model's total (mel L1 before and after the
     post-net, durations, alignment or stop and guided attention); the second value is the L1
     after the post-net. FastSpeech learns its durations jointly unless a ``teacher``
-    (a TransformerTTS) gives them from its attention."""
-    from encdec.models.tts import FastSpeech, durations_from_attention
+    (``TeacherDurations``: a TransformerTTS's attention) gives them."""
+    from encdec.models.tts import FastSpeech
 
     core = getattr(model, "module", model)
     frames = batch.num_tgt_tokens
@@ -205,11 +205,7 @@ def tts_loss(model, batch, step: int = 0, teacher=None):
         kwargs = {"binarize": step >= core.cfg.tts_binarize_from,
                   "align_weight": core.cfg.tts_align_weight}
         if teacher is not None:
-            with torch.no_grad():
-                _, parts = teacher.loss(batch.tokens, batch.mels, batch.mel_lengths,
-                                        prenet_dropout=False)
-            kwargs["durations"] = durations_from_attention(
-                parts["attention"], batch.tokens.ne(PAD).sum(dim=1), batch.mel_lengths)
+            kwargs["durations"] = teacher(batch)
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths, **kwargs)
     else:
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths,

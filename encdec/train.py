@@ -307,7 +307,7 @@ class Trainer:
 
     def _load_teacher(self, run_dir: str):
         """fastspeech with train.durations_from: the transformer_tts run whose attention gives
-        the durations (its best checkpoint, frozen, in eval mode)."""
+        the durations (its best checkpoint, frozen, in eval mode; each utterance read once)."""
 
         if self.cfg.model.arch != "fastspeech":
             raise ConfigError(f"train.durations_from={run_dir!r} is for model.arch=fastspeech, "
@@ -324,7 +324,9 @@ class Trainer:
         teacher = model_for_data(teacher_cfg.model, teacher_meta)
         checkpoint.load_weights(teacher, checkpoint.resolve(run_dir, "best"))
         self.log(f"durations: from the attention of {run_dir}")
-        return teacher.to(self.device).eval().requires_grad_(False)
+        from encdec.models.tts import TeacherDurations
+
+        return TeacherDurations(teacher.to(self.device).eval().requires_grad_(False))
 
     # ---- run directory / resume ---------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:

@@ -319,14 +319,16 @@ def test_beta_binomial_prior_is_a_diagonal_distribution_over_real_tokens():
     assert peaks[0] == 0 and peaks[-1] == 3 and peaks == sorted(peaks)
 
 
-def test_teacher_durations_are_read_without_the_prenet_dropout():
+def test_teacher_durations_are_read_once_without_the_prenet_dropout():
     """train.durations_from: the student's durations come from the teacher's attention with the
-    pre-net's dropout off, so every epoch teaches the same durations for an utterance."""
+    pre-net's dropout off, so every epoch teaches the same durations for an utterance, and each
+    utterance is read once."""
     from types import SimpleNamespace
 
     from encdec.config import ModelConfig
     from encdec.losses import tts_loss
-    from encdec.models.tts import FastSpeech, TransformerTTS, durations_from_attention
+    from encdec.models.tts import FastSpeech, TeacherDurations, TransformerTTS
+    from encdec.models.tts import durations_from_attention
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
@@ -347,11 +349,27 @@ def test_teacher_durations_are_read_without_the_prenet_dropout():
     # with the dropout on (as the teacher trained) the durations change from call to call
     assert not torch.equal(read(1), read(2))
     assert torch.equal(read(1, prenet_dropout=False), read(2, prenet_dropout=False))
-    batch = SimpleNamespace(tokens=tok, mels=mel, mel_lengths=lengths,
+    keys = [("train", i) for i in range(len(tok))]
+    batch = SimpleNamespace(tokens=tok, mels=mel, mel_lengths=lengths, keys=keys,
                             num_tgt_tokens=int(lengths.sum()))
+    durations = TeacherDurations(teacher)
     losses = []
     for seed in (1, 2):
         torch.manual_seed(seed)
         with torch.no_grad():
-            losses.append(tts_loss(student, batch, teacher=teacher)[0])
+            losses.append(tts_loss(student, batch, teacher=durations)[0])
     assert torch.equal(losses[0], losses[1])
+    first = durations(batch)
+    assert torch.equal(first, read(1, prenet_dropout=False)) and len(durations.cache) == len(tok)
+    # read once: a changed teacher no longer changes a cached utterance (rows in any order)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+    changed = read(1, prenet_dropout=False)
+    assert not torch.equal(changed, first)
+    order = torch.arange(len(tok)).flip(0)
+    again = durations(SimpleNamespace(tokens=tok[order], mels=mel[order],
+                                      mel_lengths=lengths[order], keys=[keys[i] for i in order]))
+    assert torch.equal(again, first[order])
+    assert torch.equal(durations(SimpleNamespace(tokens=tok, mels=mel, mel_lengths=lengths,
+                                                 keys=None)), changed)

@@ -280,6 +280,7 @@ class TTSSplit:
         from encdec.data.utterances import frame_counts, load_ids, read_manifest
 
         self.dir = Path(data_dir)
+        self.name = split
         self.entries = read_manifest(data_dir, split)
         self.src_tokens, self.src_offsets = load_ids(data_dir, split, "src", len(self.entries),
                                                      "input")
@@ -300,16 +301,18 @@ class TTSSplit:
 
 
 class TTSBatch:
-    """Padded input ids (B, N), normalized target frames (B, T, M) and their counts (B,)."""
+    """Padded input ids (B, N), normalized target frames (B, T, M) and their counts (B,);
+    ``keys``: each row's (split, utterance index), or None for a batch built elsewhere."""
 
-    def __init__(self, tokens, mels, mel_lengths):
+    def __init__(self, tokens, mels, mel_lengths, keys: list[tuple[str, int]] | None = None):
         self.tokens, self.mels, self.mel_lengths = tokens, mels, mel_lengths
+        self.keys = keys
         self.num_tgt_tokens = int(mel_lengths.sum())  # frames: what the losses average over
 
     def to(self, device) -> "TTSBatch":
         return TTSBatch(self.tokens.to(device, non_blocking=True),
                         self.mels.to(device, non_blocking=True),
-                        self.mel_lengths.to(device, non_blocking=True))
+                        self.mel_lengths.to(device, non_blocking=True), self.keys)
 
 
 def collate_tts(split: TTSSplit, indices, front) -> TTSBatch:
@@ -326,4 +329,4 @@ def collate_tts(split: TTSSplit, indices, front) -> TTSBatch:
     tokens = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
     for b, row in enumerate(rows):
         tokens[b, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
-    return TTSBatch(tokens, mels, lengths)
+    return TTSBatch(tokens, mels, lengths, [(split.name, int(i)) for i in indices])

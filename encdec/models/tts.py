@@ -254,6 +254,34 @@ def durations_from_attention(attention: torch.Tensor, text_lengths: torch.Tensor
     return hard_durations(monotonic_alignment_search(log_attention, text_lengths, frame_lengths))
 
 
+class TeacherDurations:
+    """``train.durations_from``: frames per token (B, N) for a batch, read off a frozen
+    TransformerTTS's teacher-forced attention (``durations_from_attention``) with its pre-net's
+    dropout off, so an utterance's durations are the same every epoch. Each utterance is read
+    once and kept by its batch key (split, index); a batch without keys is read every time."""
+
+    def __init__(self, teacher: "TransformerTTS"):
+        self.teacher = teacher
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        lengths = batch.tokens.ne(PAD).sum(dim=1)
+        keys = batch.keys
+        if keys is None or any(k not in self.cache for k in keys):
+            _, parts = self.teacher.loss(batch.tokens, batch.mels, batch.mel_lengths,
+                                         prenet_dropout=False)
+            durations = durations_from_attention(parts["attention"], lengths, batch.mel_lengths)
+            if keys is not None:
+                for k, row, n in zip(keys, durations, lengths.tolist()):
+                    self.cache[k] = row[:n].cpu()
+            return durations
+        durations = torch.zeros_like(batch.tokens)
+        for b, k in enumerate(keys):
+            durations[b, : len(self.cache[k])] = self.cache[k]
+        return durations
+
+
 class TransformerTTS(TextToFrames):
     """Autoregressive text-to-speech: tokens -> mel frames, ``reduction`` frames per decoder
     step, with a stop-token head, a pre-net, a post-net and guided attention. The decoder
