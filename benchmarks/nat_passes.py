@@ -6,7 +6,7 @@ the predicted positions saves.
     python benchmarks/nat_passes.py --nat RUN --ab [--split test] [--iterations 4]
                                     [--length-beam 3] [--repeats 3]
 
-Default: decodes the split as ``encdec evaluate --decoder nat`` does (batch 64, the given
+Default: decodes the split as ``encdec evaluate`` does on a NAT run (batch 64, the given
 passes and length beam, early exit unless ``--no-early-exit``) and prints, for each pass, how
 many outputs (candidate rows: inputs x length beam) it decoded and how many of them it changed
 (any token different from what the pass was given), as a share of all outputs. With early exit

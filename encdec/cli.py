@@ -359,11 +359,16 @@ def _serve(args) -> None:
 
 def _decode_overrides(args) -> dict:
     method = args.method
-    if args.decoder == "nat":
-        if method not in (None, "nat"):
-            from encdec.config import ConfigError
-            raise ConfigError(f"--decoder nat decodes with Mask-Predict, not --method {method}")
-        method = "nat"
+    if args.decoder is not None:
+        # The decoder family had two spellings; `--method` (decode.method) is the one left.
+        print(f"encdec: --decoder is deprecated and will be removed: use --method "
+              f"{'nat' if args.decoder == 'nat' else 'greedy|beam|sample'} (a run trained "
+              "with model.arch=nat decodes with --method nat by default)", file=sys.stderr)
+        if args.decoder == "nat":
+            if method not in (None, "nat"):
+                from encdec.config import ConfigError
+                raise ConfigError(f"--decoder nat decodes with Mask-Predict, not --method {method}")
+            method = "nat"
     return {"beam_size": args.beam, "method": method, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "iterations": args.iterations, "length_beam": args.length_beam,
@@ -378,7 +383,7 @@ ENGINE_HELP = ("encdec: decode with encdec's own search on the PyTorch model (th
 EXPORT_HELP = "the export to decode with (encdec export RUN --out DIR) for --engine ctranslate2"
 
 RERANK_HELP = ("an autoregressive run that re-orders the candidates (every candidate length "
-               "with --decoder nat --length-beam L, every beam with --beam N) by its own "
+               "with --method nat --length-beam L, every beam with --beam N) by its own "
                "teacher-forced score; its vocabulary may differ")
 
 
@@ -472,8 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("run", help="run directory")
         q.add_argument("--checkpoint", default="best", help="best, last, or a step-NNNNNNN name")
         q.add_argument("--beam", type=int, help="beam size (1 = greedy)")
-        q.add_argument("--method", choices=["greedy", "beam", "sample", "ctc"],
-                       help="ctc: CTC best path (speech models with a CTC head)")
+        q.add_argument("--method", choices=["greedy", "beam", "sample", "nat", "ctc"],
+                       help="default: the run's decode.method. greedy, beam, sample: left to "
+                            "right; nat: non-autoregressive Mask-Predict (runs trained with "
+                            "model.arch=nat, whose default it is); ctc: CTC best path (speech "
+                            "models with a CTC head)")
         q.add_argument("--ctc-weight", type=float,
                        help="speech: weight of the CTC prefix score in beam search (joint "
                             "CTC/attention; 0 attention only, 1 CTC only)")
@@ -484,9 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--temperature", type=float, help="sampling temperature")
         q.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens")
         q.add_argument("--top-p", type=float, help="sampling: keep the smallest set with this mass")
-        q.add_argument("--decoder", choices=["at", "nat"],
-                       help="at: left to right (greedy/beam/sample); nat: non-autoregressive "
-                            "Mask-Predict (models trained with model.arch=nat)")
+        q.add_argument("--decoder", choices=["at", "nat"], help=argparse.SUPPRESS)
         q.add_argument("--iterations", type=int, help="nat: refinement passes (1 = single pass)")
         q.add_argument("--length-beam", type=int, help="nat: candidate lengths decoded at once")
         q.add_argument("--length-scale", type=float,

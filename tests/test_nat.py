@@ -382,7 +382,7 @@ def test_nat_student_trains_resumes_and_decodes_through_the_cli(distilled, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ev = subprocess.run([sys.executable, "-m", "encdec.cli", "evaluate", str(tmp_path / "full"),
-                         "--decoder", "nat", "--iterations", "4", "--length-beam", "3",
+                         "--method", "nat", "--iterations", "4", "--length-beam", "3",
                          "--no-early-exit"],
                         capture_output=True, text=True, env=env)
     assert ev.returncode == 0, ev.stderr
@@ -508,3 +508,19 @@ def test_serve_takes_early_exit(nat_run):
     assert ok.status_code == 200 and ok.json()["decode"]["early_exit"] is False
     bad = client.post("/v1/translate", json={"inputs": ["abc"], "early_exit": "no"})
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "early_exit"
+
+
+def test_the_decoder_family_is_one_option_and_the_old_spelling_warns(capsys):
+    from encdec.cli import _decode_overrides, build_parser
+    from encdec.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "RUN", "--method", "nat", "--iterations", "4"])
+    assert _decode_overrides(args)["method"] == "nat"
+    assert capsys.readouterr().err == ""
+    assert "--decoder" not in parser._subparsers._group_actions[0].choices["evaluate"].format_help()
+    old = parser.parse_args(["translate", "RUN", "--decoder", "nat"])
+    assert _decode_overrides(old)["method"] == "nat"
+    assert "--decoder is deprecated" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not --method beam"):
+        _decode_overrides(parser.parse_args(["evaluate", "RUN", "--decoder", "nat", "--method", "beam"]))

@@ -98,7 +98,7 @@ class NATransformer(TransformerSeq2Seq):
     # ---- no left-to-right decoding -------------------------------------------------------
     def init_state(self, encoder_out, group_size: int = 1):
         raise NotImplementedError("a non-autoregressive model decodes with method nat "
-                                  "(--decoder nat), not greedy, beam or sampling")
+                                  "(--method nat), not greedy, beam or sampling")
 
     decode_step = init_state
 
