@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from encdec.nn.attention import MultiHeadAttention
+from encdec.nn.attention import KVCache, MultiHeadAttention
 from encdec.nn.conformer import ConformerLayer
 from encdec.nn.rotary import Rotary
 
@@ -74,7 +74,7 @@ def test_rotary_cached_steps_equal_full_causal_run():
     attn, rotary = MultiHeadAttention(32, 4).eval(), Rotary(8)
     x = torch.randn(2, 6, 32)
     full, _ = attn(x, is_causal=True, rotary=rotary)
-    cache = {}
+    cache = KVCache()
     steps = [attn(x[:, t:t + 1], cache=cache, rotary=rotary)[0] for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 

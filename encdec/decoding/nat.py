@@ -77,8 +77,7 @@ def mask_predict(model, src_tokens: torch.Tensor, *, iterations: int = 4, length
             inputs = active // L
             enc = EncoderOut(encoder_out.memory.index_select(0, inputs),
                              encoder_out.memory_mask.index_select(0, inputs))
-            mem = None if memory is None else [{k: v.index_select(0, inputs) for k, v in m.items()}
-                                               for m in memory]
+            mem = None if memory is None else [m.select(inputs) for m in memory]
             t = int(lengths[active].max())
         tok, obs, rl = tokens[active, :t], observed[active, :t], real[active, :t]
         hidden, weights = model.decode_parallel(tok, obs, enc, memory=mem,

@@ -20,6 +20,7 @@ from encdec.config import ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.base import EncoderOut
 from encdec.models.transformer import TransformerSeq2Seq
+from encdec.nn.attention import KVCache
 
 
 class NATransformer(TransformerSeq2Seq):
@@ -52,15 +53,15 @@ class NATransformer(TransformerSeq2Seq):
         return src_lengths + classes - self.length_offset
 
     # ---- parallel decoder ----------------------------------------------------------------
-    def project_memory(self, encoder_out: EncoderOut) -> list[dict]:
+    def project_memory(self, encoder_out: EncoderOut) -> list[KVCache]:
         """Each decoder layer's cross-attention keys and values of the encoder output: computed
         once per input and reused by every Mask-Predict pass and every candidate length."""
-        return [dict(zip(("cross_k", "cross_v"), layer.cross_attn.project_memory(encoder_out.memory)))
+        return [KVCache(*layer.cross_attn.project_memory(encoder_out.memory))
                 for layer in self.decoder]
 
     def decode_parallel(self, tgt_tokens: torch.Tensor, observed: torch.Tensor,
                         encoder_out: EncoderOut, need_attention: bool = False,
-                        memory: list[dict] | None = None):
+                        memory: list[KVCache] | None = None):
         """Hidden states (N, T, d) for all positions at once, and last-layer cross-attention.
 
         tgt_tokens (N, T): PAD beyond each row's length; elsewhere the token, read only where
@@ -80,10 +81,9 @@ class NATransformer(TransformerSeq2Seq):
         weights = None
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
-            cache = None if memory is None else {"self": None, **memory[i]}
-            x, weights = layer(x, encoder_out.memory, memory_mask, cache=cache, causal=False,
-                               self_mask=self_mask, need_attention=need_attention and last,
-                               pad_mask=real)
+            x, weights = layer.parallel(x, self_mask, encoder_out.memory, memory_mask, real,
+                                        cross=None if memory is None else memory[i],
+                                        need_attention=need_attention and last)
         if weights is not None:
             weights = weights.mean(dim=1)  # (N, T, S)
         return self._final_norm(x, real), weights

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,15 +11,16 @@ from torch import nn
 from encdec.config import ConfigError, ModelConfig
 from encdec.data.vocab import PAD
 from encdec.models.base import DecoderState, EncoderOut
-from encdec.nn.attention import MultiHeadAttention
+from encdec.nn.attention import KVCache, MultiHeadAttention
 from encdec.nn.dropout import residual_dropout
 from encdec.nn.layers import Embedding, FeedForward, Positions
 from encdec.nn.norms import make_norm
 
 
 class Sublayer(nn.Module):
-    """Residual connection around a sublayer, normalization before it (pre) or after the sum
-    (post). ``pad_mask`` (B, T) marks real positions (BatchNorm's statistics use only those)."""
+    """The normalization and residual connection around one sublayer: pre-LN normalizes the
+    sublayer's input (``before``), post-LN the residual sum (``after``). ``pad_mask`` (B, T)
+    marks real positions (BatchNorm's statistics use only those)."""
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool, norm_type: str = "layernorm"):
         super().__init__()
@@ -25,10 +28,15 @@ class Sublayer(nn.Module):
         self.dropout = dropout
         self.pre_norm = pre_norm
 
-    def forward(self, x: torch.Tensor, fn, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.pre_norm:
-            return residual_dropout(x, fn(self.norm(x, pad_mask)), self.dropout, self.training)
-        return self.norm(residual_dropout(x, fn(x), self.dropout, self.training), pad_mask)
+    def before(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The sublayer's input."""
+        return self.norm(x, pad_mask) if self.pre_norm else x
+
+    def after(self, x: torch.Tensor, out: torch.Tensor,
+              pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the sublayer's output ``out``: x + dropout(out)."""
+        x = residual_dropout(x, out, self.dropout, self.training)
+        return x if self.pre_norm else self.norm(x, pad_mask)
 
 
 class EncoderLayer(nn.Module):
@@ -42,11 +50,36 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn_sub(x, lambda h: self.self_attn(h, attn_mask=mask)[0], pad_mask)
-        return self.ffn_sub(x, self.ffn, pad_mask)
+        """x (B, S, d); mask (B, 1, 1, S) True at real positions, or None (nothing padded)."""
+        # 1 self-attention
+        h, _ = self.self_attn(self.attn_sub.before(x, pad_mask), attn_mask=mask)
+        x = self.attn_sub.after(x, h, pad_mask)
+        # 2 position-wise feed-forward
+        h = self.ffn(self.ffn_sub.before(x, pad_mask))
+        return self.ffn_sub.after(x, h, pad_mask)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's state in incremental decoding (``TransformerSeq2Seq.init_state``)."""
+
+    cross: KVCache  # (G, nh, S, hd): the projected encoder output, one per input (group)
+    self_attn: KVCache = field(default_factory=KVCache)  # (N, nh, t, hd): one per decoder row
+
+    def reorder(self, rows: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """Keep/reorder decoder ``rows``; ``groups``: the inputs of the new groups, when those
+        change (None: the same inputs in the same order)."""
+        self.self_attn = self.self_attn.select(rows)
+        if groups is not None:
+            self.cross = self.cross.select(groups)
 
 
 class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention to the encoder output, feed-forward; each with
+    its residual connection and normalization. Three ways in: ``forward`` (teacher forcing,
+    every target position at once), ``step`` (incremental decoding with a ``LayerCache``) and
+    ``parallel`` (the non-autoregressive decoder: no causal mask)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         pre = cfg.norm == "pre"
@@ -57,49 +90,67 @@ class DecoderLayer(nn.Module):
         self.cross_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
         self.ffn_sub = Sublayer(cfg.d_model, cfg.dropout, pre, cfg.norm_type)
 
-    def forward(self, x, memory, memory_mask, cache: dict | None = None, need_attention=False,
-                causal: bool = True, self_mask: torch.Tensor | None = None,
-                pad_mask: torch.Tensor | None = None, memory_keys: torch.Tensor | None = None):
-        """Teacher-forced (cache None, causal over all of x) or one incremental step (cache).
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+                pad_mask: torch.Tensor | None = None, need_attention: bool = False,
+                memory_keys: torch.Tensor | None = None):
+        """Teacher forcing: x (B, T, d), each position sees itself and those before it.
+        memory (B, S, d), memory_mask (B, 1, 1, S). ``memory_keys`` (B, S, d): what the
+        cross-attention keys are projected from, when not ``memory``.
+        Returns (B, T, d) and the cross-attention weights (B, nh, T, S) if asked for."""
+        return self._sublayers(x, pad_mask, self_mask=None, causal=x.size(1) > 1,
+                               self_cache=None, memory=memory, memory_mask=memory_mask,
+                               memory_keys=memory_keys, need_attention=need_attention)
 
-        ``memory_keys`` (B, S, d): what the cross-attention keys are projected from, when not
-        ``memory`` (a cache holds its projected keys already).
+    def parallel(self, x: torch.Tensor, self_mask: torch.Tensor, memory: torch.Tensor,
+                 memory_mask: torch.Tensor, pad_mask: torch.Tensor,
+                 cross: KVCache | None = None, need_attention: bool = False):
+        """Non-autoregressive: every position sees every real target position (``self_mask``
+        (N, 1, 1, T)). ``cross``: the projected memory of G inputs, shared by N / G
+        consecutive rows each (``memory`` is then unused)."""
+        return self._sublayers(x, pad_mask, self_mask=self_mask, causal=False, self_cache=None,
+                               memory=memory, memory_mask=memory_mask, cross=cross,
+                               need_attention=need_attention)
 
-        ``causal=False`` with ``self_mask`` (B, 1, 1, T) lets every position see every real
-        target position: the non-autoregressive decoder.
-        """
-        causal = causal and cache is None
-        self_cache = cache["self"] if cache is not None else None
-        x = self.self_sub(x, lambda h: self.self_attn(h, attn_mask=self_mask,
-                                                      is_causal=causal and h.size(1) > 1,
-                                                      cache=self_cache)[0], pad_mask)
-        weights = None
+    def step(self, x: torch.Tensor, cache: LayerCache, memory_mask: torch.Tensor,
+             need_attention: bool = False):
+        """Incremental decoding: x (N, 1, d), the newest token of each row; the cache holds
+        the earlier tokens' keys/values (this step's are appended) and the projected memory
+        of the G groups (memory_mask (G, 1, 1, S))."""
+        return self._sublayers(x, None, self_mask=None, causal=False, self_cache=cache.self_attn,
+                               cross=cache.cross, memory_mask=memory_mask,
+                               need_attention=need_attention)
 
-        def cross(h):
-            nonlocal weights
-            if cache is None:
-                out, weights = self.cross_attn(h, memory, attn_mask=memory_mask,
-                                               need_weights=need_attention,
-                                               memory_keys=memory_keys)
-                return out
-            out, weights = self._cached_cross(h, cache, memory_mask, need_attention)
-            return out
+    def _sublayers(self, x, pad_mask, *, self_mask, causal, self_cache, memory_mask,
+                   memory=None, memory_keys=None, cross=None, need_attention=False):
+        """The three sublayers; cross-attention reads ``cross`` (grouped rows) when given,
+        else projects ``memory``."""
+        # 1 masked self-attention (over the target so far; NAT: over every target position)
+        h, _ = self.self_attn(self.self_sub.before(x, pad_mask), attn_mask=self_mask,
+                              is_causal=causal, cache=self_cache)
+        x = self.self_sub.after(x, h, pad_mask)
+        # 2 cross-attention to the encoder output
+        h = self.cross_sub.before(x, pad_mask)
+        if cross is None:
+            h, weights = self.cross_attn(h, memory, attn_mask=memory_mask,
+                                         need_weights=need_attention, memory_keys=memory_keys)
+        else:
+            h, weights = self._grouped_cross(h, cross, memory_mask, need_attention)
+        x = self.cross_sub.after(x, h, pad_mask)
+        # 3 position-wise feed-forward
+        h = self.ffn(self.ffn_sub.before(x, pad_mask))
+        return self.ffn_sub.after(x, h, pad_mask), weights
 
-        x = self.cross_sub(x, cross, pad_mask)
-        return self.ffn_sub(x, self.ffn, pad_mask), weights
-
-    def _cached_cross(self, h, cache, memory_mask, need_attention):
+    def _grouped_cross(self, h, cross: KVCache, memory_mask, need_attention):
         # Rows of one group (e.g. the beams of one input) share the projected memory: fold
         # them into the query-length axis so no K/V copy per beam is needed.
-        k, v = cache["cross_k"], cache["cross_v"]  # (G, nh, S, hd)
-        G = k.size(0)
+        G, S = cross.k.size(0), cross.k.size(2)  # (G, nh, S, hd)
         N, T, d = h.shape
-        q_in = h.reshape(G, (N // G) * T, d)
-        out, weights = self.cross_attn(q_in, attn_mask=memory_mask, cache={"k": k, "v": v},
+        q_in = h.reshape(G, (N // G) * T, d)  # (G, K*T, d)
+        out, weights = self.cross_attn(q_in, attn_mask=memory_mask, cache=cross,
                                        need_weights=need_attention)
         if weights is not None:
             # (G, nh, K*T, S) -> (N, nh, T, S), the layout of the uncached path
-            weights = weights.view(G, -1, N // G, T, k.size(2)).transpose(1, 2).reshape(N, -1, T, k.size(2))
+            weights = weights.view(G, -1, N // G, T, S).transpose(1, 2).reshape(N, -1, T, S)
         return out.reshape(N, T, d), weights
 
 
@@ -183,7 +234,7 @@ class TransformerSeq2Seq(nn.Module):
         layers = []
         for layer in self.decoder:
             k, v = layer.cross_attn.project_memory(encoder_out.memory)  # (B, nh, S, hd)
-            layers.append({"self": {}, "cross_k": k, "cross_v": v})
+            layers.append(LayerCache(cross=KVCache(k, v)))
         state = DecoderState(group_size=1, memory_mask=encoder_out.memory_mask, layers=layers)
         if group_size > 1:
             B = encoder_out.memory.size(0)
@@ -198,8 +249,7 @@ class TransformerSeq2Seq(nn.Module):
         weights = None
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
-            x, weights = layer(x, None, mask, cache=state.layers[i],
-                               need_attention=need_attention and last)
+            x, weights = layer.step(x, state.layers[i], mask, need_attention=need_attention and last)
         state.step += 1
         logits = self.output(self._final_norm(x)[:, 0])  # (N, V)
         attention = weights.mean(dim=1)[:, 0] if weights is not None else None  # (N, S)
@@ -213,12 +263,7 @@ class TransformerSeq2Seq(nn.Module):
         same_groups = groups.numel() == state.memory_mask.size(0) and bool(
             (groups == torch.arange(groups.numel(), device=groups.device)).all())
         for cache in state.layers:
-            for key in ("k", "v"):
-                if key in cache["self"]:
-                    cache["self"][key] = cache["self"][key].index_select(0, index)
-            if not same_groups:
-                cache["cross_k"] = cache["cross_k"].index_select(0, groups)
-                cache["cross_v"] = cache["cross_v"].index_select(0, groups)
+            cache.reorder(index, None if same_groups else groups)
         if not same_groups:
             state.memory_mask = state.memory_mask.index_select(0, groups)
         state.group_size = new_group

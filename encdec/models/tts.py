@@ -28,10 +28,11 @@ from torch import nn
 
 from encdec.config import ModelConfig
 from encdec.data.vocab import PAD
-from encdec.models.transformer import EncoderLayer
+from encdec.models.transformer import DecoderLayer, EncoderLayer, LayerCache
 from encdec.nn.alignment import (beta_binomial_prior, binarization_loss,
                                  durations as hard_durations, forward_sum_loss, length_regulate,
                                  monotonic_alignment_search)
+from encdec.nn.attention import KVCache
 from encdec.nn.dropout import dropout
 from encdec.nn.layers import Embedding, Positions
 from encdec.nn.norms import make_norm
@@ -298,7 +299,6 @@ class TransformerTTS(TextToFrames):
                  prenet_dropout: float = 0.5, postnet_layers: int = 5,
                  stop_pos_weight: float = 5.0):
         super().__init__(cfg, vocab_size, n_mels, postnet_layers)
-        from encdec.models.transformer import DecoderLayer
 
         self.embedding_keys = cfg.tts_attention_keys == "embedding"
         self.stop_pos_weight = stop_pos_weight
@@ -365,7 +365,7 @@ class TransformerTTS(TextToFrames):
     forward = loss  # so DistributedDataParallel sees the training pass
 
     def init_caches(self, memory: torch.Tensor, embedded: torch.Tensor | None = None
-                    ) -> list[dict]:
+                    ) -> list[LayerCache]:
         """Per decoder layer: an empty self-attention cache and the projected memory.
         ``embedded``: the encoder's input (``encode_with_input``), which the last layer's keys
         come from with ``tts_attention_keys`` = "embedding"."""
@@ -375,7 +375,7 @@ class TransformerTTS(TextToFrames):
         caches = []
         for i, layer in enumerate(self.decoder):
             k, v = layer.cross_attn.project_memory(memory, self._cross_keys(i, embedded))
-            caches.append({"self": {}, "cross_k": k, "cross_v": v})
+            caches.append(LayerCache(cross=KVCache(k, v)))
         return caches
 
     def _cross_keys(self, layer: int, embedded: torch.Tensor | None) -> torch.Tensor | None:
@@ -384,7 +384,7 @@ class TransformerTTS(TextToFrames):
         last = layer == len(self.decoder) - 1
         return embedded if last and self.embedding_keys else None
 
-    def decode_step(self, prev: torch.Tensor, caches: list[dict], cross_mask: torch.Tensor,
+    def decode_step(self, prev: torch.Tensor, caches: list[LayerCache], cross_mask: torch.Tensor,
                     step: int):
         """One decoder step from the previous frame (B, M): its ``reduction`` frames
         (B, r, M) before the post-net, stop logits (B, r) and attention (B, N)."""
@@ -392,8 +392,8 @@ class TransformerTTS(TextToFrames):
         x = self._prenet(prev)[:, None] + self.positions(1, offset=step)[None]
         weights = None
         for i, layer in enumerate(self.decoder):
-            x, weights = layer(x, None, cross_mask, cache=caches[i],
-                               need_attention=i == len(self.decoder) - 1)
+            x, weights = layer.step(x, caches[i], cross_mask,
+                                    need_attention=i == len(self.decoder) - 1)
         if self.dec_norm is not None:
             x = self.dec_norm(x)
         out = self.mel_out(x[:, 0]).view(B, self.reduction, self.n_mels)

@@ -10,6 +10,7 @@ Self-attention can rotate queries and keys by position first (``rotary``, see
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,38 @@ from encdec.nn.rotary import Rotary
 # (`python benchmarks/attention_kernels.py`). G2P words and many subword sentences are this short.
 # Incremental decoding always takes the explicit path on the CPU (a handful of queries).
 EXPLICIT_MAX_KEYS = 48
+
+
+@dataclass
+class KVCache:
+    """The keys and values one attention layer keeps between decoding steps.
+
+    Self-attention appends each step's keys and values (``append``); cross-attention holds the
+    encoder output's, projected once per input (``MultiHeadAttention.project_memory``).
+    """
+
+    k: torch.Tensor | None = None  # (N, nh, t, hd): t steps so far, or the S memory positions
+    v: torch.Tensor | None = None  # (N, nh, t, hd)
+
+    @property
+    def length(self) -> int:
+        """Positions held (0 before the first step)."""
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' keys and values (N, nh, T, hd); all of them, old and new."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)  # (N, nh, t + T, hd)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache of these rows (N',), in this order: beam search's reordering, finished
+        inputs leaving, a row per candidate of its input."""
+        if self.k is None:
+            return KVCache()
+        return KVCache(self.k.index_select(0, rows), self.v.index_select(0, rows))
 
 
 class MultiHeadAttention(nn.Module):
@@ -60,12 +93,13 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: dict | None = None, need_weights: bool = False,
+                cache: KVCache | None = None, need_weights: bool = False,
                 rotary: Rotary | None = None, memory_keys: torch.Tensor | None = None):
         """x: (B, T, d). attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend.
 
-        ``cache`` (decoding): for self-attention, keys/values of earlier steps are appended to
-        ``cache["k"]``/``cache["v"]``; for cross-attention they hold the projected memory.
+        ``cache`` (decoding): for self-attention, this step's keys/values are appended to those
+        of the earlier steps; for cross-attention it holds the projected memory (projected and
+        stored on the first call if empty).
         ``rotary`` (self-attention only): rotate q and k by their positions, which continue
         after the cached steps. ``memory_keys`` (cross-attention): project the keys from it
         instead of ``memory`` (``project_memory``).
@@ -77,23 +111,20 @@ class MultiHeadAttention(nn.Module):
                              "are not comparable with query positions")
         if self.cross:
             q = self._heads(self.q_proj(x))
-            if cache is not None and "k" in cache:
-                k, v = cache["k"], cache["v"]
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
             else:
                 k, v = self.project_memory(memory, memory_keys)
                 if cache is not None:
-                    cache["k"], cache["v"] = k, v
+                    cache.k, cache.v = k, v
         else:
             q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
             if rotary is not None:
                 # cached keys were rotated when they were new, so only x's positions are rotated
-                offset = cache["k"].size(2) if cache is not None and "k" in cache else 0
+                offset = cache.length if cache is not None else 0
                 q, k = rotary.rotate(q, offset), rotary.rotate(k, offset)  # (B, nh, T, hd)
             if cache is not None:
-                if "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)  # (B, nh, t_past + T, hd)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
+                k, v = cache.append(k, v)  # (B, nh, t_past + T, hd)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             out, weights = _attention_with_weights(q, k, v, attn_mask, is_causal)
