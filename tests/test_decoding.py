@@ -194,6 +194,27 @@ def test_beam_search_on_scripted_model_matches_hand_computed_scores():
     assert math.isclose(hyps[1].score, math.log(0.24) / 2, rel_tol=1e-6)
 
 
+def test_beam_candidates_and_survivors_by_hand():
+    from encdec.decoding.beam import candidates, survivors
+
+    # one input, two beams (scores -1, -2), five tokens; EOS is token 2
+    ninf = float("-inf")
+    scores = torch.tensor([[-1.0, -2.0]])
+    log_probs = torch.tensor([[[ninf, ninf, -0.1, -0.5, -3.0],    # beam 0
+                               [ninf, ninf, -4.0, -0.2, -0.3]]])  # beam 1
+    top, beam, tok, eos = candidates(scores, log_probs, beam_size=2)
+    # totals: b0: EOS -1.1, 3: -1.5, 4: -4.0; b1: EOS -6.0, 3: -2.2, 4: -2.3; best four
+    torch.testing.assert_close(top, torch.tensor([[-1.1, -1.5, -2.2, -2.3]]))
+    assert beam.tolist() == [[0, 0, 1, 1]] and tok.tolist() == [[EOS, 3, 3, 4]]
+    assert eos.tolist() == [[True, False, False, False]]
+    kept, from_beam, kept_tok = survivors(top, beam, tok, eos, beam_size=2)
+    torch.testing.assert_close(kept, torch.tensor([[-1.5, -2.2]]))  # the EOS candidate ends
+    assert from_beam.tolist() == [[0, 1]] and kept_tok.tolist() == [[3, 3]]
+    # a vocabulary too small for the beam: dead beams fill it
+    kept, _, _ = survivors(*candidates(torch.zeros(1, 1), torch.tensor([[[ninf, ninf, -1.0, -2.0]]]), 3), 3)
+    assert kept[0, 0] == -2.0 and torch.isinf(kept[0, 1:]).all()
+
+
 def test_length_penalty_divides_by_length_power():
     table = {(): {A: 0.5, B_: 0.5}, (A,): {A: 0.95, EOS: 0.05}, (B_,): {EOS: 0.3, A: 0.7},
              (A, A): {EOS: 0.95, A: 0.05}, (B_, A): {EOS: 0.2, B_: 0.8}}

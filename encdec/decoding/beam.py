@@ -68,11 +68,7 @@ def beam_search(model, source, beam_size: int = 5, nbest: int = 1,
             step_attn = weights[:, None]  # (rows, 1, S)
             attn_hist = step_attn if attn_hist is None else torch.cat([attn_hist, step_attn], 1)
 
-        cand = (scores[:, :, None] + log_probs.view(Ba, width, V)).view(Ba, width * V)
-        top_scores, top_ids = cand.topk(min(2 * K, width * V), dim=1)  # (Ba, 2K)
-        src_beam = top_ids // V
-        top_tok = top_ids % V
-        is_eos = top_tok.eq(EOS) & top_scores.isfinite()
+        top_scores, src_beam, top_tok, is_eos = candidates(scores, log_probs.view(Ba, width, V), K)
 
         # Finish EOS candidates that rank within the first K (small, sparse: a Python loop).
         first = is_eos[:, :K]
@@ -88,15 +84,7 @@ def beam_search(model, source, beam_size: int = 5, nbest: int = 1,
                 finished[out_b].append(Hypothesis(tokens[row].tolist(), raw / norm, att))
                 n_finished[out_b] += 1
 
-        # The best K non-EOS candidates continue.
-        live_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        scores, pos = live_scores.topk(min(K, live_scores.size(1)), dim=1)  # (Ba, K)
-        if scores.size(1) < K:  # tiny vocabularies: pad with dead beams
-            fill = K - scores.size(1)
-            scores = torch.cat([scores, scores.new_full((Ba, fill), float("-inf"))], 1)
-            pos = torch.cat([pos, pos[:, :1].expand(Ba, fill)], 1)
-        next_beam = src_beam.gather(1, pos)
-        next_tok = top_tok.gather(1, pos)
+        scores, next_beam, next_tok = survivors(top_scores, src_beam, top_tok, is_eos, K)
         rows = (torch.arange(Ba, device=device)[:, None] * width + next_beam).view(-1)  # (Ba*K,)
 
         done = (n_finished[alive] >= K) | ~scores.isfinite().any(dim=1)
@@ -123,3 +111,30 @@ def beam_search(model, source, beam_size: int = 5, nbest: int = 1,
         hyps.sort(key=lambda h: -h.score)
         results.append(hyps[:nbest])
     return results
+
+
+def candidates(scores: torch.Tensor, log_probs: torch.Tensor, beam_size: int):
+    """The best ``2 * beam_size`` extensions of each input's beams: scores (B, W) of the W
+    beams so far, log_probs (B, W, V) of their next tokens. Returns their scores (B, C), the
+    beam each extends (B, C), its token (B, C) and whether that is a finite-scored EOS (B, C),
+    best first (C = min(2 * beam_size, W * V): twice the beam, so that K continue even if
+    up to K of them end)."""
+    B, W, V = log_probs.shape
+    cand = (scores[:, :, None] + log_probs).view(B, W * V)
+    top_scores, top_ids = cand.topk(min(2 * beam_size, W * V), dim=1)  # (B, C)
+    top_tok = top_ids % V
+    return top_scores, top_ids // V, top_tok, top_tok.eq(EOS) & top_scores.isfinite()
+
+
+def survivors(top_scores, src_beam, top_tok, is_eos, beam_size: int):
+    """The best ``beam_size`` candidates that do not end (``candidates``'s outputs, (B, C)):
+    their scores, source beams and tokens, (B, K) each; a vocabulary too small to fill the
+    beam is padded with dead beams (score -inf)."""
+    K, B = beam_size, top_scores.size(0)
+    live_scores = top_scores.masked_fill(is_eos, float("-inf"))
+    scores, pos = live_scores.topk(min(K, live_scores.size(1)), dim=1)  # (B, K)
+    if scores.size(1) < K:
+        fill = K - scores.size(1)
+        scores = torch.cat([scores, scores.new_full((B, fill), float("-inf"))], 1)
+        pos = torch.cat([pos, pos[:, :1].expand(B, fill)], 1)
+    return scores, src_beam.gather(1, pos), top_tok.gather(1, pos)
