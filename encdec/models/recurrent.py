@@ -15,6 +15,8 @@ input's encoder output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,27 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~memory_mask[:, None, :], float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         return torch.bmm(weights, memory), weights
+
+
+@dataclass
+class RecurrentCache:
+    """The recurrent decoder's state in incremental decoding (N rows in G groups)."""
+
+    h: torch.Tensor  # (layers, N, d) hidden state
+    c: torch.Tensor | None  # (layers, N, d) LSTM cell state; None for a GRU
+    feed: torch.Tensor  # (N, d) the last attentional vector (input feeding)
+    memory: torch.Tensor  # (G, S, d) encoder output, one per input
+    projected: torch.Tensor  # (G, S, d) its attention keys
+
+    def reorder(self, rows: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """Keep/reorder decoder ``rows``; ``groups``: the inputs of the new groups, when those
+        change."""
+        self.h = self.h.index_select(1, rows)
+        self.c = self.c.index_select(1, rows) if self.c is not None else None
+        self.feed = self.feed.index_select(0, rows)
+        if groups is not None:
+            self.memory = self.memory.index_select(0, groups)
+            self.projected = self.projected.index_select(0, groups)
 
 
 class RecurrentSeq2Seq(nn.Module):
@@ -113,10 +136,10 @@ class RecurrentSeq2Seq(nn.Module):
         pooled = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, d)
         B, d = pooled.shape
         h = torch.tanh(self.bridge(pooled)).view(B, self.cfg.dec_layers, d).transpose(0, 1)
-        layer = {"h": h.contiguous(), "feed": memory.new_zeros(B, d), "memory": memory,
-                 "projected": self.attention.project_memory(memory)}
-        if self.is_lstm:
-            layer["c"] = torch.zeros_like(layer["h"])
+        h = h.contiguous()
+        layer = RecurrentCache(h=h, c=torch.zeros_like(h) if self.is_lstm else None,
+                               feed=memory.new_zeros(B, d), memory=memory,
+                               projected=self.attention.project_memory(memory))
         state = DecoderState(group_size=1, memory_mask=mask, layers=[layer])
         if group_size > 1:
             rows = torch.arange(B, device=memory.device).repeat_interleave(group_size)
@@ -126,20 +149,16 @@ class RecurrentSeq2Seq(nn.Module):
     def _step(self, emb: torch.Tensor, state: DecoderState):
         """One step for all rows: emb (N, d) -> attentional vector (N, d), weights (N, S)."""
         s = state.layers[0]
-        x = torch.cat([emb, s["feed"]], dim=-1)[:, None, :]  # (N, 1, 2d) input feeding
-        hidden = (s["h"], s["c"]) if self.is_lstm else s["h"]
-        out, hidden = self.decoder(x, hidden)
-        if self.is_lstm:
-            s["h"], s["c"] = hidden
-        else:
-            s["h"] = hidden
+        x = torch.cat([emb, s.feed], dim=-1)[:, None, :]  # (N, 1, 2d) input feeding
+        out, hidden = self.decoder(x, (s.h, s.c) if self.is_lstm else s.h)
+        s.h, s.c = hidden if self.is_lstm else (hidden, None)
         top = out[:, 0]  # (N, d)
-        G, K = s["memory"].size(0), top.size(0) // s["memory"].size(0)
-        context, weights = self.attention(top.view(G, K, -1), s["memory"], s["projected"],
+        G, K = s.memory.size(0), top.size(0) // s.memory.size(0)
+        context, weights = self.attention(top.view(G, K, -1), s.memory, s.projected,
                                           state.memory_mask)
         context, weights = context.reshape(top.shape), weights.reshape(top.size(0), -1)
         attentional = torch.tanh(self.combine(torch.cat([context, top], dim=-1)))
-        s["feed"] = attentional
+        s.feed = attentional
         state.step += 1
         return self.dropout(attentional), weights
 
@@ -183,15 +202,10 @@ class RecurrentSeq2Seq(nn.Module):
         new_group = group_size or state.group_size
         groups = index.view(-1, new_group)[:, 0] // state.group_size
         s = state.layers[0]
-        s["h"] = s["h"].index_select(1, index)
-        if self.is_lstm:
-            s["c"] = s["c"].index_select(1, index)
-        s["feed"] = s["feed"].index_select(0, index)
-        same = groups.numel() == s["memory"].size(0) and bool(
+        same = groups.numel() == s.memory.size(0) and bool(
             (groups == torch.arange(groups.numel(), device=groups.device)).all())
+        s.reorder(index, None if same else groups)
         if not same:
-            s["memory"] = s["memory"].index_select(0, groups)
-            s["projected"] = s["projected"].index_select(0, groups)
             state.memory_mask = state.memory_mask.index_select(0, groups)
         state.group_size = new_group
         return state
