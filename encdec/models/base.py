@@ -41,7 +41,8 @@ class DecoderState:
     group_size: int  # rows per input
     memory_mask: torch.Tensor  # (B_groups, S) bool
     step: int = 0  # tokens consumed so far (the next position)
-    layers: list = field(default_factory=list)  # model-specific per-layer caches
+    # model-specific caches: a LayerCache per Transformer decoder layer, one RecurrentCache
+    layers: list = field(default_factory=list)
 
 
 def encode_source(model, source) -> EncoderOut:
