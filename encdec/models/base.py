@@ -44,6 +44,21 @@ class DecoderState:
     # model-specific caches: a LayerCache per Transformer decoder layer, one RecurrentCache
     layers: list = field(default_factory=list)
 
+    def reorder(self, index: torch.Tensor, group_size: int | None = None) -> DecoderState:
+        """``reorder_state`` for caches with ``reorder(rows, groups)``: keep/reorder the rows
+        ``index`` (N',), ``group_size`` rows per input from now on (default: unchanged)."""
+        new_group = group_size or self.group_size
+        # The input of each new group is the input of its first row (rows never mix inputs).
+        groups = index.view(-1, new_group)[:, 0] // self.group_size
+        same_groups = groups.numel() == self.memory_mask.size(0) and bool(
+            (groups == torch.arange(groups.numel(), device=groups.device)).all())
+        for cache in self.layers:
+            cache.reorder(index, None if same_groups else groups)
+        if not same_groups:
+            self.memory_mask = self.memory_mask.index_select(0, groups)
+        self.group_size = new_group
+        return self
+
 
 def encode_source(model, source) -> EncoderOut:
     """``model.encode`` on a batch of inputs: a (B, S) token tensor, or a dict of named inputs."""

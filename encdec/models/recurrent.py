@@ -199,13 +199,4 @@ class RecurrentSeq2Seq(nn.Module):
 
     def reorder_state(self, state: DecoderState, index: torch.Tensor,
                       group_size: int | None = None) -> DecoderState:
-        new_group = group_size or state.group_size
-        groups = index.view(-1, new_group)[:, 0] // state.group_size
-        s = state.layers[0]
-        same = groups.numel() == s.memory.size(0) and bool(
-            (groups == torch.arange(groups.numel(), device=groups.device)).all())
-        s.reorder(index, None if same else groups)
-        if not same:
-            state.memory_mask = state.memory_mask.index_select(0, groups)
-        state.group_size = new_group
-        return state
+        return state.reorder(index, group_size)

@@ -257,14 +257,4 @@ class TransformerSeq2Seq(nn.Module):
 
     def reorder_state(self, state: DecoderState, index: torch.Tensor,
                       group_size: int | None = None) -> DecoderState:
-        new_group = group_size or state.group_size
-        # The input of each new group is the input of its first row (rows never mix inputs).
-        groups = index.view(-1, new_group)[:, 0] // state.group_size
-        same_groups = groups.numel() == state.memory_mask.size(0) and bool(
-            (groups == torch.arange(groups.numel(), device=groups.device)).all())
-        for cache in state.layers:
-            cache.reorder(index, None if same_groups else groups)
-        if not same_groups:
-            state.memory_mask = state.memory_mask.index_select(0, groups)
-        state.group_size = new_group
-        return state
+        return state.reorder(index, group_size)
