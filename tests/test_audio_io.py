@@ -162,3 +162,33 @@ def test_arrays_from_the_python_api_get_the_same_checks():
     for message, samples in bad.items():
         with pytest.raises(AudioError, match=f"^array: .*{message}"):
             check_samples(samples, SR, SR, "array")
+
+
+def test_read_audio_mixes_to_mono_and_resamples(tmp_path):
+    import soundfile
+
+    t = np.arange(48000) / 48000  # one second of a 1 kHz tone at 48 kHz, in two channels
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([tone, tone * 0.5], 1), 48000, subtype="PCM_16")
+    soundfile.write(tmp_path / "tone.flac", tone, 48000)
+    for name, amplitude in (("stereo.wav", 0.375), ("tone.flac", 0.5)):
+        x = read_audio(tmp_path / name)
+        assert x.dtype == torch.float32 and x.shape == (16000,)
+        spectrum = np.abs(np.fft.rfft(x.numpy()))
+        assert spectrum.argmax() == 1000  # 1 Hz per bin: the tone is still at 1 kHz
+        assert float(x[1000:-1000].abs().max()) == pytest.approx(amplitude, rel=0.01)
+
+
+def test_bad_audio_is_a_clear_error(tmp_path):
+    import soundfile
+
+    (tmp_path / "notes.txt").write_text("this is not audio\n")
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), SR)
+    soundfile.write(tmp_path / "nan.wav", np.array([0.1, np.nan, 0.2], dtype=np.float32), SR,
+                    subtype="FLOAT")
+    cases = {"missing.wav": "no such file", "notes.txt": "not an audio file",
+             "empty.wav": "the audio is empty", "nan.wav": "1 samples are NaN or infinite"}
+    for name, message in cases.items():
+        with pytest.raises(AudioError, match=message) as err:
+            read_audio(tmp_path / name)
+        assert str(err.value).startswith(str(tmp_path / name))
