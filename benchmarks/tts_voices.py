@@ -1,5 +1,8 @@
 """Which voice should bible-tts use? Each synthesizer voice judged on the same verses.
 
+Any voice of ``encdec.data.speech.CATALOGUE`` (the bible-speech voices, standard and wide)
+can be judged; the default is the flite voices.
+
     python benchmarks/tts_voices.py [--voices flite-rms flite-awb ...] [--limit 40]
                                     [--split dev] [--workers 2]
 
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from encdec.audio.io import read_audio  # noqa: E402
 from encdec.audio.judge import SAMPLE_RATE, Judge, judge_text  # noqa: E402
-from encdec.data.speech import VOICES, synthesize  # noqa: E402
+from encdec.data.speech import CATALOGUE, VOICES, synthesize  # noqa: E402
 from encdec.data.tts import plan_bible_tts  # noqa: E402
 from encdec.metrics import asr_scores  # noqa: E402
 
@@ -42,7 +45,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40, help="verses per voice")
     ap.add_argument("--workers", type=int, default=2, help="synthesis processes")
     args = ap.parse_args()
-    known = {v.name for v in VOICES}
+    known = set(CATALOGUE)
     for name in args.voices:
         if name not in known:
             sys.exit(f"unknown voice {name!r}; choose from {', '.join(sorted(known))}")

@@ -20,19 +20,24 @@ def _prepare(args) -> None:
     defaults = {"max_len": 256, "vocab_size": 8000, "spm_type": "bpe", "joint_vocab": False}
     if args.targets_from is not None and args.recipe != "bible-speech-es":
         raise DataError("--targets-from is an option of the bible-speech-es recipe")
+    if args.voices is not None and args.recipe != "bible-speech":
+        raise DataError("--voices is an option of the bible-speech recipe (bible-tts: --voice)")
     if args.recipe == "bible-speech":
         from encdec.data.speech import prepare_speech
 
-        out = Path(args.out or "data/bible-speech")
+        voices = args.voices or "standard"
+        out = Path(args.out or ("data/bible-speech" if voices == "standard"
+                                else f"data/bible-speech-{voices}"))
         hours, vocab_size = args.hours or 10.0, args.vocab_size or 256
         if (out / "meta.json").exists() and not args.force:
             meta = load_meta(out)
             options = meta.get("options", {})
             if options.get("train_hours") == hours and options.get("vocab_size") == vocab_size \
+                    and options.get("voice_set", "standard") == voices \
                     and meta.get("energy_floor"):  # earlier versions: features without a floor
                 print(f"{out}: already prepared (bible-speech); --force to redo")
                 return
-        prepare_speech(out, train_hours=hours, vocab_size=vocab_size)
+        prepare_speech(out, train_hours=hours, vocab_size=vocab_size, voices=voices)
         return
     if args.recipe == "bible-tts":
         _prepare_tts(args)
@@ -423,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--hours", type=float,
                     help="bible-speech: hours of training audio to synthesize (default 10); "
                          "a killed or smaller earlier run is continued")
+    pr.add_argument("--voices", choices=["standard", "wide"],
+                    help="bible-speech: the voice set (default standard: six training voices; "
+                         "wide: eleven, written to data/bible-speech-wide by default)")
     pr.add_argument("--voice", help="bible-tts: the voice to learn (default flite-slt; the "
                                     "bible-speech voices: flite-rms, flite-awb, espeak-en-us, "
                                     "...)")

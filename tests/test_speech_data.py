@@ -2,16 +2,17 @@
 resumable preparation, the real recordings, and transcripts normalized for scoring."""
 
 import json
-import shutil
+from pathlib import Path
 
 import pytest
 
 from conftest import needs_system
 from encdec.data.recipes import SWORD_PACKAGES, sword_installed
-from encdec.data.speech import (REAL_DIR, VOICES, normalize_transcript, plan_bible_speech,
-                                prepare_speech)
+from encdec.data.speech import (REAL_DIR, VOICE_SETS, VOICES, Utterance, Voice,
+                                missing_engines, normalize_transcript, plan_bible_speech,
+                                prepare_speech, synthesize)
 
-_missing = [p for p in ("flite", "espeak-ng") if shutil.which(p) is None] + \
+_missing = missing_engines(VOICE_SETS["wide"]) + \
     [SWORD_PACKAGES[v] for v in ("kjv", "rv1909") if not sword_installed(v)] + \
     ([] if REAL_DIR.exists() else ["pocketsphinx-testdata"])
 needs_speech = needs_system(_missing, "the bible-speech recipe")
@@ -42,6 +43,58 @@ def test_plan_holds_out_voices_and_doubles_the_test_verses():
     train_refs = {u.ref for u in by_split["train"]}
     assert not train_refs & set(test_refs)  # whole chapters per split
     assert all(0.9 <= u.rate <= 1.1 and 0.9 <= u.pitch <= 1.1 for u in plan)
+
+
+@needs_speech
+def test_wide_voice_set_adds_training_voices_and_keeps_the_unseen_test():
+    opts = dict(train_hours=0.3, eval_verses=8, books=["Ruth", "Jonah"], split_verses=(10, 10),
+                log=lambda *a: None)
+    standard = plan_bible_speech(**opts)
+    wide = plan_bible_speech(**opts, voices=VOICE_SETS["wide"])
+    extra = {v.name for v in VOICE_SETS["wide"]} - {v.name for v in VOICES}
+    assert len(extra) == 5 and all(v.seen for v in VOICE_SETS["wide"] if v.name in extra)
+    unseen = lambda plan: [u for u in plan if u.voice in {v.name for v in VOICES if not v.seen}]
+    assert unseen(wide) == unseen(standard) and len(unseen(wide)) == 8
+    train_voices = {u.voice for u in wide if u.split == "train"}
+    assert extra <= train_voices and not train_voices & {u.voice for u in unseen(wide)}
+
+
+def _f0(samples, rate=16000):
+    """Median pitch (Hz) of the voiced 50 ms frames, by autocorrelation."""
+    import numpy as np
+
+    found = []
+    for i in range(0, len(samples) - 800, 400):
+        w = samples[i:i + 800]
+        if np.abs(w).mean() < 0.02:
+            continue
+        ac = np.correlate(w, w, "full")[799:]
+        found.append(rate / (rate // 400 + ac[rate // 400: rate // 60].argmax()))
+    return float(np.median(found))
+
+
+@needs_speech
+def test_festival_voice_follows_rate_and_pitch(tmp_path):
+    """The festival engine, like flite and espeak-ng, speaks at the utterance's rate and pitch:
+    a slower utterance lasts longer and a higher one has a higher F0 (ked's own is ~105 Hz)."""
+    import soundfile
+
+    text = "And God said, Let there be light: and there was light."
+    made = {}
+    for rate, pitch in ((0.9, 1.0), (1.1, 1.0), (1.0, 0.9), (1.0, 1.4)):
+        path = tmp_path / f"{rate}-{pitch}.flac"
+        seconds = synthesize(Utterance("u", "train", text, "festival-ked", rate, pitch), path)
+        samples, sr = soundfile.read(str(path), dtype="float32")
+        assert sr == 16000 and seconds == len(samples) / sr and 2.5 < seconds < 6
+        made[rate, pitch] = seconds, _f0(samples)
+    assert made[1.1, 1.0][0] > 1.15 * made[0.9, 1.0][0]
+    assert 85 < made[1.0, 0.9][1] < 105 and 135 < made[1.0, 1.4][1] < 160
+
+
+def test_missing_engines_name_the_packages():
+    assert missing_engines([Voice("x", "festival", "no_such_diphone", True, 100.0)])[-1] == \
+        "festvox-kdlpc16k"
+    assert missing_engines([]) == []
 
 
 @needs_speech
@@ -83,6 +136,12 @@ def test_cli_hours_goes_to_the_speech_recipe_only(tmp_path, monkeypatch, capsys)
     seen = {}
     monkeypatch.setattr(speech, "prepare_speech", lambda out, **kw: seen.update(out=out, **kw))
     assert main(["prepare", "bible-speech", "--out", str(tmp_path / "s"), "--hours", "0.5"]) == 0
-    assert seen == {"out": tmp_path / "s", "train_hours": 0.5, "vocab_size": 256}
+    assert seen == {"out": tmp_path / "s", "train_hours": 0.5, "vocab_size": 256,
+                    "voices": "standard"}
+    monkeypatch.chdir(tmp_path)  # the default directory of the wide set, relative
+    assert main(["prepare", "bible-speech", "--voices", "wide", "--hours", "0.5"]) == 0
+    assert seen["out"] == Path("data/bible-speech-wide") and seen["voices"] == "wide"
+    assert main(["prepare", "bible-tts", "--out", str(tmp_path / "t"), "--voices", "wide"]) == 2
+    assert "--voices is an option of the bible-speech recipe" in capsys.readouterr().err
     assert main(["prepare", "g2p-cmudict", "--out", str(tmp_path / "g"), "--hours", "1"]) == 2
     assert "--hours is an option of the bible-speech and bible-tts recipes" in capsys.readouterr().err

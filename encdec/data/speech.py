@@ -1,6 +1,9 @@
 """Speech corpora built offline: `bible-speech`, KJV verses spoken by synthesizers built from
 real recordings (Debian flite voices) and espeak-ng voices, plus a few real read sentences
-(Debian pocketsphinx-testdata).
+(Debian pocketsphinx-testdata). ``voice_set="wide"`` adds five training voices: a festival
+diphone voice recorded from another speaker (Debian festvox-kdlpc16k), two flite voices at a
+raised pitch (toward the held-out woman's) and two more espeak-ng voices. The held-out voices
+speak exactly the same test utterances in both sets, so unseen-voice error rates compare.
 
 A speech data directory::
 
@@ -42,12 +45,15 @@ SAMPLE_RATE = 16000
 MAX_SECONDS = 12.0  # verses spoken longer than this are left out (counted)
 REAL_DIR = Path("/usr/share/pocketsphinx/test/data")
 SPEECH_PACKAGES = ("flite", "espeak-ng", "pocketsphinx-testdata")
+# the engine's command and the Debian packages that provide it (with the voice, for festival)
+ENGINES = {"flite": ("flite", ("flite",)), "espeak-ng": ("espeak-ng", ("espeak-ng",)),
+           "festival": ("text2wave", ("festival", "festvox-kdlpc16k"))}
 
 
 @dataclass(frozen=True)
 class Voice:
     name: str
-    engine: str  # flite | espeak-ng
+    engine: str  # flite | espeak-ng | festival
     voice: str  # the engine's own voice name
     seen: bool  # used for training (else held out for the unseen-voice test)
     pitch: float  # mean F0 in Hz (flite) or espeak-ng's pitch (0-99) that rate/pitch vary around
@@ -63,6 +69,43 @@ VOICES = [
     Voice("flite-slt", "flite", "slt", False, 165.0),
     Voice("espeak-en-gb-scotland-f4", "espeak-ng", "en-gb-scotland+f4", False, 50.0),
 ]
+# More training voices (``voice_set="wide"``). ked is a diphone voice of its own speaker;
+# awb and kal16 follow a raised F0 target (rms ignores it, so it is not here). pocketsphinx's
+# WER on 40 dev verses (benchmarks/tts_voices.py): ked 48.7 %, kal16 45.2, slt 47.5.
+EXTRA_VOICES = [
+    Voice("festival-ked", "festival", "ked_diphone", True, 105.0),
+    Voice("flite-awb-high", "flite", "awb", True, 175.0),
+    Voice("flite-kal16-high", "flite", "kal16", True, 180.0),
+    Voice("espeak-en-us-f2", "espeak-ng", "en-us+f2", True, 50.0),
+    Voice("espeak-en-gb-x-rp", "espeak-ng", "en-gb-x-rp", True, 50.0),
+]
+CATALOGUE = {v.name: v for v in VOICES + EXTRA_VOICES}
+VOICE_SETS = {"standard": VOICES, "wide": VOICES + EXTRA_VOICES}
+
+
+def voice_set(name: str) -> list[Voice]:
+    if name not in VOICE_SETS:
+        raise DataError(f"bible-speech: unknown voice set {name!r}; choose one of "
+                        f"{', '.join(VOICE_SETS)}")
+    return VOICE_SETS[name]
+
+
+def missing_engines(voices: list[Voice]) -> list[str]:
+    """Debian packages the voices need that are not installed (their commands not found)."""
+    missing = []
+    for engine in dict.fromkeys(v.engine for v in voices):
+        command, packages = ENGINES[engine]
+        if shutil.which(command) is None:
+            missing += packages
+        elif engine == "festival":
+            for v in voices:
+                if v.engine == "festival" and not _festival_has(v.voice):
+                    missing.append(packages[1])
+    return list(dict.fromkeys(missing))
+
+
+def _festival_has(voice: str) -> bool:
+    return any(Path("/usr/share/festival/voices").glob(f"*/{voice}"))
 
 _PUNCT = re.compile(r"[^a-z' ]+")
 
@@ -96,17 +139,26 @@ def synthesize(utt: Utterance, path: Path) -> float:
 
     from encdec.audio.io import resample
 
-    voice = next(v for v in VOICES if v.name == utt.voice)
+    voice = CATALOGUE[utt.voice]
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "out.wav"
+        text = None  # festival reads the text from stdin
         if voice.engine == "flite":
             cmd = ["flite", "-voice", voice.voice, "--setf", f"duration_stretch={utt.rate:.3f}",
                    "--setf", f"int_f0_target_mean={voice.pitch * utt.pitch:.1f}",
                    "-t", utt.text, "-o", str(wav)]
+        elif voice.engine == "festival":  # diphone voices: linear-regression intonation
+            f0 = voice.pitch * utt.pitch
+            cmd = ["text2wave", "-eval", f"(voice_{voice.voice})",
+                   "-eval", f"(Parameter.set 'Duration_Stretch {utt.rate:.3f})",
+                   "-eval", f"(set! int_lr_params '((target_f0_mean {f0:.1f}) (target_f0_std "
+                            f"{0.14 * f0:.1f}) (model_f0_mean 170) (model_f0_std 34)))",
+                   "-o", str(wav)]
+            text = utt.text
         else:  # words per minute (175 by default) and pitch 0-99
             cmd = ["espeak-ng", "-v", voice.voice, "-s", str(int(165 / utt.rate)),
                    "-p", str(int(voice.pitch * utt.pitch)), "-w", str(wav), "--", utt.text]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, input=text, capture_output=True, text=True)
         if done.returncode != 0 or not wav.exists():
             raise DataError(f"{voice.engine} failed on {utt.id}: {done.stderr.strip()[-300:]}")
         samples, rate = soundfile.read(str(wav), dtype="float32")
@@ -146,15 +198,16 @@ def synthesize_plan(plan: list[Utterance], out: Path, workers: int, name: str, l
 
 
 def plan_bible_speech(train_hours: float = 10.0, eval_verses: int = 400, books=None,
-                      split_verses: tuple[int, int] | None = None, log=print) -> list[Utterance]:
+                      split_verses: tuple[int, int] | None = None, log=print,
+                      voices: list[Voice] = VOICES) -> list[Utterance]:
     """Which verse each voice speaks, at which rate and pitch: deterministic. ``books`` and
     ``split_verses`` (dev, test verses) make small corpora for tests."""
     from encdec.data.recipes import align_bibles
 
     sizes = dict(zip(("dev_verses", "test_verses"), split_verses)) if split_verses else {}
     bible = align_bibles("kjv", "rv1909", books, log=log, **sizes)
-    seen = [v.name for v in VOICES if v.seen]
-    unseen = [v.name for v in VOICES if not v.seen]
+    seen = [v.name for v in voices if v.seen]
+    unseen = [v.name for v in voices if not v.seen]
     by_split: dict[str, list] = {"train": [], "dev": [], "test": []}
     for ref in bible.common:
         by_split[bible.split[ref]].append(ref)
@@ -203,23 +256,25 @@ def real_recordings() -> list[dict]:
 
 def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verses: int = 400,
                    books=None, split_verses: tuple[int, int] | None = None, workers: int = 2,
-                   vocab_size: int = 256, log=print) -> dict:
-    """Build (or continue building) the bible-speech data directory ``out_dir``."""
+                   vocab_size: int = 256, voices: str = "standard", log=print) -> dict:
+    """Build (or continue building) the bible-speech data directory ``out_dir``; ``voices``
+    names the voice set (``VOICE_SETS``)."""
     import soundfile
 
     from encdec.audio.io import read_audio
 
-    missing = [p for p in ("flite", "espeak-ng") if shutil.which(p) is None]
+    chosen = voice_set(voices)
+    missing = missing_engines(chosen)
     if missing:
-        raise DataError(f"bible-speech needs {' and '.join(missing)} (Debian packages "
-                        f"{' '.join(SPEECH_PACKAGES)}; `make sysdeps` installs them)")
+        raise DataError(f"bible-speech ({voices} voices) needs the Debian packages "
+                        f"{' '.join(missing)} (`make sysdeps` installs them)")
     out = Path(out_dir)
-    plan = plan_bible_speech(train_hours, eval_verses, books, split_verses, log)
+    plan = plan_bible_speech(train_hours, eval_verses, books, split_verses, log, chosen)
     jobs, durations = synthesize_plan(plan, out, workers, "bible-speech", log)
 
     manifests: dict[str, list[dict]] = {"train": [], "dev": [], "test": [], "real": []}
     dropped = {"over_max_seconds": 0}
-    seen_names = {v.name for v in VOICES if v.seen}
+    seen_names = {v.name for v in chosen if v.seen}
     for utt, path in jobs:
         if durations[utt.id] > MAX_SECONDS:
             dropped["over_max_seconds"] += 1
@@ -256,12 +311,13 @@ def prepare_speech(out_dir: str | Path, *, train_hours: float = 10.0, eval_verse
                                 log=log)
     meta = {"format": 1, "name": "bible-speech", "modality": "speech", "sample_rate": SAMPLE_RATE,
             **targets,
-            "voices": [asdict(v) for v in VOICES], "hours": hours,
+            "voices": [asdict(v) for v in chosen], "hours": hours,
             "hours_per_voice": {v: {s: round(h, 3) for s, h in d.items()}
                                 for v, d in sorted(per_voice.items())},
             "utterances": {s: len(m) for s, m in manifests.items()}, "dropped": dropped,
             "options": {"train_hours": train_hours, "eval_verses": eval_verses,
-                        "max_seconds": MAX_SECONDS, "vocab_size": vocab_size}}
+                        "max_seconds": MAX_SECONDS, "vocab_size": vocab_size,
+                        "voice_set": voices}}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     for split in manifests:
         log(f"{split:>6}: {len(manifests[split]):>6} utterances, {hours[split]:.2f} h")

@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import unicodedata
 from pathlib import Path
 
 from encdec.data.corpus import DataError
-from encdec.data.speech import SAMPLE_RATE, VOICES, Utterance, _unit, synthesize_plan
+from encdec.data.speech import (CATALOGUE, SAMPLE_RATE, Utterance, _unit, missing_engines,
+                                synthesize_plan)
 from encdec.files import atomic_write_text
 
 LEXICON = "lexicon.tsv"
@@ -192,15 +192,15 @@ def prepare_tts(out_dir: str | Path, *, voice: str = DEFAULT_VOICE, inputs: str 
     parallel over ``workers`` and skips files already written, so a killed prepare continues."""
     import soundfile  # noqa: F401 - fail early when the audio stack is missing
 
-    names = [v.name for v in VOICES]
-    if voice not in names:
-        raise DataError(f"bible-tts: unknown voice {voice!r}; choose one of {', '.join(names)}")
+    if voice not in CATALOGUE:
+        raise DataError(f"bible-tts: unknown voice {voice!r}; choose one of "
+                        f"{', '.join(CATALOGUE)}")
     if inputs not in ("phonemes", "chars"):
         raise DataError(f"bible-tts: inputs must be phonemes or chars, not {inputs!r}")
-    engine = next(v.engine for v in VOICES if v.name == voice)
-    if shutil.which(engine) is None:
-        raise DataError(f"bible-tts with {voice} needs {engine} (Debian package {engine}; "
-                        "`make sysdeps` installs it)")
+    missing = missing_engines([CATALOGUE[voice]])
+    if missing:
+        raise DataError(f"bible-tts with {voice} needs the Debian packages {' '.join(missing)} "
+                        "(`make sysdeps` installs them)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_bible_tts(voice, train_hours, eval_verses, books, split_verses, log)
