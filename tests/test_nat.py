@@ -232,7 +232,7 @@ def test_batched_mask_predict_equals_one_input_at_a_time(early_exit):
     for r, n in enumerate([7, 2, 5, 1, 6, 3]):
         src[r, n:] = PAD
     settings = dict(iterations=5, length_beam=3, nbest=3, need_attention=True,
-                    early_exit=early_exit, max_len=12)
+                    early_exit=early_exit, max_output_len=12)
     batched = mask_predict(model, src, **settings)
     for r in range(6):
         n = int(src[r].ne(PAD).sum())
@@ -263,7 +263,7 @@ def test_single_pass_and_length_beam():
 def test_length_scale_multiplies_the_predicted_length(scale, expected):
     model = ScriptedNAT([0] * 6 + [1.0], [[0.5] * 20])
     out = mask_predict(model, torch.tensor([[4, 5, 6]]), iterations=1, length_scale=scale,
-                       max_len=10)[0][0]
+                       max_output_len=10)[0][0]
     assert len(out.tokens) == expected  # round(6 * scale), at least 1, at most max_len
 
 
@@ -282,7 +282,7 @@ def test_maximum_output_length_is_per_input_not_the_padded_width():
     assert len(together[1][0].tokens) <= 9
     # Given lengths obey the same per-input bound.
     out = mask_predict(model, batch, iterations=1, lengths=torch.tensor([8, 8]),
-                       max_len=torch.tensor([3, 9]))
+                       max_output_len=torch.tensor([3, 9]))
     assert [len(h[0].tokens) for h in out] == [3, 8]
 
 

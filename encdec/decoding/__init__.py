@@ -25,7 +25,7 @@ def generate(model, source, cfg: DecodeConfig, need_attention: bool = False,
         longest = max_lengths(src_tokens.ne(PAD), cfg.max_len_a, cfg.max_len_b)  # (B,)
         return mask_predict(model, src_tokens, iterations=cfg.iterations,
                             length_beam=cfg.length_beam, length_scale=cfg.length_scale,
-                            nbest=cfg.nbest, max_len=longest,
+                            nbest=cfg.nbest, max_output_len=longest,
                             need_attention=need_attention, early_exit=cfg.early_exit)
     limits = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, need_attention=need_attention)
     one_beam = cfg.method == "beam" and cfg.beam_size == 1 and cfg.nbest == 1

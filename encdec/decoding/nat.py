@@ -35,19 +35,19 @@ def remask_count(lengths: torch.Tensor, iteration: int, iterations: int) -> torc
 
 @torch.no_grad()
 def mask_predict(model, src_tokens: torch.Tensor, *, iterations: int = 4, length_beam: int = 1,
-                 length_scale: float = 1.0, nbest: int = 1, max_len: int | torch.Tensor = 1024,
-                 need_attention: bool = False, early_exit: bool = True,
+                 length_scale: float = 1.0, nbest: int = 1,
+                 max_output_len: int | torch.Tensor = 1024, need_attention: bool = False, early_exit: bool = True,
                  lengths: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """n-best outputs per input. ``lengths`` (B,): decode exactly these output lengths instead
     of predicting them (one candidate per input; e.g. to measure what a perfect length
-    predictor would give, or durations decided elsewhere). ``max_len``: the longest output,
-    for all inputs or per input (B,)."""
+    predictor would give, or durations decided elsewhere). ``max_output_len``: the longest
+    output, for all inputs or per input (B,)."""
     if iterations < 1 or length_beam < 1:
         raise ValueError("iterations and length_beam must be at least 1")
     encoder_out = model.encode(src_tokens)
     B = src_tokens.size(0)
     length_lp = model.length_log_probs(encoder_out)  # (B, C)
-    longest = torch.as_tensor(max_len, device=length_lp.device).long().clamp(min=1).expand(B)
+    longest = torch.as_tensor(max_output_len, device=length_lp.device).long().clamp(min=1).expand(B)
     if lengths is not None:
         L = 1
         lengths = torch.minimum(lengths.to(length_lp.device).long().reshape(-1).clamp(min=1),
