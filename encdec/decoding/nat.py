@@ -36,7 +36,8 @@ def remask_count(lengths: torch.Tensor, iteration: int, iterations: int) -> torc
 @torch.no_grad()
 def mask_predict(model, src_tokens: torch.Tensor, *, iterations: int = 4, length_beam: int = 1,
                  length_scale: float = 1.0, nbest: int = 1,
-                 max_output_len: int | torch.Tensor = 1024, need_attention: bool = False, early_exit: bool = True,
+                 max_output_len: int | torch.Tensor = 1024, need_attention: bool = False,
+                 early_exit: bool = True,
                  lengths: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """n-best outputs per input. ``lengths`` (B,): decode exactly these output lengths instead
     of predicting them (one candidate per input; e.g. to measure what a perfect length
