@@ -58,13 +58,17 @@ bible: $(VENV)/.installed sysdeps
 # Speech recognition: synthesize bible-speech (10 h of training audio; continued if it was
 # stopped, kept once done), train the CPU preset for ASR_MINUTES, evaluate on the test chapters
 # (seen and unseen voices) and the real recordings with joint CTC/attention beam 10.
+# ASR_VOICES=wide trains on the eleven-voice corpus (data/bible-speech-wide).
 ASR_MINUTES ?= 60
 ASR_CONFIG ?= configs/asr-small.yaml
 ASR_RUN ?= runs/$(basename $(notdir $(ASR_CONFIG)))
+ASR_VOICES ?= standard
+ASR_DATA ?= data/bible-speech$(if $(filter-out standard,$(ASR_VOICES)),-$(ASR_VOICES))
 asr: $(VENV)/.installed sysdeps
-	$(VENV)/bin/encdec prepare bible-speech
+	$(VENV)/bin/encdec prepare bible-speech --voices $(ASR_VOICES) --out $(ASR_DATA)
 	rm -rf $(ASR_RUN)
-	$(VENV)/bin/encdec train $(ASR_CONFIG) train.run_dir=$(ASR_RUN) train.max_minutes=$(ASR_MINUTES)
+	$(VENV)/bin/encdec train $(ASR_CONFIG) train.run_dir=$(ASR_RUN) train.max_minutes=$(ASR_MINUTES) \
+		data.dir=$(ASR_DATA)
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split test
 	$(VENV)/bin/encdec evaluate $(ASR_RUN) --split real
 
