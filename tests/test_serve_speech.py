@@ -14,7 +14,8 @@ import torch
 
 from conftest import needs_system, tone_word
 from encdec.config import ServeConfig
-from encdec.serve import _align, _attention_matrix, _token_starts, create_app
+from encdec.serve import create_app
+from encdec.serve.audio import _align, _attention_matrix, _token_starts
 from encdec.transcribe import Transcriber
 from test_serve import AUTH, CHROMIUM, KEY, _serve_cli, call, error_of
 
@@ -302,7 +303,7 @@ def test_the_attention_matrix_places_segments_side_by_side_and_pools_columns():
 def test_attention_columns_are_the_audio_s_own_positions(transcriber):
     """Decoded in a batch with longer audio, an upload's attention rows keep only its own
     encoder positions: the count _positions gives, as the model's encoder makes them."""
-    from encdec.serve import _positions
+    from encdec.serve.audio import _positions
 
     waves = [torch.from_numpy(tone_word(w)) for w in ("ab", "abcdef")]
     feats, frames = transcriber.assets.audio_front(waves)
