@@ -56,7 +56,8 @@ class Voice:
     engine: str  # flite | espeak-ng | festival
     voice: str  # the engine's own voice name
     seen: bool  # used for training (else held out for the unseen-voice test)
-    pitch: float  # mean F0 in Hz (flite) or espeak-ng's pitch (0-99) that rate/pitch vary around
+    # mean F0 in Hz (flite, festival) or espeak-ng's pitch (0-99) that rate/pitch vary around
+    pitch: float
 
 
 VOICES = [
