@@ -44,7 +44,6 @@ from encdec.files import atomic_write_text
 SAMPLE_RATE = 16000
 MAX_SECONDS = 12.0  # verses spoken longer than this are left out (counted)
 REAL_DIR = Path("/usr/share/pocketsphinx/test/data")
-SPEECH_PACKAGES = ("flite", "espeak-ng", "pocketsphinx-testdata")
 # the engine's command and the Debian packages that provide it (with the voice, for festival)
 ENGINES = {"flite": ("flite", ("flite",)), "espeak-ng": ("espeak-ng", ("espeak-ng",)),
            "festival": ("text2wave", ("festival", "festvox-kdlpc16k"))}
