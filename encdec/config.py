@@ -137,7 +137,8 @@ class TrainConfig:
     # model's own prediction. p = min(ss_max_prob, 1 - eps(step)), eps the teacher-forcing
     # probability: linear max(0, 1 - step / ss_steps), exponential ss_k ** step, or inverse
     # sigmoid ss_k / (ss_k + exp(step / ss_k)). Recurrent models sample step by step; the
-    # Transformer uses two passes (the second fed with the first's argmax predictions).
+    # Transformer uses two passes (the second fed with the first's argmax predictions);
+    # transformer_tts the same with its predicted frames as the next steps' inputs.
     scheduled_sampling: str = "off"  # off | linear | exponential | inverse_sigmoid
     ss_max_prob: float = 0.25
     ss_steps: int = 2000  # linear: steps until eps reaches 0
@@ -427,6 +428,9 @@ def validate(cfg: Config) -> None:
     if d.nbest > 1 and d.method == "greedy":
         raise ConfigError(f"decode.nbest={d.nbest} needs beam search with a beam of at least "
                           "nbest, or sampling: greedy decoding gives one output per input")
+    if t.scheduled_sampling != "off" and m.arch == "fastspeech":
+        raise ConfigError("train.scheduled_sampling: a fastspeech model does not read its own "
+                          "frames (it makes them all at once); use it with transformer_tts")
     if not 0.0 <= t.ss_max_prob <= 1.0:
         raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
     if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:

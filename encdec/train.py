@@ -530,10 +530,10 @@ class Trainer:
 
     def _loss(self, model, batch):
         t = self.cfg.train
+        sampling = sampling_prob(self.state["step"], t) if model.training else 0.0
         if self.tts:
-            return tts_loss(model, batch, self.state["step"], self.teacher)
-        return sequence_loss(model, batch, t.label_smoothing,
-                             sampling=sampling_prob(self.state["step"], t) if model.training else 0.0,
+            return tts_loss(model, batch, self.state["step"], self.teacher, sampling=sampling)
+        return sequence_loss(model, batch, t.label_smoothing, sampling=sampling,
                              ctc_only=model.training and self.state["step"] < t.ctc_warmup_steps)
 
     # ---- validation ---------------------------------------------------------------------

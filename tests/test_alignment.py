@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from encdec.audio.features import LogMel
 from encdec.audio.vocoder import mel_to_magnitude, spectral_convergence, vocode
@@ -241,6 +242,63 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     out = model.synthesize(tok, max_frames=60)
     assert out.mels.shape[0] == 16 and (out.frame_lengths <= 60).all()
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
+
+
+def test_transformer_tts_scheduled_sampling_feeds_the_first_pass_frames():
+    """sampling=1: every decoder step after the first reads the teacher-forced pass's own
+    prediction of the previous step's last frame, as a cached step fed those frames does;
+    sampling=0 is teacher forcing; a fraction mixes the two per step, and gradients flow."""
+    from encdec.config import ModelConfig
+    from encdec.models.tts import TransformerTTS
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    protos = torch.randn(12, 16, generator=gen) * 2
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0)
+    model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
+    model.eval()
+    tok, mel, lengths, _ = _toy_tts_batch(gen, protos, B=4)
+    with torch.no_grad():
+        _, forced = model.loss(tok, mel, lengths)
+        _, none = model.loss(tok, mel, lengths, sampling=0.0)
+        _, own = model.loss(tok, mel, lengths, sampling=1.0)
+    torch.testing.assert_close(none["before"], forced["before"], rtol=0, atol=0)
+    assert not torch.allclose(own["before"], forced["before"], atol=1e-3)
+    T = mel.size(1)
+    predicted = F.pad(forced["before"], (0, 0, 0, -(-T // 2) * 2 - T))
+    with torch.no_grad():
+        memory, mask, embedded = model.encode_with_input(tok)
+        caches = model.init_caches(memory, embedded)
+        prev = mel.new_zeros(mel.size(0), 16)
+        steps = []
+        for s in range(-(-T // 2)):
+            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
+            steps.append(out)
+            prev = predicted[:, 2 * s + 1]
+    stepped = torch.cat(steps, dim=1)[:, :T]
+    real = torch.arange(T)[None, :] < lengths[:, None]
+    torch.testing.assert_close(stepped[real], own["before"][real], rtol=1e-4, atol=1e-4)
+    # a fraction: each step's input is the recording's previous frame or the prediction of
+    # it, about that fraction the prediction (the first step's is the zero frame)
+    seen = []
+    prenet = model._prenet
+    model._prenet = lambda frames, stochastic=True: seen.append(frames) or prenet(frames, stochastic)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.loss(tok, mel, lengths, sampling=0.5)
+    del model._prenet
+    first_pass, second_pass = seen
+    S = first_pass.size(1)
+    shifted = torch.cat([first_pass[:, :1], predicted.view(-1, S, 2, 16)[:, :-1, -1]], dim=1)
+    truth = (second_pass - first_pass).abs().amax(dim=-1) == 0
+    ours = (second_pass - shifted).abs().amax(dim=-1) == 0
+    assert (truth | ours).all() and truth[:, 0].all()
+    share = float(ours[:, 1:].float().mean())
+    assert 0.3 < share < 0.7, share
+    model.train()
+    loss, _ = model.loss(tok, mel, lengths, sampling=0.5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.prenet.parameters())
 
 
 def test_transformer_tts_attention_keys_from_the_embeddings_skip_the_encoder():

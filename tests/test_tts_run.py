@@ -4,6 +4,7 @@ and `encdec speak` / the Python API with speed control and clear errors."""
 
 import io
 import json
+import math
 import shutil
 
 import numpy as np
@@ -70,8 +71,10 @@ def _config(path, data, run, arch, **train):
 @pytest.fixture(scope="module")
 def at_run(tts_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("at")
+    # scheduled sampling over frames from step 2 on (the two-pass loss through the trainer)
     assert main(["train", str(_config(root / "at.yaml", tts_data, root / "run",
-                                      "transformer_tts"))]) == 0
+                                      "transformer_tts", scheduled_sampling="linear",
+                                      ss_steps=2, ss_max_prob=0.5, ss_start_step=2))]) == 0
     return root / "run"
 
 
@@ -153,6 +156,13 @@ def test_autoregressive_run_speaks_until_its_stop_head(at_run, tmp_path):
         speaker.speak(["abc"], length_scale=1.2)
 
 
+def test_autoregressive_run_trains_with_scheduled_sampling(at_run):
+    lines = [json.loads(x) for x in (at_run / "metrics.jsonl").read_text().splitlines()]
+    probs = [(r["step"], r["sampling_prob"]) for r in lines if "sampling_prob" in r]
+    assert probs == [(1, 0.0), (2, 0.0), (4, 0.5), (6, 0.5)]
+    assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
+
+
 def test_fastspeech_learns_from_teacher_durations(at_run, tts_data, tmp_path, capsys):
     cfg = _config(tmp_path / "t.yaml", tts_data, tmp_path / "run", "fastspeech", max_steps=2,
                   valid_every=2, durations_from=str(at_run))
@@ -169,6 +179,10 @@ def test_tts_arch_and_data_must_match(tts_data, tmp_path, capsys):
     cfg = _config(tmp_path / "c.yaml", tts_data, tmp_path / "run", "transformer")
     assert main(["train", str(cfg)]) == 2
     assert "takes model.arch=fastspeech or transformer_tts" in capsys.readouterr().err
+    cfg = _config(tmp_path / "s.yaml", tts_data, tmp_path / "run", "fastspeech",
+                  scheduled_sampling="linear")
+    assert main(["train", str(cfg)]) == 2
+    assert "fastspeech model does not read its own frames" in capsys.readouterr().err
 
 
 @needs_flite

@@ -215,6 +215,22 @@ class FastSpeech(TextToFrames):
 
     forward = loss  # so DistributedDataParallel sees the training pass
 
+    def _decoder_pass(self, prev: torch.Tensor, memory: torch.Tensor,
+                      embedded: torch.Tensor | None, cross_mask: torch.Tensor,
+                      step_mask: torch.Tensor, prenet_dropout: bool):
+        """All decoder steps at once from their input frames ``prev`` (B, S, M): the last
+        hidden states (B, S, d) and the last layer's cross-attention (B, nh, S, N)."""
+        S = prev.size(1)
+        x = self._prenet(prev, stochastic=prenet_dropout) + self.positions(S)[None]
+        weights = None
+        for i, layer in enumerate(self.decoder):
+            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
+                               need_attention=i == len(self.decoder) - 1,
+                               memory_keys=self._cross_keys(i, embedded))
+        if self.dec_norm is not None:
+            x = self.dec_norm(x, step_mask)
+        return x, weights
+
     # ---- inference ----------------------------------------------------------------------
     @torch.no_grad()
     def synthesize(self, tokens: torch.Tensor, length_scale: float = 1.0,
@@ -318,13 +334,20 @@ class TransformerTTS(TextToFrames):
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
              guided_weight: float = 1.0, guided_sigma: float = 0.2,
-             prenet_dropout: bool = True) -> tuple[torch.Tensor, dict]:
+             prenet_dropout: bool = True, sampling: float = 0.0) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
         cross-entropy on the stop flags (1 at each row's last frame, weighted
         ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
         cross-attention. Returns the attention (B, T, N) and the frames before the post-net
         (B, T, M) too. ``prenet_dropout=False`` (with the model in eval mode): the same
-        attention on every call, as durations are read from it."""
+        attention on every call, as durations are read from it.
+
+        ``sampling`` > 0: scheduled sampling over frames, in two passes. A first,
+        teacher-forced pass without gradients predicts every step's frames; in the second,
+        each decoder step's input (B, S) is, with probability ``sampling``, that pass's
+        prediction of the previous step's last frame instead of the recording's. Synthesis
+        feeds the model its own frames, which a model trained on recorded frames alone
+        handles badly (README, "Speech synthesis")."""
         memory, mask, embedded = self.encode_with_input(tokens)
         B, T, M = mels.shape
         r = self.reduction
@@ -332,18 +355,21 @@ class TransformerTTS(TextToFrames):
         padded = F.pad(mels, (0, 0, 0, S * r - T))
         steps = padded.view(B, S, r, M)
         # the input of step s is the last frame of step s - 1 (zeros at the start)
-        prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)
-        x = self._prenet(prev, stochastic=prenet_dropout) + self.positions(S)[None]
+        prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)  # (B, S, M)
         step_lengths = -(-mel_lengths // r)
         step_mask = lengths_mask(step_lengths, S)
         cross_mask = mask[:, None, None, :]
-        weights = None
-        for i, layer in enumerate(self.decoder):
-            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
-                               need_attention=i == len(self.decoder) - 1,
-                               memory_keys=self._cross_keys(i, embedded))
-        if self.dec_norm is not None:
-            x = self.dec_norm(x, step_mask)
+        if sampling > 0:
+            with torch.no_grad():
+                hidden, _ = self._decoder_pass(prev, memory, embedded, cross_mask, step_mask,
+                                               prenet_dropout)
+                first = self.mel_out(hidden).view(B, S, r, M)
+            own = torch.cat([prev[:, :1], first[:, :-1, -1]], dim=1)
+            use = torch.rand(B, S, 1, device=mels.device) < sampling
+            use[:, 0] = False  # the first step's input is the zero frame either way
+            prev = torch.where(use, own, prev)
+        x, weights = self._decoder_pass(prev, memory, embedded, cross_mask, step_mask,
+                                        prenet_dropout)
         before = self.mel_out(x).view(B, S * r, M)[:, :T]
         frame_mask = lengths_mask(mel_lengths, T)
         after = self._postnet(before, frame_mask)
@@ -363,6 +389,22 @@ class TransformerTTS(TextToFrames):
             "attention": attention_frames.detach(), "before": before.detach()}
 
     forward = loss  # so DistributedDataParallel sees the training pass
+
+    def _decoder_pass(self, prev: torch.Tensor, memory: torch.Tensor,
+                      embedded: torch.Tensor | None, cross_mask: torch.Tensor,
+                      step_mask: torch.Tensor, prenet_dropout: bool):
+        """All decoder steps at once from their input frames ``prev`` (B, S, M): the last
+        hidden states (B, S, d) and the last layer's cross-attention (B, nh, S, N)."""
+        S = prev.size(1)
+        x = self._prenet(prev, stochastic=prenet_dropout) + self.positions(S)[None]
+        weights = None
+        for i, layer in enumerate(self.decoder):
+            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
+                               need_attention=i == len(self.decoder) - 1,
+                               memory_keys=self._cross_keys(i, embedded))
+        if self.dec_norm is not None:
+            x = self.dec_norm(x, step_mask)
+        return x, weights
 
     def init_caches(self, memory: torch.Tensor, embedded: torch.Tensor | None = None
                     ) -> list[LayerCache]:
