@@ -193,7 +193,9 @@ def evaluate_tts(run_dir: str | Path, split: str = "test", checkpoint_name: str 
                                "systems": own_scores}
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"tts-{split}" + (f"-limit{limit}" if limit else "") + \
+    # as the text evaluation names its files: another checkpoint's scores do not overwrite
+    tag = f"tts-{split}" + (f"-{checkpoint_name}" if checkpoint_name != "best" else "") + \
+        (f"-limit{limit}" if limit else "") + \
         (f"-scale{length_scale:g}" if length_scale != 1.0 else "")
     wav_dir = out_dir / tag
     wav_dir.mkdir(exist_ok=True)

@@ -277,6 +277,12 @@ def test_evaluate_judges_reference_copy_and_model(nat_run, tts_data, capsys):
                                    dtype="float32")
         assert judged.shape == speech.audio.shape
         assert np.abs(judged - speech.audio).max() <= 1.0 / 32768 + 1e-6
+    # another checkpoint's scores go to their own file, as the text evaluation's do
+    before = (nat_run / "eval" / "tts-test-limit3.json").read_text()
+    assert main(["evaluate", str(nat_run), "--limit", "1", "--checkpoint", "last"]) == 0
+    other = json.loads((nat_run / "eval" / "tts-test-last-limit1.json").read_text())
+    assert other["inputs"] == 1 and other["checkpoint"].startswith("step-")
+    assert (nat_run / "eval" / "tts-test-limit3.json").read_text() == before
 
 
 def test_evaluate_with_our_own_recognizer_as_a_second_judge(nat_run, tiny_speech_run, tiny_run,
