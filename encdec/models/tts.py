@@ -215,22 +215,6 @@ class FastSpeech(TextToFrames):
 
     forward = loss  # so DistributedDataParallel sees the training pass
 
-    def _decoder_pass(self, prev: torch.Tensor, memory: torch.Tensor,
-                      embedded: torch.Tensor | None, cross_mask: torch.Tensor,
-                      step_mask: torch.Tensor, prenet_dropout: bool):
-        """All decoder steps at once from their input frames ``prev`` (B, S, M): the last
-        hidden states (B, S, d) and the last layer's cross-attention (B, nh, S, N)."""
-        S = prev.size(1)
-        x = self._prenet(prev, stochastic=prenet_dropout) + self.positions(S)[None]
-        weights = None
-        for i, layer in enumerate(self.decoder):
-            x, weights = layer(x, memory, cross_mask, pad_mask=step_mask,
-                               need_attention=i == len(self.decoder) - 1,
-                               memory_keys=self._cross_keys(i, embedded))
-        if self.dec_norm is not None:
-            x = self.dec_norm(x, step_mask)
-        return x, weights
-
     # ---- inference ----------------------------------------------------------------------
     @torch.no_grad()
     def synthesize(self, tokens: torch.Tensor, length_scale: float = 1.0,
