@@ -163,6 +163,29 @@ def test_autoregressive_run_trains_with_scheduled_sampling(at_run):
     assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
 
 
+def test_trainer_feeds_the_schedule_to_the_autoregressive_loss(tts_data, tmp_path, monkeypatch):
+    """The schedule's probability reaches TransformerTTS.loss in training steps (validation
+    stays teacher-forced)."""
+    from encdec.models.tts import TransformerTTS
+
+    seen = []
+    loss = TransformerTTS.loss
+
+    def recording(self, *args, sampling=0.0, **kwargs):
+        seen.append((self.training, sampling))
+        return loss(self, *args, sampling=sampling, **kwargs)
+
+    monkeypatch.setattr(TransformerTTS, "loss", recording)
+    monkeypatch.setattr(TransformerTTS, "forward", recording)
+    cfg = _config(tmp_path / "ss.yaml", tts_data, tmp_path / "run", "transformer_tts",
+                  max_steps=4, valid_every=4, scheduled_sampling="linear", ss_steps=2,
+                  ss_max_prob=0.5, ss_start_step=1)
+    assert main(["train", str(cfg)]) == 0
+    training = [p for train, p in seen if train]
+    assert training == [0.0, 0.0, 0.5, 0.5]
+    assert all(p == 0.0 for train, p in seen if not train) and len(seen) > 4
+
+
 def test_fastspeech_learns_from_teacher_durations(at_run, tts_data, tmp_path, capsys):
     cfg = _config(tmp_path / "t.yaml", tts_data, tmp_path / "run", "fastspeech", max_steps=2,
                   valid_every=2, durations_from=str(at_run))
