@@ -146,6 +146,10 @@ class TrainConfig:
     # The schedule's step 0 (teacher forcing before it): scheduled sampling from a trained
     # model, resumed with train.ss_start_step at its last step, anneals from zero as from scratch
     ss_start_step: int = 0
+    # transformer_tts: predicting passes before the trained one. With 1, the sampled inputs are
+    # teacher-forced predictions (one step of error); with k, pass i reads pass i-1's mixture,
+    # so a sampled input may carry up to k steps of the model's own errors, as in synthesis.
+    ss_passes: int = 1
     # Start from another run's weights (speech): before the first step (not on --resume), the
     # parameters of init_parts are copied from the best checkpoint of the run directory
     # init_from; shapes must match. Parts: front (conv subsampler), encoder (blocks and final
@@ -431,6 +435,12 @@ def validate(cfg: Config) -> None:
     if t.scheduled_sampling != "off" and m.arch == "fastspeech":
         raise ConfigError("train.scheduled_sampling: a fastspeech model does not read its own "
                           "frames (it makes them all at once); use it with transformer_tts")
+    if t.ss_passes < 1:
+        raise ConfigError(f"train.ss_passes={t.ss_passes}: must be >= 1")
+    if t.ss_passes > 1 and m.arch != "transformer_tts":
+        raise ConfigError(f"train.ss_passes={t.ss_passes}: several predicting passes are "
+                          f"built for transformer_tts only (model.arch={m.arch!r} samples "
+                          "from one)")
     if not 0.0 <= t.ss_max_prob <= 1.0:
         raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
     if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:

@@ -191,13 +191,15 @@ def aux_ctc_loss(core, encoder_out, batch) -> torch.Tensor:
                       blank=PAD, reduction="sum", zero_infinity=True)
 
 
-def tts_loss(model, batch, step: int = 0, teacher=None, sampling: float = 0.0):
+def tts_loss(model, batch, step: int = 0, teacher=None, sampling: float = 0.0,
+             passes: int = 1):
     """Text-to-speech: (loss_sum, mel_sum), each a per-frame mean times the batch's frames (the
     trainer divides by the frames). The loss is the model's total (mel L1 before and after the
     post-net, durations, alignment or stop and guided attention); the second value is the L1
     after the post-net. FastSpeech learns its durations jointly unless a ``teacher``
     (``TeacherDurations``: a TransformerTTS's attention) gives them. ``sampling``: the
-    autoregressive model's scheduled-sampling probability (``TransformerTTS.loss``)."""
+    autoregressive model's scheduled-sampling probability, ``passes`` its predicting passes
+    (``TransformerTTS.loss``)."""
     from encdec.models.tts import FastSpeech
 
     core = getattr(model, "module", model)
@@ -211,5 +213,6 @@ def tts_loss(model, batch, step: int = 0, teacher=None, sampling: float = 0.0):
     else:
         total, parts = model(batch.tokens, batch.mels, batch.mel_lengths,
                              guided_weight=core.cfg.tts_guided_weight,
-                             guided_sigma=core.cfg.tts_guided_sigma, sampling=sampling)
+                             guided_sigma=core.cfg.tts_guided_sigma, sampling=sampling,
+                             passes=passes)
     return total * frames, torch.tensor(parts["postnet"] * frames)

@@ -532,7 +532,8 @@ class Trainer:
         t = self.cfg.train
         sampling = sampling_prob(self.state["step"], t) if model.training else 0.0
         if self.tts:
-            return tts_loss(model, batch, self.state["step"], self.teacher, sampling=sampling)
+            return tts_loss(model, batch, self.state["step"], self.teacher, sampling=sampling,
+                            passes=t.ss_passes)
         return sequence_loss(model, batch, t.label_smoothing, sampling=sampling,
                              ctc_only=model.training and self.state["step"] < t.ctc_warmup_steps)
 

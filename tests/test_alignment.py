@@ -301,6 +301,46 @@ def test_transformer_tts_scheduled_sampling_feeds_the_first_pass_frames():
     assert all(p.grad is not None for p in model.prenet.parameters())
 
 
+def test_transformer_tts_sampling_passes_compound_the_models_own_frames():
+    """train.ss_passes: with sampling=1 and k predicting passes, the trained pass's first k + 1
+    decoder steps read exactly what synthesis feeds itself (each input a prediction made from
+    a prediction, back to the zero frame), and later steps do not (their chains end in a
+    recorded frame)."""
+    from encdec.config import ModelConfig
+    from encdec.models.tts import TransformerTTS
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    protos = torch.randn(12, 16, generator=gen) * 2
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0)
+    model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
+    model.eval()
+    tok, mel, lengths, _ = _toy_tts_batch(gen, protos, B=4)
+    k = 2
+    with torch.no_grad():
+        _, own = model.loss(tok, mel, lengths, sampling=1.0, passes=k)
+        memory, mask, embedded = model.encode_with_input(tok)
+        caches = model.init_caches(memory, embedded)
+        prev = mel.new_zeros(mel.size(0), 16)
+        free = []
+        for s in range(k + 2):
+            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
+            free.append(out)
+            prev = out[:, -1]
+    free = torch.cat(free, dim=1)  # (B, 2 (k + 2), M): synthesis's first k + 2 steps
+    rows = lengths >= 2 * (k + 2)  # rows long enough for both checks
+    assert rows.sum() >= 2
+    before, free = own["before"][rows], free[rows]
+    torch.testing.assert_close(before[:, : 2 * (k + 1)], free[:, : 2 * (k + 1)],
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before[:, 2 * (k + 1): 2 * (k + 2)], free[:, 2 * (k + 1):],
+                              atol=1e-3)
+    model.train()
+    loss, _ = model.loss(tok, mel, lengths, sampling=0.5, passes=2)
+    loss.backward()
+    assert all(p.grad is not None for p in model.prenet.parameters())
+
+
 def test_transformer_tts_attention_keys_from_the_embeddings_skip_the_encoder():
     """With tts_attention_keys=embedding the guided attention (one decoder layer here, so its
     queries see no memory) does not move when the encoder's layers change; the values and the

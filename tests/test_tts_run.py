@@ -171,19 +171,19 @@ def test_trainer_feeds_the_schedule_to_the_autoregressive_loss(tts_data, tmp_pat
     seen = []
     loss = TransformerTTS.loss
 
-    def recording(self, *args, sampling=0.0, **kwargs):
-        seen.append((self.training, sampling))
-        return loss(self, *args, sampling=sampling, **kwargs)
+    def recording(self, *args, sampling=0.0, passes=1, **kwargs):
+        seen.append((self.training, sampling, passes))
+        return loss(self, *args, sampling=sampling, passes=passes, **kwargs)
 
     monkeypatch.setattr(TransformerTTS, "loss", recording)
     monkeypatch.setattr(TransformerTTS, "forward", recording)
     cfg = _config(tmp_path / "ss.yaml", tts_data, tmp_path / "run", "transformer_tts",
                   max_steps=4, valid_every=4, scheduled_sampling="linear", ss_steps=2,
-                  ss_max_prob=0.5, ss_start_step=1)
+                  ss_max_prob=0.5, ss_start_step=1, ss_passes=2)
     assert main(["train", str(cfg)]) == 0
-    training = [p for train, p in seen if train]
-    assert training == [0.0, 0.0, 0.5, 0.5]
-    assert all(p == 0.0 for train, p in seen if not train) and len(seen) > 4
+    training = [(p, k) for train, p, k in seen if train]
+    assert training == [(0.0, 2), (0.0, 2), (0.5, 2), (0.5, 2)]
+    assert all(p == 0.0 for train, p, _ in seen if not train) and len(seen) > 4
 
 
 def test_fastspeech_learns_from_teacher_durations(at_run, tts_data, tmp_path, capsys):
@@ -206,6 +206,11 @@ def test_tts_arch_and_data_must_match(tts_data, tmp_path, capsys):
                   scheduled_sampling="linear")
     assert main(["train", str(cfg)]) == 2
     assert "fastspeech model does not read its own frames" in capsys.readouterr().err
+    cfg = _config(tmp_path / "p.yaml", tts_data, tmp_path / "run", "transformer",
+                  scheduled_sampling="linear", ss_passes=3)
+    assert main(["train", str(cfg)]) == 2
+    assert "train.ss_passes=3: several predicting passes are built for transformer_tts" \
+        in capsys.readouterr().err
 
 
 @needs_flite

@@ -318,7 +318,8 @@ class TransformerTTS(TextToFrames):
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
              guided_weight: float = 1.0, guided_sigma: float = 0.2,
-             prenet_dropout: bool = True, sampling: float = 0.0) -> tuple[torch.Tensor, dict]:
+             prenet_dropout: bool = True, sampling: float = 0.0, passes: int = 1
+             ) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
         cross-entropy on the stop flags (1 at each row's last frame, weighted
         ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
@@ -331,7 +332,10 @@ class TransformerTTS(TextToFrames):
         each decoder step's input (B, S) is, with probability ``sampling``, that pass's
         prediction of the previous step's last frame instead of the recording's. Synthesis
         feeds the model its own frames, which a model trained on recorded frames alone
-        handles badly (README, "Speech synthesis")."""
+        handles badly (README, "Speech synthesis"). ``passes`` > 1: that many predicting
+        passes, each fed the recording's frames mixed (with the same draw of steps) with the
+        previous pass's predictions, so a sampled input can hold up to ``passes`` steps of
+        the model's compounded errors instead of one."""
         memory, mask, embedded = self.encode_with_input(tokens)
         B, T, M = mels.shape
         r = self.reduction
@@ -344,14 +348,16 @@ class TransformerTTS(TextToFrames):
         step_mask = lengths_mask(step_lengths, S)
         cross_mask = mask[:, None, None, :]
         if sampling > 0:
-            with torch.no_grad():
-                hidden, _ = self._decoder_pass(prev, memory, embedded, cross_mask, step_mask,
-                                               prenet_dropout)
-                first = self.mel_out(hidden).view(B, S, r, M)
-            own = torch.cat([prev[:, :1], first[:, :-1, -1]], dim=1)
             use = torch.rand(B, S, 1, device=mels.device) < sampling
             use[:, 0] = False  # the first step's input is the zero frame either way
-            prev = torch.where(use, own, prev)
+            recorded = prev
+            for _ in range(passes):
+                with torch.no_grad():
+                    hidden, _ = self._decoder_pass(prev, memory, embedded, cross_mask,
+                                                   step_mask, prenet_dropout)
+                    predicted = self.mel_out(hidden).view(B, S, r, M)
+                own = torch.cat([recorded[:, :1], predicted[:, :-1, -1]], dim=1)
+                prev = torch.where(use, own, recorded)
         x, weights = self._decoder_pass(prev, memory, embedded, cross_mask, step_mask,
                                         prenet_dropout)
         before = self.mel_out(x).view(B, S * r, M)[:, :T]
