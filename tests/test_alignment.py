@@ -244,20 +244,26 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
 
 
-def test_transformer_tts_scheduled_sampling_feeds_the_first_pass_frames():
-    """sampling=1: every decoder step after the first reads the teacher-forced pass's own
-    prediction of the previous step's last frame, as a cached step fed those frames does;
-    sampling=0 is teacher forcing; a fraction mixes the two per step, and gradients flow."""
+def _tiny_transformer_tts(seed: int):
+    """A tiny TransformerTTS (2 frames per step, pre-net dropout off, eval mode) and a toy
+    batch: tokens, mels, mel lengths."""
     from encdec.config import ModelConfig
     from encdec.models.tts import TransformerTTS
 
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     protos = torch.randn(12, 16, generator=gen) * 2
     cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0)
     model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
-    model.eval()
     tok, mel, lengths, _ = _toy_tts_batch(gen, protos, B=4)
+    return model.eval(), tok, mel, lengths
+
+
+def test_transformer_tts_scheduled_sampling_feeds_the_first_pass_frames():
+    """sampling=1: every decoder step after the first reads the teacher-forced pass's own
+    prediction of the previous step's last frame, as a cached step fed those frames does;
+    sampling=0 is teacher forcing; a fraction mixes the two per step, and gradients flow."""
+    model, tok, mel, lengths = _tiny_transformer_tts(seed=3)
     with torch.no_grad():
         _, forced = model.loss(tok, mel, lengths)
         _, none = model.loss(tok, mel, lengths, sampling=0.0)
@@ -306,16 +312,7 @@ def test_transformer_tts_sampling_passes_compound_the_models_own_frames():
     decoder steps read exactly what synthesis feeds itself (each input a prediction made from
     a prediction, back to the zero frame), and later steps do not (their chains end in a
     recorded frame)."""
-    from encdec.config import ModelConfig
-    from encdec.models.tts import TransformerTTS
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(5)
-    protos = torch.randn(12, 16, generator=gen) * 2
-    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0)
-    model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
-    model.eval()
-    tok, mel, lengths, _ = _toy_tts_batch(gen, protos, B=4)
+    model, tok, mel, lengths = _tiny_transformer_tts(seed=5)
     k = 2
     with torch.no_grad():
         _, own = model.loss(tok, mel, lengths, sampling=1.0, passes=k)
