@@ -65,6 +65,10 @@ class ModelConfig:
     tts_reduction: int = 2  # transformer_tts: frames per decoder step (Tacotron's r)
     tts_guided_weight: float = 1.0  # transformer_tts: guided-attention (diagonal prior) loss weight
     tts_guided_sigma: float = 0.2  # transformer_tts: the prior's width, a fraction of the lengths
+    # transformer_tts: width of the pre-net's two layers (the previous frames' way in); 0 = d_model.
+    # Narrower than d_model, a linear layer projects it up: a bottleneck (as in Transformer-TTS),
+    # so the decoder must lean on the text more and on the previous frames less
+    tts_prenet_dim: int = 0
     # transformer_tts: what the last decoder layer's cross-attention (the guided one, which
     # durations are read from) projects its keys from: encoder (its output, like the values)
     # | embedding (its input: token embeddings with positions, without the neighbours' context)
@@ -489,6 +493,8 @@ def _validate_speech(cfg: Config) -> None:
     if m.tts_attention_keys not in ("encoder", "embedding"):
         raise ConfigError(f"model.tts_attention_keys={m.tts_attention_keys!r}: choose encoder or "
                           "embedding")
+    if m.tts_prenet_dim < 0:
+        raise ConfigError(f"model.tts_prenet_dim={m.tts_prenet_dim}: must be >= 0 (0 = d_model)")
     if m.tts_guided_sigma <= 0:
         raise ConfigError(f"model.tts_guided_sigma={m.tts_guided_sigma}: must be > 0 (a fraction "
                           "of the text and frame lengths)")

@@ -244,7 +244,7 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
 
 
-def _tiny_transformer_tts(seed: int):
+def _tiny_transformer_tts(seed: int, prenet_dim: int = 0):
     """A tiny TransformerTTS (2 frames per step, pre-net dropout off, eval mode) and a toy
     batch: tokens, mels, mel lengths."""
     from encdec.config import ModelConfig
@@ -253,7 +253,8 @@ def _tiny_transformer_tts(seed: int):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(seed)
     protos = torch.randn(12, 16, generator=gen) * 2
-    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0)
+    cfg = ModelConfig(d_model=32, n_heads=2, enc_layers=1, dec_layers=2, ffn_dim=64, dropout=0.0,
+                      tts_prenet_dim=prenet_dim)
     model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2, prenet_dropout=0.0)
     tok, mel, lengths, _ = _toy_tts_batch(gen, protos, B=4)
     return model.eval(), tok, mel, lengths
@@ -305,6 +306,40 @@ def test_transformer_tts_scheduled_sampling_feeds_the_first_pass_frames():
     loss, _ = model.loss(tok, mel, lengths, sampling=0.5)
     loss.backward()
     assert all(p.grad is not None for p in model.prenet.parameters())
+
+
+def test_transformer_tts_bottleneck_prenet_is_projected_up_and_steps_equal_teacher_forcing():
+    """model.tts_prenet_dim narrower than d_model: the pre-net's layers are that wide and a
+    linear layer projects up; cached steps fed the recording's frames equal the teacher-forced
+    pass. The default (0) builds the d_model-wide pre-net without a projection, so runs trained
+    before the option load unchanged."""
+    from encdec.config import Config, ConfigError
+
+    plain = _tiny_transformer_tts(seed=2)[0]
+    assert plain.prenet_up is None and not any(k.startswith("prenet_up")
+                                               for k in plain.state_dict())
+    assert [tuple(l.weight.shape) for l in plain.prenet] == [(32, 16), (32, 32)]
+    model, tok, mel, lengths = _tiny_transformer_tts(seed=2, prenet_dim=8)
+    assert [tuple(l.weight.shape) for l in model.prenet] == [(8, 16), (8, 8)]
+    assert tuple(model.prenet_up.weight.shape) == (32, 8)
+    with torch.no_grad():
+        _, parts = model.loss(tok, mel, lengths)
+        memory, mask, embedded = model.encode_with_input(tok)
+        caches = model.init_caches(memory, embedded)
+        prev = mel.new_zeros(mel.size(0), 16)
+        steps = []
+        for s in range(-(-mel.size(1) // 2)):
+            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
+            steps.append(out)
+            prev = mel[:, min(2 * s + 1, mel.size(1) - 1)]
+    stepped = torch.cat(steps, dim=1)[:, :mel.size(1)]
+    real = torch.arange(mel.size(1))[None, :] < lengths[:, None]
+    torch.testing.assert_close(stepped[real], parts["before"][real], rtol=1e-4, atol=1e-4)
+    loss, _ = model.loss(tok, mel, lengths)
+    loss.backward()
+    assert model.prenet_up.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="model.tts_prenet_dim=-1"):
+        Config.from_dict({"model": {"arch": "transformer_tts", "tts_prenet_dim": -1}})
 
 
 def test_transformer_tts_sampling_passes_compound_the_models_own_frames():

@@ -304,8 +304,10 @@ class TransformerTTS(TextToFrames):
         self.stop_pos_weight = stop_pos_weight
         self.reduction = reduction
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.prenet = nn.ModuleList([nn.Linear(n_mels, cfg.d_model), nn.Linear(cfg.d_model,
-                                                                                cfg.d_model)])
+        width = cfg.tts_prenet_dim or cfg.d_model
+        self.prenet = nn.ModuleList([nn.Linear(n_mels, width), nn.Linear(width, width)])
+        # a bottleneck pre-net is projected up to the decoder's width (no ReLU, no dropout)
+        self.prenet_up = nn.Linear(width, cfg.d_model) if width != cfg.d_model else None
         self.prenet_dropout = prenet_dropout
         self.mel_out = nn.Linear(cfg.d_model, n_mels * reduction)
         self.stop_out = nn.Linear(cfg.d_model, reduction)
@@ -314,7 +316,7 @@ class TransformerTTS(TextToFrames):
         # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
         for linear in self.prenet:
             frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=stochastic)
-        return frames
+        return frames if self.prenet_up is None else self.prenet_up(frames)
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
              guided_weight: float = 1.0, guided_sigma: float = 0.2,
