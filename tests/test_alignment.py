@@ -198,6 +198,23 @@ def test_fastspeech_learns_durations_without_an_aligner_and_length_scale_control
     assert (per_token.durations[:, 0] >= 2 * out.durations[:, 0] - 1).all()
 
 
+def _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, before):
+    """One cached decoder step at a time (2 frames per step), each fed the recording's previous
+    frame, gives the teacher-forced pass's frames ``before`` (B, T, M)."""
+    with torch.no_grad():
+        memory, mask, embedded = model.encode_with_input(tok)
+        caches = model.init_caches(memory, embedded)
+        prev = mel.new_zeros(mel.size(0), 16)
+        steps = []
+        for s in range(-(-mel.size(1) // 2)):
+            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
+            steps.append(out)
+            prev = mel[:, min(2 * s + 1, mel.size(1) - 1)]
+    stepped = torch.cat(steps, dim=1)[:, :mel.size(1)]
+    real = torch.arange(mel.size(1))[None, :] < lengths[:, None]
+    torch.testing.assert_close(stepped[real], before[real], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("keys", ["encoder", "embedding"])
 def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_durations(keys):
     from encdec.config import ModelConfig
@@ -227,18 +244,7 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
     assert (got.sum(dim=1) == lengths).all()
     assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
     # one cached step at a time, fed the true previous frames = the teacher-forced pass
-    with torch.no_grad():
-        memory, mask, embedded = model.encode_with_input(tok)
-        caches = model.init_caches(memory, embedded)
-        prev = mel.new_zeros(mel.size(0), 16)
-        steps = []
-        for s in range(-(-mel.size(1) // 2)):
-            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
-            steps.append(out)
-            prev = mel[:, min(2 * s + 1, mel.size(1) - 1)]
-    stepped = torch.cat(steps, dim=1)[:, :mel.size(1)]
-    real = torch.arange(mel.size(1))[None, :] < lengths[:, None]
-    torch.testing.assert_close(stepped[real], parts["before"][real], rtol=1e-4, atol=1e-4)
+    _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, parts["before"])
     out = model.synthesize(tok, max_frames=60)
     assert out.mels.shape[0] == 16 and (out.frame_lengths <= 60).all()
     assert (out.durations.sum(dim=1) == out.frame_lengths).all()
@@ -324,17 +330,7 @@ def test_transformer_tts_bottleneck_prenet_is_projected_up_and_steps_equal_teach
     assert tuple(model.prenet_up.weight.shape) == (32, 8)
     with torch.no_grad():
         _, parts = model.loss(tok, mel, lengths)
-        memory, mask, embedded = model.encode_with_input(tok)
-        caches = model.init_caches(memory, embedded)
-        prev = mel.new_zeros(mel.size(0), 16)
-        steps = []
-        for s in range(-(-mel.size(1) // 2)):
-            out, _, _ = model.decode_step(prev, caches, mask[:, None, None, :], s)
-            steps.append(out)
-            prev = mel[:, min(2 * s + 1, mel.size(1) - 1)]
-    stepped = torch.cat(steps, dim=1)[:, :mel.size(1)]
-    real = torch.arange(mel.size(1))[None, :] < lengths[:, None]
-    torch.testing.assert_close(stepped[real], parts["before"][real], rtol=1e-4, atol=1e-4)
+    _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, parts["before"])
     loss, _ = model.loss(tok, mel, lengths)
     loss.backward()
     assert model.prenet_up.weight.grad.abs().sum() > 0
