@@ -9,7 +9,7 @@ times are those of the recording). The durations are scored, never trained on. P
 - fastspeech trained jointly: ``aligner`` - its alignment module and MAS on the recording's
   frames (the durations it trained its decoder and duration predictor on);
 - fastspeech: ``predicted`` - its duration predictor from the text alone (what it speaks with);
-- transformer_tts: ``attention`` - MAS over its teacher-forced cross-attention on the
+- transformer_tts, tacotron2: ``attention`` - MAS over its teacher-forced cross-attention on the
   recording with the pre-net's dropout off (the durations ``train.durations_from`` teaches a
   fastspeech model; ``--prenet-dropout`` reads them with it on, as the model trained);
 - ``uniform``: every unit of an utterance the same length (a floor any aligner must beat).

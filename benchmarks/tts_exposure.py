@@ -5,7 +5,7 @@ its own (exposure bias).
     python benchmarks/tts_exposure.py RUN [--checkpoint best] [--limit 20] [--split test]
 
 For the first ``--limit`` verses of the split: the run's teacher-forced frames after the
-post-net (``TransformerTTS.loss`` on the recording's frames, pre-net dropout on as in
+post-net (``loss`` on the recording's frames, pre-net dropout on as in
 training and synthesis) and its synthesis (``Speaker.speak``), each through the same
 Griffin-Lim vocoder, transcribed by the judge (PocketSphinx) and scored as ``encdec evaluate``
 scores them (WER/CER against the verse). Prints both rows and writes
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     speaker = Speaker.from_run(args.run, args.checkpoint, "cpu")
     if not speaker.autoregressive:
-        sys.exit(f"{args.run}: not an autoregressive (transformer_tts) run")
+        sys.exit(f"{args.run}: not an autoregressive (transformer_tts, tacotron2) run")
     model, front = speaker.model.eval(), speaker.assets.audio_front
     stats, rate = front.stats, speaker.sample_rate
     data_dir = speaker.cfg.data.dir

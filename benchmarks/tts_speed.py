@@ -34,7 +34,8 @@ from encdec.speak import Speaker  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nat", required=True, help="a fastspeech run")
-    ap.add_argument("--at", required=True, help="a transformer_tts run on the same data")
+    ap.add_argument("--at", required=True,
+                    help="an autoregressive run (transformer_tts or tacotron2) on the same data")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -42,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     nat, at = Speaker.from_run(args.nat), Speaker.from_run(args.at)
     if nat.autoregressive or not at.autoregressive:
-        sys.exit("--nat takes a fastspeech run and --at a transformer_tts run")
+        sys.exit("--nat takes a fastspeech run and --at an autoregressive one")
     texts = [e["text"] for e in read_manifest(nat.cfg.data.dir, args.split)][: args.limit]
     opts = nat.assets.audio_front.opts
     ids = [torch.tensor([nat.input_ids(t)]) for t in texts]

@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speak", help='text to speech: encdec speak RUN "text" -o out.wav, '
                                       "or -i lines.txt -o DIR/")
-    sp.add_argument("run", help="a text-to-speech run (fastspeech or transformer_tts)")
+    sp.add_argument("run", help="a text-to-speech run (fastspeech, transformer_tts or tacotron2)")
     sp.add_argument("text", nargs="?", help="what to say (or -i FILE)")
     sp.add_argument("-i", "--input", help="a text file: one utterance per line, to DIR/NNNN.wav")
     sp.add_argument("-o", "--output", required=True, help="a .wav file (one text) or a directory")

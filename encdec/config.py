@@ -25,7 +25,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "transformer"  # encdec.models.MODELS: transformer | nat | lstm | gru | speech | fastspeech | transformer_tts
+    # encdec.models.MODELS: transformer | nat | lstm | gru | speech | fastspeech |
+    # transformer_tts | tacotron2
+    arch: str = "transformer"
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
@@ -61,14 +63,17 @@ class ModelConfig:
     # transcripts (the data's "transcript" field, tokenized with its own vocabulary), added to the
     # loss above; 0 = no auxiliary head. Its head is used in training only.
     aux_ctc_weight: float = 0.0
-    # Text-to-speech (arch: fastspeech | transformer_tts): tokens -> 80-bin log-mel frames.
-    tts_reduction: int = 2  # transformer_tts: frames per decoder step (Tacotron's r)
-    tts_guided_weight: float = 1.0  # transformer_tts: guided-attention (diagonal prior) loss weight
-    tts_guided_sigma: float = 0.2  # transformer_tts: the prior's width, a fraction of the lengths
-    # transformer_tts: width of the pre-net's two layers (the previous frames' way in); 0 = d_model.
-    # Narrower than d_model, a linear layer projects it up: a bottleneck (as in Transformer-TTS),
-    # so the decoder must lean on the text more and on the previous frames less
+    # Text-to-speech (arch: fastspeech | transformer_tts | tacotron2): tokens -> 80-bin log-mel
+    # frames. The autoregressive ones (transformer_tts, tacotron2):
+    tts_reduction: int = 2  # frames per decoder step (Tacotron's r)
+    tts_guided_weight: float = 1.0  # guided-attention (diagonal prior) loss weight
+    tts_guided_sigma: float = 0.2  # the prior's width, a fraction of the lengths
+    # Width of the pre-net's two layers (the previous frames' way in); 0 = d_model for
+    # transformer_tts, 256 for tacotron2. transformer_tts projects a narrower one up to d_model:
+    # a bottleneck (as in Transformer-TTS), so the decoder must lean on the text more and on the
+    # previous frames less
     tts_prenet_dim: int = 0
+    tts_decoder_dim: int = 512  # tacotron2: width of its attention and decoder LSTMs
     # transformer_tts: what the last decoder layer's cross-attention (the guided one, which
     # durations are read from) projects its keys from: encoder (its output, like the values)
     # | embedding (its input: token embeddings with positions, without the neighbours' context)
@@ -439,13 +444,14 @@ def validate(cfg: Config) -> None:
                           "nbest, or sampling: greedy decoding gives one output per input")
     if t.scheduled_sampling != "off" and m.arch == "fastspeech":
         raise ConfigError("train.scheduled_sampling: a fastspeech model does not read its own "
-                          "frames (it makes them all at once); use it with transformer_tts")
+                          "frames (it makes them all at once); use it with transformer_tts or "
+                          "tacotron2")
     if t.ss_passes < 1:
         raise ConfigError(f"train.ss_passes={t.ss_passes}: must be >= 1")
     if t.ss_passes > 1 and m.arch != "transformer_tts":
         raise ConfigError(f"train.ss_passes={t.ss_passes}: several predicting passes are "
                           f"built for transformer_tts only (model.arch={m.arch!r} samples "
-                          "from one)")
+                          "from one; tacotron2 samples step by step, as it synthesizes)")
     if not 0.0 <= t.ss_max_prob <= 1.0:
         raise ConfigError(f"train.ss_max_prob={t.ss_max_prob}: must be in [0, 1]")
     if t.scheduled_sampling == "exponential" and not 0.0 < t.ss_k < 1.0:
@@ -494,7 +500,10 @@ def _validate_speech(cfg: Config) -> None:
         raise ConfigError(f"model.tts_attention_keys={m.tts_attention_keys!r}: choose encoder or "
                           "embedding")
     if m.tts_prenet_dim < 0:
-        raise ConfigError(f"model.tts_prenet_dim={m.tts_prenet_dim}: must be >= 0 (0 = d_model)")
+        raise ConfigError(f"model.tts_prenet_dim={m.tts_prenet_dim}: must be >= 0 (0 = the "
+                          "model's default width)")
+    if m.tts_decoder_dim < 1:
+        raise ConfigError(f"model.tts_decoder_dim={m.tts_decoder_dim}: must be >= 1")
     if m.tts_guided_sigma <= 0:
         raise ConfigError(f"model.tts_guided_sigma={m.tts_guided_sigma}: must be > 0 (a fraction "
                           "of the text and frame lengths)")

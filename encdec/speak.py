@@ -8,8 +8,9 @@
 
 ``length_scale`` multiplies every predicted duration (FastSpeech runs); ``token_scales``
 gives one factor per input token (``Speaker.tokens(text)`` lists them) for per-phone control.
-Autoregressive runs (transformer_tts) stop on their stop head or at ``max_seconds``; their
-durations are read off the attention. The vocoder is Griffin-Lim (``encdec.audio.vocoder``).
+Autoregressive runs (transformer_tts, tacotron2) stop on their stop head or at
+``max_seconds``; their durations are read off the attention. The vocoder is Griffin-Lim
+(``encdec.audio.vocoder``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class Speaker:
         self.cfg = cfg
         self.device = device
         self.checkpoint_dir = checkpoint_dir
-        self.autoregressive = cfg.model.arch == "transformer_tts"
+        from encdec.models import AUTOREGRESSIVE_TTS
+
+        self.autoregressive = cfg.model.arch in AUTOREGRESSIVE_TTS
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint_name: str = "best",
@@ -126,7 +129,7 @@ class Speaker:
         if self.autoregressive:
             if length_scale != 1.0 or token_scales is not None:
                 raise SpeakError("length_scale and token_scales need a non-autoregressive "
-                                 "(fastspeech) run; this one is transformer_tts")
+                                 f"(fastspeech) run; this one is {self.cfg.model.arch}")
             out = self.model.synthesize(tokens, max_frames=max_frames)
         else:
             scales = None

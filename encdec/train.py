@@ -30,7 +30,7 @@ from encdec.files import atomic_write_text
 from encdec.host import retain_freed_memory
 from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
-from encdec.models import model_for_data
+from encdec.models import AUTOREGRESSIVE_TTS, model_for_data
 from encdec.nn.packed import forget_packed_weights, pack_linear_weights
 from encdec.scheduled_sampling import sampling_prob
 
@@ -306,16 +306,17 @@ class Trainer:
         self._prepare_run_dir(resume)
 
     def _load_teacher(self, run_dir: str):
-        """fastspeech with train.durations_from: the transformer_tts run whose attention gives
+        """fastspeech with train.durations_from: the autoregressive run whose attention gives
         the durations (its best checkpoint, frozen, in eval mode; each utterance read once)."""
 
         if self.cfg.model.arch != "fastspeech":
             raise ConfigError(f"train.durations_from={run_dir!r} is for model.arch=fastspeech, "
                               f"not {self.cfg.model.arch!r}")
         teacher_cfg = Config.load(Path(run_dir) / "config.yaml")
-        if teacher_cfg.model.arch != "transformer_tts":
-            raise ConfigError(f"train.durations_from={run_dir!r}: durations come from a "
-                              f"transformer_tts run, and this one is {teacher_cfg.model.arch!r}")
+        if teacher_cfg.model.arch not in AUTOREGRESSIVE_TTS:
+            raise ConfigError(f"train.durations_from={run_dir!r}: durations come from an "
+                              f"autoregressive TTS run ({' or '.join(AUTOREGRESSIVE_TTS)}), and "
+                              f"this one is {teacher_cfg.model.arch!r}")
         teacher_meta = load_assets(Path(run_dir) / "data").meta
         if teacher_meta.get("src_vocab_size") != self.assets.meta["src_vocab_size"] or \
                 teacher_meta.get("src_tokenizer") != self.assets.meta["src_tokenizer"]:

@@ -163,6 +163,32 @@ def test_autoregressive_run_trains_with_scheduled_sampling(at_run):
     assert all(math.isfinite(r["loss"]) for r in lines if "loss" in r)
 
 
+def test_tacotron2_trains_speaks_and_teaches_durations(tts_data, tmp_path, capsys):
+    """The Tacotron-2 decoder through the CLI: trained with scheduled sampling (step by
+    step), spoken until its stop head, and read as a fastspeech teacher."""
+    run = tmp_path / "taco"
+    cfg = _config(tmp_path / "taco.yaml", tts_data, run, "tacotron2", max_steps=4,
+                  valid_every=4, scheduled_sampling="linear", ss_steps=2, ss_max_prob=0.5,
+                  ss_start_step=2)
+    model = yaml.safe_load(cfg.read_text())
+    model["model"].update(tts_decoder_dim=24, tts_prenet_dim=16)
+    cfg.write_text(yaml.safe_dump(model))
+    assert main(["train", str(cfg)]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sampling_prob"] for r in lines if "sampling_prob" in r][-1] == 0.5
+    assert all(math.isfinite(r["valid_loss"]) for r in lines if "valid_loss" in r)
+    out = tmp_path / "t.wav"
+    assert main(["speak", str(run), "abc", "-o", str(out)]) == 0
+    audio, rate = soundfile.read(str(out))
+    assert rate == 16000 and audio.ndim == 1 and len(audio) > 0
+    assert main(["speak", str(run), "abc", "-o", str(out), "--length-scale", "1.2"]) == 2
+    assert "this one is tacotron2" in capsys.readouterr().err
+    student = _config(tmp_path / "s.yaml", tts_data, tmp_path / "student", "fastspeech",
+                      max_steps=2, valid_every=2, durations_from=str(run))
+    assert main(["train", str(student)]) == 0
+    assert "durations: from the attention of" in capsys.readouterr().out
+
+
 def test_trainer_feeds_the_schedule_to_the_autoregressive_loss(tts_data, tmp_path, monkeypatch):
     """The schedule's probability reaches TransformerTTS.loss in training steps (validation
     stays teacher-forced)."""
@@ -191,17 +217,17 @@ def test_fastspeech_learns_from_teacher_durations(at_run, tts_data, tmp_path, ca
                   valid_every=2, durations_from=str(at_run))
     assert main(["train", str(cfg)]) == 0
     assert "durations: from the attention of" in capsys.readouterr().out
-    # The teacher must be a transformer_tts run on the same inputs.
+    # The teacher must be an autoregressive run on the same inputs.
     cfg = _config(tmp_path / "t2.yaml", tts_data, tmp_path / "run2", "fastspeech", max_steps=2,
                   durations_from=str(tmp_path / "run"))
     assert main(["train", str(cfg)]) == 2
-    assert "durations come from a transformer_tts run" in capsys.readouterr().err
+    assert "durations come from an autoregressive TTS run" in capsys.readouterr().err
 
 
 def test_tts_arch_and_data_must_match(tts_data, tmp_path, capsys):
     cfg = _config(tmp_path / "c.yaml", tts_data, tmp_path / "run", "transformer")
     assert main(["train", str(cfg)]) == 2
-    assert "takes model.arch=fastspeech or transformer_tts" in capsys.readouterr().err
+    assert "takes model.arch=fastspeech, transformer_tts, tacotron2" in capsys.readouterr().err
     cfg = _config(tmp_path / "s.yaml", tts_data, tmp_path / "run", "fastspeech",
                   scheduled_sampling="linear")
     assert main(["train", str(cfg)]) == 2

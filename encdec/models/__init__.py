@@ -7,12 +7,14 @@ from encdec.models.nat import NATransformer
 from encdec.models.recurrent import RecurrentSeq2Seq
 from encdec.models.speech import SpeechTransformer
 from encdec.models.transformer import TransformerSeq2Seq
+from encdec.models.tacotron import Tacotron2
 from encdec.models.tts import FastSpeech, TransformerTTS
 
 MODELS = {"transformer": TransformerSeq2Seq, "nat": NATransformer, "lstm": RecurrentSeq2Seq,
           "gru": RecurrentSeq2Seq, "speech": SpeechTransformer, "fastspeech": FastSpeech,
-          "transformer_tts": TransformerTTS}
-TTS_MODELS = ("fastspeech", "transformer_tts")
+          "transformer_tts": TransformerTTS, "tacotron2": Tacotron2}
+AUTOREGRESSIVE_TTS = ("transformer_tts", "tacotron2")  # step by step, until the stop head says
+TTS_MODELS = ("fastspeech",) + AUTOREGRESSIVE_TTS
 
 
 def build_model(cfg, src_vocab_size: int, tgt_vocab_size: int, **sizes):
@@ -31,11 +33,11 @@ def model_for_data(cfg, meta: dict):
         if meta.get("modality") != "tts" or cfg.arch not in TTS_MODELS:
             raise ConfigError(f"model.arch={cfg.arch!r} does not fit {meta.get('name', 'the data')}"
                               ": text-to-speech data (encdec prepare bible-tts) takes model.arch="
-                              "fastspeech or transformer_tts, and those take only such data")
+                              f"{', '.join(TTS_MODELS)}, and those take only such data")
         if cfg.arch == "fastspeech":
             return FastSpeech(cfg, meta["src_vocab_size"], meta["feature_bins"])
-        return TransformerTTS(cfg, meta["src_vocab_size"], meta["feature_bins"],
-                              reduction=cfg.tts_reduction)
+        return MODELS[cfg.arch](cfg, meta["src_vocab_size"], meta["feature_bins"],
+                                reduction=cfg.tts_reduction)
     speech_data = meta.get("modality") == "speech"
     if speech_data != (cfg.arch == "speech"):
         what = "speech (audio inputs)" if speech_data else "text (token inputs)"

@@ -283,11 +283,114 @@ class TeacherDurations:
         return durations
 
 
-class TransformerTTS(TextToFrames):
-    """Autoregressive text-to-speech: tokens -> mel frames, ``reduction`` frames per decoder
-    step, with a stop-token head, a pre-net, a post-net and guided attention. The decoder
-    layers and their key/value caches are the text decoder's. Dimensions as in FastSpeech;
-    S = T / reduction decoder steps.
+class AutoregressiveTTS(TextToFrames):
+    """What the autoregressive TTS models share: ``reduction`` frames per decoder step, fed
+    the previous step's last frame through a pre-net (two ReLU layers with dropout, on in
+    synthesis too), a stop-token head, the teacher-forced loss (``_loss_parts``) and synthesis
+    step by step until every row stops. A subclass gives the decoder: ``start_synthesis``
+    (tokens -> its per-input state and the token mask) and ``synthesis_step`` (one step from
+    the previous frame and that state). S = T / reduction decoder steps."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int, reduction: int,
+                 prenet_dim: int, prenet_dropout: float, postnet_layers: int,
+                 stop_pos_weight: float):
+        super().__init__(cfg, vocab_size, n_mels, postnet_layers)
+        self.reduction = reduction
+        self.stop_pos_weight = stop_pos_weight
+        self.prenet = nn.ModuleList([nn.Linear(n_mels, prenet_dim),
+                                     nn.Linear(prenet_dim, prenet_dim)])
+        self.prenet_dropout = prenet_dropout
+
+    def _prenet(self, frames: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
+        # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
+        for linear in self.prenet:
+            frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=stochastic)
+        return frames
+
+    def _teacher_inputs(self, mels: torch.Tensor) -> torch.Tensor:
+        """(B, S, M): the input frame of every decoder step in teacher forcing, the recording's
+        last frame of the step before (zeros at the start)."""
+        B, T, M = mels.shape
+        r = self.reduction
+        S = -(-T // r)
+        steps = F.pad(mels, (0, 0, 0, S * r - T)).view(B, S, r, M)
+        return torch.cat([mels.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)
+
+    def _loss_parts(self, before: torch.Tensor, stop_logits: torch.Tensor,
+                    attention: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
+                    mask: torch.Tensor, guided_weight: float, guided_sigma: float
+                    ) -> tuple[torch.Tensor, dict]:
+        """The teacher-forced loss from the decoder's outputs over all S steps: frames before
+        the post-net (B, S * r, M), stop logits (B, S * r), attention per step (B, S, N). L1 on
+        the frames before and after the post-net, binary cross-entropy on the stop flags (1 at
+        each row's last frame, weighted ``stop_pos_weight``: one frame in hundreds), guided
+        attention. Returns the total and its parts with the attention per frame (B, T, N) and
+        the frames before the post-net (B, T, M)."""
+        T = mels.size(1)
+        before, stop_logits = before[:, :T], stop_logits[:, :T]
+        frame_mask = lengths_mask(mel_lengths, T)
+        after = self._postnet(before, frame_mask)
+        stop_target = (torch.arange(T, device=mels.device)[None, :] >= (mel_lengths - 1)[:, None])
+        m = frame_mask[..., None].expand_as(mels)
+        parts = {"mel": F.l1_loss(before[m], mels[m]), "postnet": F.l1_loss(after[m], mels[m]),
+                 "stop": F.binary_cross_entropy_with_logits(
+                     stop_logits[frame_mask], stop_target[frame_mask].float(),
+                     pos_weight=stop_logits.new_tensor(self.stop_pos_weight))}
+        attention_frames = attention.repeat_interleave(self.reduction, dim=1)[:, :T]
+        parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths,
+                                                guided_sigma)
+        total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
+        return total, {k: float(v.detach()) for k, v in parts.items()} | {
+            "attention": attention_frames.detach(), "before": before.detach()}
+
+    def start_synthesis(self, tokens: torch.Tensor):
+        """(the decoder's state for these inputs, the token mask (B, N))."""
+        raise NotImplementedError
+
+    def synthesis_step(self, prev: torch.Tensor, state, step: int):
+        """One decoder step from the previous frame (B, M): its ``reduction`` frames (B, r, M)
+        before the post-net, stop logits (B, r) and attention (B, N); updates ``state``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def synthesize(self, tokens: torch.Tensor, max_frames: int = 1000,
+                   stop_threshold: float = 0.5) -> TTSOutput:
+        """Frames step by step until every row's stop probability passes ``stop_threshold``
+        (or ``max_frames``). ``durations`` of the result are read off the attention
+        (``durations_from_attention``)."""
+        state, mask = self.start_synthesis(tokens)
+        B, r, M = tokens.size(0), self.reduction, self.n_mels
+        prev = self.mel_out.weight.new_zeros(B, M)  # every subclass has mel_out
+        frames, attention = [], []
+        frame_lengths = torch.full((B,), -1, dtype=torch.long, device=tokens.device)
+        for step in range(-(-max_frames // r)):
+            out, stop_logits, weights = self.synthesis_step(prev, state, step)
+            frames.append(out)
+            attention.append(weights)
+            stop = torch.sigmoid(stop_logits) > stop_threshold  # (B, r)
+            first = torch.where(stop.any(dim=1), stop.float().argmax(dim=1), r)
+            ends = step * r + first + 1
+            frame_lengths = torch.where((frame_lengths < 0) & (first < r), ends, frame_lengths)
+            prev = out[:, -1]
+            if bool((frame_lengths >= 0).all()):
+                break
+        mels = torch.cat(frames, dim=1)
+        T = mels.size(1)
+        frame_lengths = torch.where(frame_lengths < 0, torch.full_like(frame_lengths, T),
+                                    frame_lengths).clamp(max=T)
+        frame_mask = lengths_mask(frame_lengths, T)
+        mels = self._postnet(mels.masked_fill(~frame_mask[..., None], 0.0), frame_mask)
+        att = torch.stack(attention, dim=1).repeat_interleave(r, dim=1)[:, :T]
+        durations = durations_from_attention(att, mask.sum(dim=1), frame_lengths)
+        return TTSOutput(mels.masked_fill(~frame_mask[..., None], 0.0), frame_lengths,
+                         durations, att)
+
+
+class TransformerTTS(AutoregressiveTTS):
+    """Autoregressive text-to-speech with a Transformer decoder: tokens -> mel frames,
+    ``reduction`` frames per decoder step, with a stop-token head, a pre-net, a post-net and
+    guided attention. The decoder layers and their key/value caches are the text decoder's.
+    Dimensions as in FastSpeech; S = T / reduction decoder steps.
 
     ``cfg.tts_attention_keys`` = "embedding": the last decoder layer's cross-attention (the
     one guided attention trains and durations are read from) projects its keys from the
@@ -298,35 +401,26 @@ class TransformerTTS(TextToFrames):
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_mels: int = 80, reduction: int = 2,
                  prenet_dropout: float = 0.5, postnet_layers: int = 5,
                  stop_pos_weight: float = 5.0):
-        super().__init__(cfg, vocab_size, n_mels, postnet_layers)
-
-        self.embedding_keys = cfg.tts_attention_keys == "embedding"
-        self.stop_pos_weight = stop_pos_weight
-        self.reduction = reduction
-        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         width = cfg.tts_prenet_dim or cfg.d_model
-        self.prenet = nn.ModuleList([nn.Linear(n_mels, width), nn.Linear(width, width)])
+        super().__init__(cfg, vocab_size, n_mels, reduction, width, prenet_dropout,
+                         postnet_layers, stop_pos_weight)
+        self.embedding_keys = cfg.tts_attention_keys == "embedding"
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         # a bottleneck pre-net is projected up to the decoder's width (no ReLU, no dropout)
         self.prenet_up = nn.Linear(width, cfg.d_model) if width != cfg.d_model else None
-        self.prenet_dropout = prenet_dropout
         self.mel_out = nn.Linear(cfg.d_model, n_mels * reduction)
         self.stop_out = nn.Linear(cfg.d_model, reduction)
 
     def _prenet(self, frames: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
-        # dropout on in inference too (Tacotron 2): the variation keeps decoding from looping
-        for linear in self.prenet:
-            frames = dropout(F.relu(linear(frames)), self.prenet_dropout, training=stochastic)
+        frames = super()._prenet(frames, stochastic)
         return frames if self.prenet_up is None else self.prenet_up(frames)
 
     def loss(self, tokens: torch.Tensor, mels: torch.Tensor, mel_lengths: torch.Tensor,
              guided_weight: float = 1.0, guided_sigma: float = 0.2,
              prenet_dropout: bool = True, sampling: float = 0.0, passes: int = 1
              ) -> tuple[torch.Tensor, dict]:
-        """Teacher-forced loss: L1 on the mel frames before and after the post-net, binary
-        cross-entropy on the stop flags (1 at each row's last frame, weighted
-        ``stop_pos_weight``: one frame in hundreds), guided attention on the last layer's
-        cross-attention. Returns the attention (B, T, N) and the frames before the post-net
-        (B, T, M) too. ``prenet_dropout=False`` (with the model in eval mode): the same
+        """Teacher-forced loss (``_loss_parts``), guided attention on the last layer's
+        cross-attention. ``prenet_dropout=False`` (with the model in eval mode): the same
         attention on every call, as durations are read from it.
 
         ``sampling`` > 0: scheduled sampling over frames, in two passes. A first,
@@ -341,13 +435,9 @@ class TransformerTTS(TextToFrames):
         memory, mask, embedded = self.encode_with_input(tokens)
         B, T, M = mels.shape
         r = self.reduction
-        S = -(-T // r)
-        padded = F.pad(mels, (0, 0, 0, S * r - T))
-        steps = padded.view(B, S, r, M)
-        # the input of step s is the last frame of step s - 1 (zeros at the start)
-        prev = torch.cat([padded.new_zeros(B, 1, M), steps[:, :-1, -1]], dim=1)  # (B, S, M)
-        step_lengths = -(-mel_lengths // r)
-        step_mask = lengths_mask(step_lengths, S)
+        prev = self._teacher_inputs(mels)  # (B, S, M)
+        S = prev.size(1)
+        step_mask = lengths_mask(-(-mel_lengths // r), S)
         cross_mask = mask[:, None, None, :]
         if sampling > 0:
             use = torch.rand(B, S, 1, device=mels.device) < sampling
@@ -362,23 +452,9 @@ class TransformerTTS(TextToFrames):
                 prev = torch.where(use, own, recorded)
         x, weights = self._decoder_pass(prev, memory, embedded, cross_mask, step_mask,
                                         prenet_dropout)
-        before = self.mel_out(x).view(B, S * r, M)[:, :T]
-        frame_mask = lengths_mask(mel_lengths, T)
-        after = self._postnet(before, frame_mask)
-        stop_logits = self.stop_out(x).view(B, S * r)[:, :T]
-        stop_target = (torch.arange(T, device=mels.device)[None, :] >= (mel_lengths - 1)[:, None])
-        m = frame_mask[..., None].expand_as(mels)
-        parts = {"mel": F.l1_loss(before[m], mels[m]), "postnet": F.l1_loss(after[m], mels[m]),
-                 "stop": F.binary_cross_entropy_with_logits(
-                     stop_logits[frame_mask], stop_target[frame_mask].float(),
-                     pos_weight=stop_logits.new_tensor(self.stop_pos_weight))}
-        attention = weights.mean(dim=1)  # (B, S, N): per decoder step
-        attention_frames = attention.repeat_interleave(r, dim=1)[:, :T]
-        parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths,
-                                                guided_sigma)
-        total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
-        return total, {k: float(v.detach()) for k, v in parts.items()} | {
-            "attention": attention_frames.detach(), "before": before.detach()}
+        return self._loss_parts(self.mel_out(x).view(B, S * r, M), self.stop_out(x).view(B, S * r),
+                                weights.mean(dim=1), mels, mel_lengths, mask, guided_weight,
+                                guided_sigma)
 
     forward = loss  # so DistributedDataParallel sees the training pass
 
@@ -433,37 +509,10 @@ class TransformerTTS(TextToFrames):
         out = self.mel_out(x[:, 0]).view(B, self.reduction, self.n_mels)
         return out, self.stop_out(x[:, 0]), weights.mean(dim=1)[:, 0]
 
-    @torch.no_grad()
-    def synthesize(self, tokens: torch.Tensor, max_frames: int = 1000,
-                   stop_threshold: float = 0.5) -> TTSOutput:
-        """Frames step by step with the decoder's key/value caches until every row's stop
-        probability passes ``stop_threshold`` (or ``max_frames``). ``durations`` of the result
-        are read off the attention (``durations_from_attention``)."""
+    def start_synthesis(self, tokens: torch.Tensor):
         memory, mask, embedded = self.encode_with_input(tokens)
-        B, r, M = tokens.size(0), self.reduction, self.n_mels
-        caches = self.init_caches(memory, embedded)
-        cross_mask = mask[:, None, None, :]
-        prev = memory.new_zeros(B, M)
-        frames, attention = [], []
-        frame_lengths = torch.full((B,), -1, dtype=torch.long, device=tokens.device)
-        for step in range(-(-max_frames // r)):
-            out, stop_logits, weights = self.decode_step(prev, caches, cross_mask, step)
-            frames.append(out)
-            attention.append(weights)
-            stop = torch.sigmoid(stop_logits) > stop_threshold  # (B, r)
-            first = torch.where(stop.any(dim=1), stop.float().argmax(dim=1), r)
-            ends = step * r + first + 1
-            frame_lengths = torch.where((frame_lengths < 0) & (first < r), ends, frame_lengths)
-            prev = out[:, -1]
-            if bool((frame_lengths >= 0).all()):
-                break
-        mels = torch.cat(frames, dim=1)
-        T = mels.size(1)
-        frame_lengths = torch.where(frame_lengths < 0, torch.full_like(frame_lengths, T),
-                                    frame_lengths).clamp(max=T)
-        frame_mask = lengths_mask(frame_lengths, T)
-        mels = self._postnet(mels.masked_fill(~frame_mask[..., None], 0.0), frame_mask)
-        att = torch.stack(attention, dim=1).repeat_interleave(r, dim=1)[:, :T]
-        durations = durations_from_attention(att, mask.sum(dim=1), frame_lengths)
-        return TTSOutput(mels.masked_fill(~frame_mask[..., None], 0.0), frame_lengths,
-                         durations, att)
+        return (self.init_caches(memory, embedded), mask[:, None, None, :]), mask
+
+    def synthesis_step(self, prev: torch.Tensor, state, step: int):
+        caches, cross_mask = state
+        return self.decode_step(prev, caches, cross_mask, step)

@@ -96,8 +96,9 @@ def add_speak(app, speaker, cfg: ServeConfig, batcher: Batcher) -> None:
             raise RequestError(422, "text", err.reason) from None
         if speaker.autoregressive and (req.length_scale != 1.0 or req.token_scales):
             field = "token_scales" if req.token_scales else "length_scale"
-            raise RequestError(422, field, "this run is autoregressive (transformer_tts): it "
-                                           "stops on its own; speed control needs a fastspeech run")
+            raise RequestError(422, field, f"this run is autoregressive "
+                                           f"({speaker.cfg.model.arch}): it stops on its own; "
+                                           "speed control needs a fastspeech run")
         scales = None
         if req.token_scales is not None:
             if len(req.token_scales) != len(ids):
