@@ -2,14 +2,15 @@
 the recording's previous frames (teacher forcing, as in training) against its synthesis, fed
 its own (exposure bias).
 
-    python benchmarks/tts_exposure.py RUN [--checkpoint best] [--limit 20] [--split test]
+    python benchmarks/tts_exposure.py RUN [--checkpoint best] [--limit 20] [--split test] [--show N]
 
 For the first ``--limit`` verses of the split: the run's teacher-forced frames after the
 post-net (``loss`` on the recording's frames, pre-net dropout on as in
 training and synthesis) and its synthesis (``Speaker.speak``), each through the same
 Griffin-Lim vocoder, transcribed by the judge (PocketSphinx) and scored as ``encdec evaluate``
 scores them (WER/CER against the verse). Prints both rows and writes
-``RUN/eval/exposure-SPLIT-CHECKPOINT-limitN.json``.
+``RUN/eval/exposure-SPLIT-CHECKPOINT-limitN.json``; ``--show N`` also prints what the judge
+heard in the first N verses, beside the verse.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--show", type=int, default=0,
+                    help="print the judge's transcripts of the first N verses")
     args = ap.parse_args(argv)
 
     speaker = Speaker.from_run(args.run, args.checkpoint, "cpu")
@@ -65,13 +68,19 @@ def main(argv=None) -> int:
     judge = Judge()
     result = {"run": args.run, "checkpoint": speaker.checkpoint_dir.name, "split": args.split,
               "inputs": len(entries), "judge": judge.name, "systems": {}}
+    heard = {}
     for name, waves in (("teacher_forced", forced), ("synthesized", synthesized)):
         hyps = [judge_text(t) for t in judge.transcribe(waves, rate)]
+        heard[name] = hyps
         scores = asr_scores(hyps, refs)
         scores["seconds"] = sum(len(w) for w in waves) / rate
         result["systems"][name] = scores
         print(f"  {name:<16} WER {scores['wer']:6.2f}  CER {scores['cer']:6.2f}  "
               f"{scores['seconds']:7.1f} s")
+    for i in range(min(args.show, len(entries))):
+        print(f"  [{i}] verse           {refs[i][0]}")
+        for name, hyps in heard.items():
+            print(f"      {name:<16}{hyps[i]}")
     out = Path(args.run) / "eval" / \
         f"exposure-{args.split}-{speaker.checkpoint_dir.name}-limit{len(entries)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
