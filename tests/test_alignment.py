@@ -198,6 +198,27 @@ def test_fastspeech_learns_durations_without_an_aligner_and_length_scale_control
     assert (per_token.durations[:, 0] >= 2 * out.durations[:, 0] - 1).all()
 
 
+def train_toy_tts(model, gen, protos, steps: int) -> None:
+    """``steps`` Adam steps (3e-3) of ``model.loss`` on fresh toy batches."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
+        loss, _ = model.loss(tok, mel, lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def assert_attention_gives_the_durations(attention, tok, lengths, true):
+    """MAS over an attention (B, T, N) gives every row's frames, and three tokens in four
+    within a frame of their true durations."""
+    from encdec.models.tts import durations_from_attention
+
+    got = durations_from_attention(attention, tok.ne(0).sum(1), lengths)
+    assert (got.sum(dim=1) == lengths).all()
+    assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
+
+
 def _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, before):
     """One cached decoder step at a time (2 frames per step), each fed the recording's previous
     frame, gives the teacher-forced pass's frames ``before`` (B, T, M)."""
@@ -218,7 +239,7 @@ def _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, before):
 @pytest.mark.parametrize("keys", ["encoder", "embedding"])
 def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_durations(keys):
     from encdec.config import ModelConfig
-    from encdec.models.tts import TransformerTTS, durations_from_attention
+    from encdec.models.tts import TransformerTTS
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -227,22 +248,14 @@ def test_transformer_tts_cached_steps_equal_teacher_forcing_and_attention_gives_
                       tts_attention_keys=keys)
     model = TransformerTTS(cfg, 12, n_mels=16, reduction=2, postnet_layers=2,
                            prenet_dropout=0.2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
-        loss, _ = model.loss(tok, mel, lengths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_toy_tts(model, gen, protos, steps=300)
     tok, mel, lengths, true = _toy_tts_batch(gen, protos)
     model.eval()
     model.prenet_dropout = 0.0  # deterministic, for the equivalence below
     with torch.no_grad():
         _, parts = model.loss(tok, mel, lengths)
     # the teacher way to durations: the guided attention, read by MAS
-    got = durations_from_attention(parts["attention"], tok.ne(0).sum(1), lengths)
-    assert (got.sum(dim=1) == lengths).all()
-    assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
+    assert_attention_gives_the_durations(parts["attention"], tok, lengths, true)
     # one cached step at a time, fed the true previous frames = the teacher-forced pass
     _assert_steps_fed_the_recording_equal(model, tok, mel, lengths, parts["before"])
     out = model.synthesize(tok, max_frames=60)

@@ -4,11 +4,10 @@ it learns a toy alignment."""
 
 import pytest
 import torch
-from test_alignment import _toy_tts_batch
+from test_alignment import _toy_tts_batch, assert_attention_gives_the_durations, train_toy_tts
 
 from encdec.config import Config, ConfigError, ModelConfig
 from encdec.models.tacotron import LocationSensitiveAttention, Tacotron2
-from encdec.models.tts import durations_from_attention
 
 M = 16  # mel bins of the toy data
 
@@ -94,20 +93,12 @@ def test_tacotron2_learns_a_monotonic_alignment_on_toy_data():
     model = _tiny(seed=0, prenet_dropout=0.2)
     gen = torch.Generator().manual_seed(1)
     protos = torch.randn(12, M, generator=gen) * 2
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(250):
-        tok, mel, lengths, _ = _toy_tts_batch(gen, protos)
-        loss, _ = model.loss(tok, mel, lengths)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_toy_tts(model, gen, protos, steps=250)
     tok, mel, lengths, true = _toy_tts_batch(gen, protos)
     model.eval()
     with torch.no_grad():
         _, parts = model.loss(tok, mel, lengths, prenet_dropout=False)
-    got = durations_from_attention(parts["attention"], tok.ne(0).sum(1), lengths)
-    assert (got.sum(dim=1) == lengths).all()
-    assert float(((got - true).abs() <= 1)[tok.ne(0)].float().mean()) >= 0.75
+    assert_attention_gives_the_durations(parts["attention"], tok, lengths, true)
 
 
 def test_tacotron2_config_is_checked():
