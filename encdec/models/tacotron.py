@@ -104,8 +104,8 @@ class Tacotron2(AutoregressiveTTS):
 
     def _step(self, x: torch.Tensor, state: TacotronState):
         """One step from the pre-net's output ``x`` (B, P): frames (B, r, M), stop logits
-        (B, r), attention weights (B, N). Dropout on the LSTMs' outputs in training (Tacotron 2
-        uses zoneout; NVIDIA's implementation this dropout)."""
+        (B, r), attention weights (B, N). Dropout on the LSTMs' outputs in training, in place
+        of Tacotron 2's zoneout."""
         h, c = self.attention_rnn(torch.cat([x, state.context], dim=-1), state.attention_rnn)
         h = dropout(h, self.cfg.dropout, self.training)
         state.attention_rnn = (h, c)
