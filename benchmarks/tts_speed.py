@@ -1,17 +1,22 @@
 """Mel generation speed at batch 1: non-autoregressive (fastspeech) against autoregressive
-(transformer_tts) text-to-speech, on 1 and 2 CPU threads.
+(transformer_tts or tacotron2) text-to-speech, on 1 and 2 CPU threads.
 
     python benchmarks/tts_speed.py --nat RUN --at RUN [--split test] [--limit 20]
-                                   [--threads 1 2] [--repeats 3]
+                                   [--threads 1 2] [--repeats 3] [--frames nat|recording]
 
 Each verse of the split's first ``--limit`` is spoken alone (batch 1) by both models, in
 alternating order. The autoregressive model is made to generate exactly as many frames as the
 fastspeech model did for the verse (its stop head is switched off; rounded up to whole
-decoder steps of ``reduction`` frames), so both make the same audio length and the ratio is per frame, independent of how well either is trained; its
-decoder steps use the key/value caches (``reduction`` frames per step). Times cover the
-model (text ids in, post-net mel frames out); the vocoder (Griffin-Lim, 32 iterations) is
-timed apart on the same frames. Real-time factor = seconds of compute / seconds of speech.
-A first verse is spoken untimed by each. Medians over ``--repeats`` passes.
+decoder steps of ``reduction`` frames), so both make the same audio length and the ratio is
+per frame, independent of how well either is trained.
+``--frames recording`` makes both generate the recording's frame count instead: the fastspeech
+model is given durations that spread the recording's frames evenly over the verse's tokens, so
+a fastspeech run of a few steps, whose duration predictor has learned nothing yet, times the
+same work. ``transformer_tts`` decodes on its key/value caches (``reduction`` frames per
+step), ``tacotron2`` on its LSTM states. Times cover the model (text ids in, post-net mel
+frames out); the vocoder (Griffin-Lim, 32 iterations) is timed apart on the same frames.
+Real-time factor = seconds of compute / seconds of speech. A first verse is spoken untimed by
+each. Medians over ``--repeats`` passes.
 """
 
 from __future__ import annotations
@@ -40,25 +45,35 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--frames", choices=["nat", "recording"], default="nat",
+                    help="whose frame count both models make: the fastspeech model's predicted "
+                         "durations, or the recording's length spread evenly over the tokens")
     args = ap.parse_args()
     nat, at = Speaker.from_run(args.nat), Speaker.from_run(args.at)
     if nat.autoregressive or not at.autoregressive:
         sys.exit("--nat takes a fastspeech run and --at an autoregressive one")
-    texts = [e["text"] for e in read_manifest(nat.cfg.data.dir, args.split)][: args.limit]
+    entries = read_manifest(nat.cfg.data.dir, args.split)[: args.limit]
     opts = nat.assets.audio_front.opts
-    ids = [torch.tensor([nat.input_ids(t)]) for t in texts]
+    ids = [torch.tensor([nat.input_ids(e["text"])]) for e in entries]
+    given = {}  # id(x) -> durations (1, N) when --frames recording
+    if args.frames == "recording":
+        for x, e in zip(ids, entries):
+            total = max(round(e["duration"] * 1000 / opts.frame_shift_ms), x.size(1))
+            n = x.size(1)
+            given[id(x)] = (torch.arange(1, n + 1) * total // n
+                            - torch.arange(n) * total // n)[None]  # sums to total
 
     def nat_mels(x):
-        return nat.model.synthesize(x)
+        return nat.model.synthesize(x, durations=given.get(id(x)))
 
     @torch.no_grad()
     def at_mels(x, frames):
         return at.model.synthesize(x, max_frames=frames, stop_threshold=2.0)  # never stops
 
-    print(f"{len(texts)} {args.split} verses, batch 1; {args.nat} ({nat.cfg.model.arch}) vs "
-          f"{args.at} ({at.cfg.model.arch}, reduction {at.cfg.model.tts_reduction}); "
-          f"torch {torch.__version__}")
-    print("| threads | speech s | fastspeech s (RTF) | transformer_tts s (RTF) | AT / NAT | "
+    print(f"{len(entries)} {args.split} verses, batch 1, frames from {args.frames}; {args.nat} "
+          f"({nat.cfg.model.arch}) vs {args.at} ({at.cfg.model.arch}, reduction "
+          f"{at.cfg.model.tts_reduction}); torch {torch.__version__}")
+    print(f"| threads | speech s | fastspeech s (RTF) | {at.cfg.model.arch} s (RTF) | AT / NAT | "
           "vocoder s (RTF) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for threads in args.threads:

@@ -4,7 +4,7 @@ it learns a toy alignment."""
 
 import pytest
 import torch
-from test_alignment import _toy_tts_batch, assert_attention_gives_the_durations, train_toy_tts
+from test_tts import _toy_tts_batch, assert_attention_gives_the_durations, train_toy_tts
 
 from encdec.config import Config, ConfigError, ModelConfig
 from encdec.models.tacotron import LocationSensitiveAttention, Tacotron2
