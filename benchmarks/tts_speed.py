@@ -55,16 +55,16 @@ def main() -> None:
     entries = read_manifest(nat.cfg.data.dir, args.split)[: args.limit]
     opts = nat.assets.audio_front.opts
     ids = [torch.tensor([nat.input_ids(e["text"])]) for e in entries]
-    given = {}  # id(x) -> durations (1, N) when --frames recording
+    given = [None] * len(ids)  # durations (1, N) per verse with --frames recording
     if args.frames == "recording":
-        for x, e in zip(ids, entries):
-            total = max(round(e["duration"] * 1000 / opts.frame_shift_ms), x.size(1))
+        for i, (x, e) in enumerate(zip(ids, entries)):
             n = x.size(1)
-            given[id(x)] = (torch.arange(1, n + 1) * total // n
-                            - torch.arange(n) * total // n)[None]  # sums to total
+            total = max(round(e["duration"] * 1000 / opts.frame_shift_ms), n)
+            given[i] = (torch.arange(1, n + 1) * total // n
+                        - torch.arange(n) * total // n)[None]  # sums to total
 
-    def nat_mels(x):
-        return nat.model.synthesize(x, durations=given.get(id(x)))
+    def nat_mels(x, durations):
+        return nat.model.synthesize(x, durations=durations)
 
     @torch.no_grad()
     def at_mels(x, frames):
@@ -78,17 +78,17 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        frames = [int(nat_mels(x).frame_lengths[0]) for x in ids]  # also the warm-up
+        frames = [int(nat_mels(x, d).frame_lengths[0]) for x, d in zip(ids, given)]  # warm-up
         at_mels(ids[0], frames[0])
         speech_s = sum(frames) * opts.frame_shift_ms / 1000
         runs = {"nat": [], "at": [], "voc": []}
         for _ in range(args.repeats):
             took = {"nat": 0.0, "at": 0.0, "voc": 0.0}
-            for k, (x, n) in enumerate(zip(ids, frames)):
+            for k, (x, d, n) in enumerate(zip(ids, given, frames)):
                 order = ("nat", "at") if k % 2 == 0 else ("at", "nat")
                 for name in order:
                     start = time.perf_counter()
-                    out = nat_mels(x) if name == "nat" else at_mels(x, n)
+                    out = nat_mels(x, d) if name == "nat" else at_mels(x, n)
                     took[name] += time.perf_counter() - start
                     made = int(out.frame_lengths[0])  # AT: whole decoder steps of r frames
                     assert n <= made < n + at.cfg.model.tts_reduction, (name, made, n)
