@@ -14,7 +14,7 @@ from encdec.pipeline import Pipeline
 from encdec.serve import create_app
 from encdec.transcribe import Transcriber
 from encdec.translate import Translator
-from test_serve import _serve_cli, call
+from serving import call, serve_cli
 from test_serve_speech import serve_config, upload
 
 WORDS = ["abc", "fed", "bead", "cafe", "dab", "ace"]
@@ -154,7 +154,7 @@ def test_serve_then_returns_the_by_hand_translation(asr, mt, wavs):
 
 
 def test_serve_then_over_http(tiny_speech_run, tiny_run, asr, mt, wavs, tmp_path):
-    for base in _serve_cli(tiny_speech_run, ["--then", str(tiny_run)], {}, tmp_path / "log"):
+    for base in serve_cli(tiny_speech_run, ["--then", str(tiny_run)], {}, tmp_path / "log"):
         with open(wavs[1], "rb") as f:
             r = httpx.post(base + "/v1/transcribe", files={"file": ("w.wav", f, "audio/wav")},
                            timeout=60)

@@ -1,72 +1,30 @@
-"""`encdec serve` through a real HTTP client against a server on a free loopback port, the
-batcher on its own, the application in-process (failing inputs, API keys, a rate limit on a
-clock the test moves), and the web page in headless Chromium."""
+"""`encdec serve` on a text run through a real HTTP client against a server on a free loopback
+port (limits, errors, batching under concurrent clients, API keys from a file), and the web
+page in headless Chromium."""
 
-import asyncio
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import needs_system
 from encdec.cli import main
-from encdec.config import ConfigError, ServeConfig
-from encdec.serve import Batcher, RateLimiter, create_app, load_api_keys
+from encdec.config import ConfigError
+from encdec.serve import load_api_keys
 from encdec.translate import Translator
+from serving import AUTH, CHROMIUM, KEY, error_of, serve_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"max_inputs": 8, "max_input_chars": 40, "max_body_bytes": 4000, "max_queue": 6,
           "max_beam": 6, "max_wait_ms": 200}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_cli(run, args: list[str], env: dict, log: Path):
-    """`encdec serve RUN ARGS` on a free port, its output in ``log``; yields the base URL."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
-    cmd = [sys.executable, "-m", "encdec.cli", "serve", str(run), "--port", str(port),
-           "--threads", "1", *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(base + "/v1/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {log.read_text()}")
-        time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    yield from _serve_cli(tiny_run, [f"serve.{k}={v}" for k, v in LIMITS.items()], {}, log)
-
-
-KEY = "k-7f3a9c1e5b"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+    yield from serve_cli(tiny_run, [f"serve.{k}={v}" for k, v in LIMITS.items()], {}, log)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +34,7 @@ def keyed_server(tiny_run, tmp_path_factory):
     (root / "api-key").write_text(KEY + "\n", encoding="utf-8")
     log = root / "server.log"
     args = ["--api-key-file", str(root / "api-key"), "--access-log"]
-    for base in _serve_cli(tiny_run, args, {"ENCDEC_API_KEY": "env-key-loses"}, log):
+    for base in serve_cli(tiny_run, args, {"ENCDEC_API_KEY": "env-key-loses"}, log):
         yield base, log
 
 
@@ -84,11 +42,6 @@ def post(base, body, **kw):
     return httpx.post(base + "/v1/translate", json=body, timeout=30, **kw)
 
 
-def error_of(response, status):
-    assert response.status_code == status, response.text
-    err = response.json()["error"]
-    assert err["status"] == status and err["message"]
-    return err["field"]
 
 
 def test_health_and_model(server, tiny_run):
@@ -231,186 +184,6 @@ def test_concurrent_requests_are_batched_with_unchanged_outputs(server, tiny_run
     assert [r.json()["outputs"][0] for r in responses] == expected
 
 
-# ---- the batcher alone -------------------------------------------------------------------------
-
-class RecordingTranslator:
-    """Stands in for a Translator: records the batches and echoes the inputs."""
-
-    def __init__(self):
-        self.batches = []
-        self.gate = threading.Event()
-
-    def translate_nbest(self, texts, need_attention=False, warn=None, **settings):
-        self.gate.wait(10)
-        self.batches.append((list(texts), settings.get("beam_size")))
-        from encdec.decoding.texts import Translation
-        return [[Translation(t.upper(), 0.0, list(t), list(t.upper()))] for t in texts]
-
-
-def test_batcher_groups_equal_settings_oldest_first():
-    tr = RecordingTranslator()
-    batcher = Batcher(tr, ServeConfig(max_batch_size=4, max_wait_ms=0))
-    jobs = [batcher.submit(["first"], {"beam_size": 1, "return_attention": False}, None)]
-    time.sleep(0.2)  # the model thread has taken the first job and waits on the gate
-    for texts, beam in ((["a", "b"], 5), (["c"], 1), (["d"], 5), (["e", "f"], 5), (["g"], 1)):
-        jobs.append(batcher.submit(texts, {"beam_size": beam, "return_attention": False}, None))
-    assert batcher.queued_inputs == 7
-    tr.gate.set()
-    for job in jobs:
-        assert job.done.wait(10)
-    batcher.close()
-    assert tr.batches == [(["first"], 1), (["a", "b", "d"], 5), (["c", "g"], 1), (["e", "f"], 5)]
-    assert [r[0].text for r in jobs[4].result[0]] == ["E", "F"]
-
-
-def test_batcher_refuses_when_the_queue_is_full():
-    from encdec.serve import RequestError
-    tr = RecordingTranslator()
-    batcher = Batcher(tr, ServeConfig(max_queue=3, max_wait_ms=0))
-    batcher.submit(["x"], {"return_attention": False}, None)
-    time.sleep(0.2)
-    batcher.submit(["a", "b", "c"], {"return_attention": False}, None)
-    with pytest.raises(RequestError) as err:
-        batcher.submit(["d"], {"return_attention": False}, None)
-    assert err.value.status == 503
-    tr.gate.set()
-    batcher.close()
-
-
-# ---- the application in-process ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def translator(tiny_run):
-    return Translator.from_run(tiny_run)
-
-
-def call(app, *requests, client=("127.0.0.1", 5000)):
-    """Send (method, path, httpx keywords) requests to ``app`` at once; the responses in order."""
-    async def send_all():
-        transport = httpx.ASGITransport(app, client=client)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            return await asyncio.gather(*(http.request(m, p, **kw) for m, p, kw in requests))
-    return asyncio.run(send_all())
-
-
-def translate_request(inputs, headers=None):
-    return ("POST", "/v1/translate", {"json": {"inputs": inputs}, "headers": headers or {}})
-
-
-def test_a_failing_input_fails_only_its_own_request(translator, monkeypatch):
-    words = ["abc", "hgfe", "a"]
-    expected = translator.translate(words)
-    real, batches = translator.translate_nbest, []
-
-    def fails_on_boom(texts, **kw):
-        batches.append(list(texts))
-        if "boom" in texts:
-            raise RuntimeError("the model choked")
-        return real(texts, **kw)
-
-    monkeypatch.setattr(translator, "translate_nbest", fails_on_boom)
-    app = create_app(translator, ServeConfig(max_wait_ms=500))
-    first, bad, last = call(app, translate_request(words[:1]), translate_request(["ab", "boom"]),
-                            translate_request(words[1:]))
-    assert sorted(batches[0]) == sorted(words + ["ab", "boom"])  # the three shared a batch
-    assert first.status_code == 200 and first.json()["outputs"] == expected[:1]
-    assert last.status_code == 200 and last.json()["outputs"] == expected[1:]
-    assert error_of(bad, 500) == "inputs[1]"
-    assert "RuntimeError" in bad.json()["error"]["message"]
-    again, = call(app, translate_request(words))
-    assert again.json()["outputs"] == expected
-
-
-def test_an_unexpected_error_is_a_json_500(translator, monkeypatch):
-    def broken(**overrides):
-        raise KeyError("surprise")
-
-    monkeypatch.setattr(translator, "decode_config", broken)
-    r, = call(create_app(translator, ServeConfig()), translate_request(["abc"]))
-    assert r.status_code == 500 and r.json()["error"]["field"] is None
-    assert "server log" in r.json()["error"]["message"]
-
-
-def test_api_keys_guard_everything_but_health_and_the_page(translator):
-    app = create_app(translator, ServeConfig(), api_keys=[KEY, "second-key"])
-    open_, page, none, wrong, basic, spec, ok, second = call(
-        app, ("GET", "/v1/health", {}), ("GET", "/", {}), translate_request(["abc"]),
-        translate_request(["abc"], {"Authorization": "Bearer wrong"}),
-        ("GET", "/v1/model", {"headers": {"Authorization": f"Basic {KEY}"}}),
-        ("GET", "/openapi.json", {}), translate_request(["abc"], AUTH),
-        ("GET", "/v1/model", {"headers": {"authorization": "bearer second-key"}}))
-    assert open_.status_code == 200 and page.status_code == 200
-    for r in (none, wrong, basic, spec):
-        assert error_of(r, 401) == "authorization" and r.headers["www-authenticate"] == "Bearer"
-    assert "Bearer" in none.json()["error"]["message"]
-    assert "not valid" in wrong.json()["error"]["message"]
-    assert none.headers["connection"] == "close"  # its body was never read
-    assert ok.status_code == 200 and ok.json()["outputs"] == translator.translate(["abc"])
-    assert second.status_code == 200 and KEY not in second.text and "second-key" not in second.text
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_rate_limit_per_key_then_per_address_with_retry_after(translator):
-    clock = Clock()
-    app = create_app(translator, ServeConfig(rate_limit=0.5, rate_burst=2, rate_hold_s=0),
-                     api_keys=[KEY, "second-key"], clock=clock)
-
-    def model(headers=AUTH, client=("127.0.0.1", 5000)):
-        return call(app, ("GET", "/v1/model", {"headers": headers}), client=client)[0]
-
-    assert [model().status_code for _ in range(2)] == [200, 200]  # the burst
-    r = model()
-    assert error_of(r, 429) == "rate" and r.headers["retry-after"] == "2"  # 1 token at 0.5/s
-    clock.now += 1.5  # 0.75 tokens
-    assert model().headers["retry-after"] == "1"  # 0.5 s, rounded up
-    clock.now += 0.5
-    assert model().status_code == 200 and model().status_code == 429
-    # By key, not address: the same key elsewhere is still limited, another key is not.
-    assert model(client=("10.0.0.9", 1)).status_code == 429
-    assert model({"Authorization": "Bearer second-key"}).status_code == 200
-    # Without a valid key, by address: guessing keys is limited too.
-    elsewhere = ("10.0.0.7", 1)
-    assert [model({}, elsewhere).status_code for _ in range(3)] == [401, 401, 429]
-    health = call(app, *[("GET", "/v1/health", {})] * 5, client=elsewhere)
-    assert all(r.status_code == 200 for r in health)  # liveness probes are never limited
-
-
-def test_a_429_is_held_and_its_retry_after_counts_from_then(translator):
-    clock = Clock()
-    app = create_app(translator, ServeConfig(rate_limit=0.2, rate_burst=1, rate_hold_s=0.3),
-                     clock=clock)
-    assert call(app, ("GET", "/v1/model", {}))[0].status_code == 200
-    clock.now += 0.9  # 0.18 tokens: the next one in 4.1 s
-    t0 = time.monotonic()
-    r, = call(app, ("GET", "/v1/model", {}))
-    assert time.monotonic() - t0 >= 0.25  # held, so a retry loop slows down
-    assert error_of(r, 429) == "rate"
-    assert r.headers["retry-after"] == "4"  # 4.1 - 0.3 s held, rounded up (not 5)
-
-
-def test_rate_limiter_forgets_idle_clients_and_stays_bounded():
-    clock = Clock()
-    limiter = RateLimiter(rate=1.0, burst=4, clock=clock, max_clients=100)
-    assert [limiter.take("x") for _ in range(5)] == [0, 0, 0, 0, 1.0]
-    for i in range(50):
-        assert limiter.take(f"c{i}") == 0
-    clock.now += 2
-    assert limiter.take("y") == 0 and len(limiter) == 52  # nobody idle for burst / rate yet
-    assert [limiter.take("x") for _ in range(3)] == [0, 0, 1.0]  # 2 tokens came back
-    clock.now += 4  # every bucket is full again: the same as no bucket
-    assert limiter.take("z") == 0 and len(limiter) == 1
-    for i in range(300):
-        limiter.take(f"d{i}")
-    assert len(limiter) == 100
-
-
 def test_api_keys_come_from_a_file_or_the_environment(tmp_path, capsys, tiny_run):
     keys = tmp_path / "keys"
     keys.write_text("alpha\n\n beta \n", encoding="utf-8")
@@ -444,7 +217,7 @@ def test_the_command_line_takes_an_api_key_file(keyed_server):
 
 # ---- the web page ------------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
 
 
 @needs_system([] if CHROMIUM else ["chromium"], "the web page test")

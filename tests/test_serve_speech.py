@@ -17,7 +17,7 @@ from encdec.config import ServeConfig
 from encdec.serve import create_app
 from encdec.serve.audio import _align, _attention_matrix, _token_starts
 from encdec.transcribe import Transcriber
-from test_serve import AUTH, CHROMIUM, KEY, _serve_cli, call, error_of
+from serving import AUTH, CHROMIUM, KEY, call, error_of, serve_cli
 
 RATE = 16000
 
@@ -317,7 +317,7 @@ def test_attention_columns_are_the_audio_s_own_positions(transcriber):
 @pytest.fixture(scope="module")
 def speech_server(tiny_speech_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("speech_server") / "server.log"
-    yield from _serve_cli(tiny_speech_run, [], {}, log)
+    yield from serve_cli(tiny_speech_run, [], {}, log)
 
 
 def _browser(pw, *args):

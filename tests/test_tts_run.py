@@ -408,7 +408,7 @@ def _speak_app(speaker, **limits):
 
 
 def _speak(app, *bodies):
-    from test_serve import call
+    from serving import call
 
     return call(app, *[("POST", "/v1/speak", {"json": b}) for b in bodies])
 
@@ -416,7 +416,7 @@ def _speak(app, *bodies):
 def test_serve_speak_returns_the_wav_and_json_with_mels_and_durations(nat_run):
     import base64
 
-    from test_serve import call
+    from serving import call
 
     speaker = _fixed_speaker(nat_run)
     app = _speak_app(speaker)
@@ -466,7 +466,7 @@ def test_serve_speak_returns_the_wav_and_json_with_mels_and_durations(nat_run):
     ({"text": "abcdef" * 10}, 413, "text", "over the 0.5 s limit"),
 ])
 def test_serve_speak_refuses_bad_requests_naming_the_field(nat_run, body, status, field, words):
-    from test_serve import error_of
+    from serving import error_of
 
     [r] = _speak(_speak_app(_fixed_speaker(nat_run), max_audio_seconds=0.5), body)
     assert error_of(r, status) == field
@@ -475,7 +475,7 @@ def test_serve_speak_refuses_bad_requests_naming_the_field(nat_run, body, status
 
 def test_serve_speak_on_other_paths_and_autoregressive_runs(nat_run, at_run):
     from encdec.speak import Speaker
-    from test_serve import call, error_of
+    from serving import call, error_of
 
     app = _speak_app(_fixed_speaker(nat_run))
     [r] = call(app, ("POST", "/v1/translate", {"json": {"inputs": ["ab"]}}))
@@ -489,10 +489,10 @@ def test_serve_speak_on_other_paths_and_autoregressive_runs(nat_run, at_run):
 
 @pytest.fixture(scope="module")
 def speak_server(nat_run, tmp_path_factory):
-    from test_serve import _serve_cli
+    from serving import serve_cli
 
     log = tmp_path_factory.mktemp("speak_server") / "server.log"
-    yield from _serve_cli(nat_run, [], {}, log)
+    yield from serve_cli(nat_run, [], {}, log)
 
 
 def test_serve_cli_on_a_tts_run_answers_a_real_client(speak_server):
@@ -506,7 +506,7 @@ def test_serve_cli_on_a_tts_run_answers_a_real_client(speak_server):
 
 
 def _chromium():
-    from test_serve import CHROMIUM
+    from serving import CHROMIUM
 
     return CHROMIUM
 
