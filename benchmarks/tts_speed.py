@@ -15,6 +15,9 @@ a fastspeech run of a few steps, whose duration predictor has learned nothing ye
 same work. ``transformer_tts`` decodes on its key/value caches (``reduction`` frames per
 step), ``tacotron2`` on its LSTM states. Times cover the model (text ids in, post-net mel
 frames out); the vocoder (Griffin-Lim, 32 iterations) is timed apart on the same frames.
+Both models end in the same post-net (a stack of convolutions over every frame), which is also
+timed alone on each verse's frames: the AT model's time over it bounds what any NAT with that
+post-net could gain, however cheap its decoder.
 Real-time factor = seconds of compute / seconds of speech. A first verse is spoken untimed by
 each. Medians over ``--repeats`` passes.
 """
@@ -73,17 +76,27 @@ def main() -> None:
     print(f"{len(entries)} {args.split} verses, batch 1, frames from {args.frames}; {args.nat} "
           f"({nat.cfg.model.arch}) vs {args.at} ({at.cfg.model.arch}, reduction "
           f"{at.cfg.model.tts_reduction}); torch {torch.__version__}")
+    def shape(model):
+        return [tuple(w.shape) for w in (model.postnet or []).parameters()]
+    if shape(nat.model) != shape(at.model):
+        sys.exit("the two runs' post-nets differ: the post-net column would not bound the AT")
+
+    @torch.no_grad()
+    def postnet(n):
+        frames = torch.zeros(1, n, nat.model.n_mels)
+        return nat.model._postnet(frames, torch.ones(1, n, dtype=torch.bool))
+
     print(f"| threads | speech s | fastspeech s (RTF) | {at.cfg.model.arch} s (RTF) | AT / NAT | "
-          "vocoder s (RTF) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "post-net alone s | AT / post-net | vocoder s (RTF) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
         frames = [int(nat_mels(x, d).frame_lengths[0]) for x, d in zip(ids, given)]  # warm-up
         at_mels(ids[0], frames[0])
         speech_s = sum(frames) * opts.frame_shift_ms / 1000
-        runs = {"nat": [], "at": [], "voc": []}
+        runs = {"nat": [], "at": [], "post": [], "voc": []}
         for _ in range(args.repeats):
-            took = {"nat": 0.0, "at": 0.0, "voc": 0.0}
+            took = {"nat": 0.0, "at": 0.0, "post": 0.0, "voc": 0.0}
             for k, (x, d, n) in enumerate(zip(ids, given, frames)):
                 order = ("nat", "at") if k % 2 == 0 else ("at", "nat")
                 for name in order:
@@ -95,6 +108,9 @@ def main() -> None:
                 mel = out.mels.float() * nat.assets.audio_front.stats.std + \
                     nat.assets.audio_front.stats.mean
                 start = time.perf_counter()
+                postnet(n)
+                took["post"] += time.perf_counter() - start
+                start = time.perf_counter()
                 vocode(mel, opts)
                 took["voc"] += time.perf_counter() - start
             for name in runs:
@@ -102,6 +118,7 @@ def main() -> None:
         t = {name: statistics.median(v) for name, v in runs.items()}
         print(f"| {threads} | {speech_s:.1f} | {t['nat']:.2f} ({t['nat'] / speech_s:.4f}) | "
               f"{t['at']:.2f} ({t['at'] / speech_s:.4f}) | {t['at'] / t['nat']:.1f}x | "
+              f"{t['post']:.2f} | {t['at'] / t['post']:.1f}x | "
               f"{t['voc']:.2f} ({t['voc'] / speech_s:.4f}) |", flush=True)
 
 
