@@ -76,10 +76,12 @@ def main() -> None:
     print(f"{len(entries)} {args.split} verses, batch 1, frames from {args.frames}; {args.nat} "
           f"({nat.cfg.model.arch}) vs {args.at} ({at.cfg.model.arch}, reduction "
           f"{at.cfg.model.tts_reduction}); torch {torch.__version__}")
+
     def shape(model):
         return [tuple(w.shape) for w in (model.postnet or []).parameters()]
-    if shape(nat.model) != shape(at.model):
-        sys.exit("the two runs' post-nets differ: the post-net column would not bound the AT")
+
+    if not shape(nat.model) or shape(nat.model) != shape(at.model):
+        sys.exit("the two runs need the same post-net: the post-net column bounds the AT by it")
 
     @torch.no_grad()
     def postnet(n):
