@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from encdec.data.vocab import EOS, PAD
 from encdec.scheduled_sampling import mix_predictions
@@ -63,11 +64,104 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None
 
 
-def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False):
+# Rows per chunk of the fused output-layer loss: about 2 Mi logits (8 MB in fp32) at a time, so
+# a chunk's logits stay in the CPU's last-level cache between the product that writes them and
+# the softmax, loss and gradient passes that read them.
+CHUNK_LOGITS = 1 << 21
+# Below this vocabulary size the (N, V) logits are small and the plain path is as fast.
+CHUNK_MIN_VOCAB = 1024
+
+
+def output_layer_loss(core, hidden: torch.Tensor, target: torch.Tensor, smoothing: float,
+                      chunked: bool = True):
+    """``label_smoothed_nll(core.logits(hidden), target, smoothing)``, computed over chunks of
+    rows where the model's ``logits`` is its ``output`` layer, a plain ``nn.Linear`` (the
+    Transformer and the recurrent models) in fp32 with no autocast and a vocabulary of at least
+    ``CHUNK_MIN_VOCAB``. The full (N, V) logits are then never in memory: each chunk's logits
+    become its loss and, when a gradient is wanted, its gradient with respect to the chunk's
+    rows and the weight, at once (``_ChunkedOutputLoss``). Otherwise, or with ``chunked=False``,
+    the logits are computed whole and ``label_smoothed_nll`` takes them."""
+    output = getattr(core, "output", None)
+    if (chunked and type(output) is nn.Linear and output.weight.dtype == torch.float32
+            and hidden.dtype == torch.float32 and output.out_features >= CHUNK_MIN_VOCAB
+            and not torch.is_autocast_enabled(hidden.device.type)):
+        rows = max(16, CHUNK_LOGITS // output.out_features)
+        return _ChunkedOutputLoss.apply(hidden, output.weight, output.bias, target, smoothing,
+                                        rows)
+    return label_smoothed_nll(core.logits(hidden), target, smoothing)
+
+
+class _ChunkedOutputLoss(torch.autograd.Function):
+    """The output layer and the label-smoothed loss over chunks of ``rows`` rows.
+
+    Per chunk: logits = h W^T + b, log-softmax, the chunk's loss and NLL; when a gradient is
+    wanted, also d loss / d logits (as in ``_SmoothedCrossEntropy.backward``, in the same
+    buffer) and from it the chunk's d loss / d h = G W and its share of d loss / d W = G^T h.
+    The backward then only scales those by the incoming gradient. The products are the ones
+    the plain path makes in its forward and backward, in slices; what goes away is writing
+    and reading the (N, V) logits, log-probabilities and gradient through main memory (on the
+    Bible preset, ~5,300 x 7,809 floats each, 165 MB)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, smoothing, rows):
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or (
+            bias is not None and ctx.needs_input_grad[2])
+        V = weight.size(0)
+        loss = hidden.new_zeros(())
+        nll_sum = hidden.new_zeros(())
+        if want_grad:
+            grad_hidden = torch.empty_like(hidden)  # (N, d)
+            grad_weight = torch.zeros_like(weight)  # (V, d)
+            grad_bias = torch.zeros_like(bias) if bias is not None else None
+        for start in range(0, hidden.size(0), rows):
+            h, t = hidden[start:start + rows], target[start:start + rows]  # (n, d), (n,)
+            log_probs = F.log_softmax(F.linear(h, weight, bias), dim=-1)  # (n, V)
+            keep = t.ne(PAD)
+            nll = -log_probs.gather(1, t.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)
+            nll_sum += nll.sum()
+            if smoothing > 0.0:
+                smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (n,)
+                loss += ((1.0 - smoothing) * nll + smoothing * smooth).sum()
+            else:
+                loss += nll.sum()
+            if not want_grad:
+                continue
+            grad = log_probs.exp_()  # softmax, in place: d loss / d logits from here
+            if smoothing > 0.0:
+                grad.sub_(smoothing / V)
+            grad.scatter_add_(1, t.unsqueeze(1), grad.new_full((grad.size(0), 1),
+                                                               smoothing - 1.0))
+            if not bool(keep.all()):
+                grad.mul_(keep.unsqueeze(1))
+            torch.mm(grad, weight, out=grad_hidden[start:start + rows])
+            grad_weight.addmm_(grad.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad.sum(dim=0)
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.spent = False
+        ctx.mark_non_differentiable(nll_sum)
+        return loss, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        if ctx.spent:  # the saved gradients were scaled in place the first time
+            raise RuntimeError("output_layer_loss: backward through the loss twice is not "
+                               "supported (retain_graph=True)")
+        ctx.spent = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss),
+                None if grad_bias is None else grad_bias.mul_(grad_loss), None, None, None)
+
+
+def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False,
+                  chunked: bool = True):
     """(loss_sum, nll_sum) over the target tokens of ``batch`` (EOS included).
 
     ``sampling`` > 0 turns on scheduled sampling with that probability; ``ctc_only`` (speech)
-    trains the encoder on its CTC loss alone (``train.ctc_warmup_steps``).
+    trains the encoder on its CTC loss alone (``train.ctc_warmup_steps``); ``chunked`` lets the
+    output layer and the loss run over chunks of rows (``output_layer_loss``), False computes
+    the logits whole (``train.chunked_loss``).
     """
     core = getattr(model, "module", model)  # DDP wraps the model
     if getattr(core, "non_autoregressive", False):
@@ -85,8 +179,7 @@ def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_onl
         hidden = model(batch.src_tokens, tgt_in)  # (B, T, d)
     keep = batch.tgt_out.ne(PAD)
     # Project only real positions: with large vocabularies the output layer dominates.
-    logits = model.module.logits(hidden[keep]) if hasattr(model, "module") else model.logits(hidden[keep])
-    return label_smoothed_nll(logits, batch.tgt_out[keep], smoothing)
+    return output_layer_loss(core, hidden[keep], batch.tgt_out[keep], smoothing, chunked)
 
 
 def _random_subset(real: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -536,7 +536,8 @@ class Trainer:
             return tts_loss(model, batch, self.state["step"], self.teacher, sampling=sampling,
                             passes=t.ss_passes)
         return sequence_loss(model, batch, t.label_smoothing, sampling=sampling,
-                             ctc_only=model.training and self.state["step"] < t.ctc_warmup_steps)
+                             ctc_only=model.training and self.state["step"] < t.ctc_warmup_steps,
+                             chunked=t.chunked_loss)
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> dict:

@@ -62,3 +62,100 @@ def test_label_smoothed_nll_gradient_written_in_one_pass_equals_autograd():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
+
+
+def test_chunked_output_layer_loss_equals_logits_then_loss():
+    """The output layer and the loss over chunks of rows (gradients made in the forward)
+    against the whole logits then ``label_smoothed_nll``: values, and gradients of the hidden
+    rows, the weight and the bias; PAD rows, a last chunk shorter than the others, without a
+    gradient (validation) and refusing a second backward."""
+    import pytest
+    import torch.nn.functional as F
+    from torch import nn
+
+    from encdec import losses
+
+    torch.manual_seed(2)
+    V, d = 1500, 24
+    hidden = torch.randn(70, d)
+    target = torch.randint(1, V, (70,))
+    target[[3, 69]] = 0  # PAD rows
+    for bias in (False, True):
+        output = nn.Linear(d, V, bias=bias)
+
+        class Core:  # the two attributes a model gives the loss
+            def __init__(self):
+                self.output = output
+
+            def logits(self, h):
+                return output(h)
+
+        for smoothing in (0.0, 0.1):
+            for rows in (16, 32, 70):
+                old = losses.CHUNK_LOGITS
+                losses.CHUNK_LOGITS = rows * V  # 70 rows: chunks of 16 (+6) or 32 (+6) or one
+                try:
+                    h1 = hidden.clone().requires_grad_()
+                    loss, nll = losses.output_layer_loss(Core(), h1, target, smoothing)
+                finally:
+                    losses.CHUNK_LOGITS = old
+                grads = torch.autograd.grad(0.37 * loss, [h1, *output.parameters()])
+                h2 = hidden.clone().requires_grad_()
+                ref, ref_nll = losses.label_smoothed_nll(F.linear(h2, output.weight, output.bias),
+                                                         target, smoothing)
+                ref_grads = torch.autograd.grad(0.37 * ref, [h2, *output.parameters()])
+                torch.testing.assert_close(loss, ref)
+                torch.testing.assert_close(nll, ref_nll)
+                for g, r in zip(grads, ref_grads):
+                    torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+                assert bool((grads[0][[3, 69]] == 0).all())
+        with torch.no_grad():
+            loss, nll = losses.output_layer_loss(Core(), hidden, target, 0.1)
+        torch.testing.assert_close(loss, losses.label_smoothed_nll(output(hidden), target, 0.1)[0])
+    loss, _ = losses.output_layer_loss(Core(), hidden.clone().requires_grad_(), target, 0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_sequence_loss_chunked_equals_whole_logits_on_every_parameter():
+    """Training through a Transformer with a large vocabulary (the chunked path) and with the
+    chunking turned off give the same loss and the same gradient on every parameter, the
+    shared embedding-output matrix included."""
+    from encdec import losses
+    from encdec.config import ModelConfig
+    from encdec.data.vocab import BOS, EOS, PAD
+    from encdec.models import build_model
+
+    V = 1200
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(d_model=16, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=32,
+                                    dropout=0.0, share_embeddings=True, tie_output=True), V, V)
+
+    class Batch:
+        src_tokens = torch.randint(4, V, (3, 6))
+        tgt_in = torch.cat([torch.full((3, 1), BOS), torch.randint(4, V, (3, 5))], 1)
+        tgt_out = torch.cat([tgt_in[:, 1:], torch.full((3, 1), EOS)], 1)
+    Batch.src_tokens[1, 4:] = PAD
+    Batch.tgt_in[2, 3:] = PAD
+    Batch.tgt_out[2, 2], Batch.tgt_out[2, 3:] = EOS, PAD
+    assert model.output.weight is model.tgt_embed.tokens.weight
+
+    def loss_and_grads(chunked):
+        old = losses.CHUNK_LOGITS
+        losses.CHUNK_LOGITS = 4 * V  # chunks of 4 rows
+        try:
+            model.zero_grad()
+            loss, nll = losses.sequence_loss(model, Batch, 0.1, chunked=chunked)
+            loss.backward()
+        finally:
+            losses.CHUNK_LOGITS = old
+        return loss, nll, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    chunked, whole = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
+    assert chunked[2].keys() == whole[2].keys()
+    for name in whole[2]:
+        torch.testing.assert_close(chunked[2][name], whole[2][name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
