@@ -141,10 +141,9 @@ class TrainConfig:
     # explicit short-sequence attention, within noise since, for 0.5-1.3 GB more resident
     # memory (oneDNN keeps a kernel per batch shape)
     packed_linear: bool = False
-    # fp32, no autocast, vocabularies of 1,024 or more: the output layer and the loss over chunks
-    # of rows, each chunk's gradient made at once, so the (tokens x vocabulary) logits are never
-    # whole in memory (encdec/losses.py, output_layer_loss). Same values; false computes the
-    # logits whole
+    # fp32, no autocast, vocabularies of 1,024 or more: the loss and its gradient written chunk
+    # by chunk into the logits' own buffer (encdec/losses.py, output_layer_loss): one (tokens x
+    # vocabulary) buffer instead of two. Same values; false keeps the log-probabilities apart
     chunked_loss: bool = True
     max_len: int = 256  # longer training pairs are skipped when batching
     # Scheduled sampling (Bengio et al., 2015): with probability p(step) a decoder input is the

@@ -64,60 +64,62 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None
 
 
-# Rows per chunk of the fused output-layer loss: about 2 Mi logits (8 MB in fp32) at a time, so
-# a chunk's logits stay in the CPU's last-level cache between the product that writes them and
-# the softmax, loss and gradient passes that read them.
-CHUNK_LOGITS = 1 << 21
+# Rows per chunk of the output-layer loss: about 4 Mi logits (16 MB in fp32) at a time, so a
+# chunk stays in the CPU's last-level cache through its log-softmax, loss and gradient passes.
+CHUNK_LOGITS = 1 << 22
 # Below this vocabulary size the (N, V) logits are small and the plain path is as fast.
 CHUNK_MIN_VOCAB = 1024
 
 
 def output_layer_loss(core, hidden: torch.Tensor, target: torch.Tensor, smoothing: float,
                       chunked: bool = True):
-    """``label_smoothed_nll(core.logits(hidden), target, smoothing)``, computed over chunks of
-    rows where the model's ``logits`` is its ``output`` layer, a plain ``nn.Linear`` (the
-    Transformer and the recurrent models) in fp32 with no autocast and a vocabulary of at least
-    ``CHUNK_MIN_VOCAB``. The full (N, V) logits are then never in memory: each chunk's logits
-    become its loss and, when a gradient is wanted, its gradient with respect to the chunk's
-    rows and the weight, at once (``_ChunkedOutputLoss``). Otherwise, or with ``chunked=False``,
-    the logits are computed whole and ``label_smoothed_nll`` takes them."""
+    """``label_smoothed_nll(core.logits(hidden), target, smoothing)``, with the loss and its
+    gradient written chunk by chunk into the logits' own buffer where the model's ``logits`` is
+    its ``output`` layer, a plain ``nn.Linear`` (the Transformer and the recurrent models) in
+    fp32 with no autocast and a vocabulary of at least ``CHUNK_MIN_VOCAB``
+    (``_OutputLayerLoss``). Otherwise, or with ``chunked=False``, ``label_smoothed_nll`` takes
+    the logits and keeps its log-probabilities in a second (N, V) buffer."""
     output = getattr(core, "output", None)
     if (chunked and type(output) is nn.Linear and output.weight.dtype == torch.float32
             and hidden.dtype == torch.float32 and output.out_features >= CHUNK_MIN_VOCAB
             and not torch.is_autocast_enabled(hidden.device.type)):
         rows = max(16, CHUNK_LOGITS // output.out_features)
-        return _ChunkedOutputLoss.apply(hidden, output.weight, output.bias, target, smoothing,
-                                        rows)
+        return _OutputLayerLoss.apply(hidden, output.weight, output.bias, target, smoothing,
+                                      rows)
     return label_smoothed_nll(core.logits(hidden), target, smoothing)
 
 
-class _ChunkedOutputLoss(torch.autograd.Function):
-    """The output layer and the label-smoothed loss over chunks of ``rows`` rows.
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in place (one kernel where PyTorch allows it)."""
+    try:
+        return torch._log_softmax(x, -1, False, out=x)
+    except (AttributeError, RuntimeError, TypeError):
+        return x.copy_(torch.log_softmax(x, dim=-1))
 
-    Per chunk: logits = h W^T + b, log-softmax, the chunk's loss and NLL; when a gradient is
-    wanted, also d loss / d logits (as in ``_SmoothedCrossEntropy.backward``, in the same
-    buffer) and from it the chunk's d loss / d h = G W and its share of d loss / d W = G^T h.
-    The backward then only scales those by the incoming gradient. The products are the ones
-    the plain path makes in its forward and backward, in slices; what goes away is writing
-    and reading the (N, V) logits, log-probabilities and gradient through main memory (on the
-    Bible preset, ~5,300 x 7,809 floats each, 165 MB)."""
+
+class _OutputLayerLoss(torch.autograd.Function):
+    """The output layer (one product) and the label-smoothed loss, the loss passes made over
+    chunks of ``rows`` rows of the logits, in place.
+
+    Per chunk: log-softmax, the chunk's loss and NLL and, when a gradient is wanted, d loss /
+    d logits (as in ``_SmoothedCrossEntropy.backward``), each pass while the chunk is in the
+    cache. The backward is the output layer's two products on that gradient. Against
+    ``label_smoothed_nll`` on whole logits: one (N, V) buffer instead of two, and the passes
+    over it read from the cache instead of main memory (on the Bible preset about 5,300 x
+    7,809 floats, 165 MB)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, smoothing, rows):
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or (
-            bias is not None and ctx.needs_input_grad[2])
+        want_grad = any(ctx.needs_input_grad[:3])
         V = weight.size(0)
+        logits = F.linear(hidden, weight, bias)  # (N, V): log-probabilities, then d loss / d logits
         loss = hidden.new_zeros(())
         nll_sum = hidden.new_zeros(())
-        if want_grad:
-            grad_hidden = torch.empty_like(hidden)  # (N, d)
-            grad_weight = torch.zeros_like(weight)  # (V, d)
-            grad_bias = torch.zeros_like(bias) if bias is not None else None
-        for start in range(0, hidden.size(0), rows):
-            h, t = hidden[start:start + rows], target[start:start + rows]  # (n, d), (n,)
-            log_probs = F.log_softmax(F.linear(h, weight, bias), dim=-1)  # (n, V)
+        for start in range(0, logits.size(0), rows):
+            chunk, t = logits[start:start + rows], target[start:start + rows]  # (n, V), (n,)
+            log_probs = _log_softmax_(chunk)
             keep = t.ne(PAD)
-            nll = -log_probs.gather(1, t.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)
+            nll = -log_probs.gather(1, t.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (n,)
             nll_sum += nll.sum()
             if smoothing > 0.0:
                 smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (n,)
@@ -133,25 +135,20 @@ class _ChunkedOutputLoss(torch.autograd.Function):
                                                                smoothing - 1.0))
             if not bool(keep.all()):
                 grad.mul_(keep.unsqueeze(1))
-            torch.mm(grad, weight, out=grad_hidden[start:start + rows])
-            grad_weight.addmm_(grad.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad.sum(dim=0)
         if want_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.spent = False
+            ctx.save_for_backward(hidden, weight, logits)
+        ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(nll_sum)
         return loss, nll_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll):
-        if ctx.spent:  # the saved gradients were scaled in place the first time
-            raise RuntimeError("output_layer_loss: backward through the loss twice is not "
-                               "supported (retain_graph=True)")
-        ctx.spent = True
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return (grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss),
-                None if grad_bias is None else grad_bias.mul_(grad_loss), None, None, None)
+        hidden, weight, grad_logits = ctx.saved_tensors  # (N, d), (V, d), (N, V)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.mm(grad_logits, weight).mul_(grad_loss) if need_h else None
+        grad_weight = torch.mm(grad_logits.t(), hidden).mul_(grad_loss) if need_w else None
+        grad_bias = grad_logits.sum(dim=0).mul_(grad_loss) if ctx.has_bias and need_b else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_only: bool = False,
