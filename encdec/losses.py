@@ -33,15 +33,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, smoothing):
         log_probs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
-        keep = target.ne(PAD)
-        nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (N,)
-        loss = nll.sum()
-        if smoothing > 0.0:
-            smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (N,)
-            loss = ((1.0 - smoothing) * nll + smoothing * smooth).sum()
+        loss, nll_sum = _smoothed_sums(log_probs, target, smoothing)
         ctx.save_for_backward(log_probs, target)
         ctx.smoothing, ctx.logits_dtype, ctx.spent = smoothing, logits.dtype, False
-        nll_sum = nll.sum()
         ctx.mark_non_differentiable(nll_sum)
         return loss, nll_sum
 
@@ -52,16 +46,33 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                                "supported (retain_graph=True)")
         ctx.spent = True
         log_probs, target = ctx.saved_tensors
-        s = ctx.smoothing
-        grad = log_probs.exp_()  # softmax, in the saved buffer
-        if s > 0.0:
-            grad.sub_(s / grad.size(-1))
-        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.size(0), 1), s - 1.0))
-        keep = target.ne(PAD)
-        if not bool(keep.all()):
-            grad.mul_(keep.unsqueeze(1))
+        grad = _logits_grad_(log_probs, target, ctx.smoothing)  # in the saved buffer
         grad.mul_(grad_loss)
         return grad.to(ctx.logits_dtype), None, None
+
+
+def _smoothed_sums(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float):
+    """(loss, NLL), each summed over the rows of ``log_probs`` (n, V) whose ``target`` is not
+    PAD: NLL = -log p(target); loss = (1 - smoothing) * NLL + smoothing * mean of -log p."""
+    keep = target.ne(PAD)
+    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (n,)
+    if smoothing == 0.0:
+        return nll.sum(), nll.sum()
+    smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (n,)
+    return ((1.0 - smoothing) * nll + smoothing * smooth).sum(), nll.sum()
+
+
+def _logits_grad_(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float):
+    """d loss / d logits for ``_smoothed_sums``' loss, written over ``log_probs`` (n, V) and
+    returned: softmax - (1 - smoothing) * onehot(target) - smoothing / V, zero on PAD rows."""
+    grad = log_probs.exp_()  # softmax
+    if smoothing > 0.0:
+        grad.sub_(smoothing / grad.size(-1))
+    grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.size(0), 1), smoothing - 1.0))
+    keep = target.ne(PAD)
+    if not bool(keep.all()):
+        grad.mul_(keep.unsqueeze(1))
+    return grad
 
 
 # Rows per chunk of the output-layer loss: about 4 Mi logits (16 MB in fp32) at a time, so a
@@ -101,8 +112,8 @@ class _OutputLayerLoss(torch.autograd.Function):
     """The output layer (one product) and the label-smoothed loss, the loss passes made over
     chunks of ``rows`` rows of the logits, in place.
 
-    Per chunk: log-softmax, the chunk's loss and NLL and, when a gradient is wanted, d loss /
-    d logits (as in ``_SmoothedCrossEntropy.backward``), each pass while the chunk is in the
+    Per chunk: log-softmax, the chunk's loss and NLL (``_smoothed_sums``) and, when a gradient
+    is wanted, d loss / d logits (``_logits_grad_``), each pass while the chunk is in the
     cache. The backward is the output layer's two products on that gradient. Against
     ``label_smoothed_nll`` on whole logits: one (N, V) buffer instead of two, and the passes
     over it read from the cache instead of main memory (on the Bible preset about 5,300 x
@@ -111,30 +122,17 @@ class _OutputLayerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, smoothing, rows):
         want_grad = any(ctx.needs_input_grad[:3])
-        V = weight.size(0)
         logits = F.linear(hidden, weight, bias)  # (N, V): log-probabilities, then d loss / d logits
         loss = hidden.new_zeros(())
         nll_sum = hidden.new_zeros(())
         for start in range(0, logits.size(0), rows):
             chunk, t = logits[start:start + rows], target[start:start + rows]  # (n, V), (n,)
             log_probs = _log_softmax_(chunk)
-            keep = t.ne(PAD)
-            nll = -log_probs.gather(1, t.unsqueeze(1)).squeeze(1).masked_fill(~keep, 0.0)  # (n,)
-            nll_sum += nll.sum()
-            if smoothing > 0.0:
-                smooth = -log_probs.mean(dim=-1).masked_fill(~keep, 0.0)  # (n,)
-                loss += ((1.0 - smoothing) * nll + smoothing * smooth).sum()
-            else:
-                loss += nll.sum()
-            if not want_grad:
-                continue
-            grad = log_probs.exp_()  # softmax, in place: d loss / d logits from here
-            if smoothing > 0.0:
-                grad.sub_(smoothing / V)
-            grad.scatter_add_(1, t.unsqueeze(1), grad.new_full((grad.size(0), 1),
-                                                               smoothing - 1.0))
-            if not bool(keep.all()):
-                grad.mul_(keep.unsqueeze(1))
+            chunk_loss, chunk_nll = _smoothed_sums(log_probs, t, smoothing)
+            loss += chunk_loss
+            nll_sum += chunk_nll
+            if want_grad:
+                _logits_grad_(log_probs, t, smoothing)  # the chunk is d loss / d logits from here
         if want_grad:
             ctx.save_for_backward(hidden, weight, logits)
         ctx.has_bias = bias is not None
@@ -157,8 +155,8 @@ def sequence_loss(model, batch, smoothing: float, sampling: float = 0.0, ctc_onl
 
     ``sampling`` > 0 turns on scheduled sampling with that probability; ``ctc_only`` (speech)
     trains the encoder on its CTC loss alone (``train.ctc_warmup_steps``); ``chunked`` lets the
-    output layer and the loss run over chunks of rows (``output_layer_loss``), False computes
-    the logits whole (``train.chunked_loss``).
+    loss be written chunk by chunk into the logits' buffer (``output_layer_loss``), False keeps
+    the log-probabilities in a second buffer (``train.chunked_loss``).
     """
     core = getattr(model, "module", model)  # DDP wraps the model
     if getattr(core, "non_autoregressive", False):

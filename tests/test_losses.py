@@ -159,3 +159,24 @@ def test_sequence_loss_chunked_equals_whole_logits_on_every_parameter():
     for name in whole[2]:
         torch.testing.assert_close(chunked[2][name], whole[2][name], atol=1e-6, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_in_place_log_softmax_falls_back_where_pytorch_refuses_out(monkeypatch):
+    """``_log_softmax_`` writes the log-softmax over its input, through ``torch._log_softmax``'s
+    ``out=`` or, where a PyTorch build refuses that, through a copy: both equal
+    ``torch.log_softmax`` and leave the result in the input's buffer."""
+    from encdec import losses
+
+    x = 3 * torch.randn(6, 50)
+    expected = torch.log_softmax(x, dim=-1)
+    a = x.clone()
+    assert losses._log_softmax_(a).data_ptr() == a.data_ptr()
+    torch.testing.assert_close(a, expected)
+
+    def refuses(*args, **kwargs):
+        raise TypeError("no out= here")
+
+    monkeypatch.setattr(torch, "_log_softmax", refuses)
+    b = x.clone()
+    assert losses._log_softmax_(b).data_ptr() == b.data_ptr()
+    torch.testing.assert_close(b, expected)
