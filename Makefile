@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test,
 # speech synthesizers and real recordings for bible-speech.
 SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web chromium flite espeak-ng \
-	pocketsphinx-testdata festival festvox-kdlpc16k
+	pocketsphinx-testdata festival festvox-kdlpc16k g++
 sysdeps:
 	@scripts/sysdeps.sh $(SYSDEPS)
 

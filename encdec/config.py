@@ -145,6 +145,12 @@ class TrainConfig:
     # by chunk into the logits' own buffer (encdec/losses.py, output_layer_loss): one (tokens x
     # vocabulary) buffer instead of two. Same values; false keeps the log-probabilities apart
     chunked_loss: bool = True
+    # torch.compile each encoder and decoder layer of the training model (TorchInductor, shapes
+    # dynamic so that batches of every length share the compiled code): the elementwise work
+    # around the matrix products (norms, residuals, dropout, ReLU, softmax) fused into fewer
+    # passes. The first steps pay the compilation (a minute or more on a CPU); validation and
+    # decoding run eager on the weight average. Needs a C++ compiler on the CPU
+    compile: bool = False
     max_len: int = 256  # longer training pairs are skipped when batching
     # Scheduled sampling (Bengio et al., 2015): with probability p(step) a decoder input is the
     # model's own prediction. p = min(ss_max_prob, 1 - eps(step)), eps the teacher-forcing

@@ -203,6 +203,19 @@ class MetricsLog:
             self.tb.close()
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` each layer of the model's ``encoder`` and ``decoder`` stacks in place
+    (``train.compile``); parameter names and checkpoints are unchanged. Returns how many."""
+    layers = [layer for name in ("encoder", "decoder")
+              if isinstance(stack := getattr(model, name, None), torch.nn.ModuleList) for layer in stack]
+    if not layers:
+        raise ConfigError(f"train.compile: model.arch={type(model).__name__} has no encoder or "
+                          "decoder layer stack to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, log=print, progress: bool = True):
         self.cfg = cfg
@@ -281,6 +294,14 @@ class Trainer:
 
             self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(t.ema_decay))
             self.ema.module.eval()
+        if t.compile:  # after the weight average's copy, which stays eager
+            if t.packed_linear:
+                raise ConfigError("train.compile and train.packed_linear do not go together: "
+                                  "the compiled layers choose their own kernels; set one of "
+                                  "them to false")
+            n = compile_layers(self.model)
+            self.log(f"compile: {n} layers with torch.compile (dynamic shapes); the first steps "
+                     "compile them")
         self.ddp_model = self.model
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel

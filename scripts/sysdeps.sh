@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages given as arguments when they are missing (as root, or with sudo).
-# Used by the Makefile for the Bible recipes (SWORD texts) and the browser test (Chromium).
+# Used by the Makefile for the Bible recipes (SWORD texts), the browser test (Chromium) and
+# train.compile (g++).
 # Under CI=true a package that cannot be installed fails (exit 1): the tests that need it
 # would otherwise not run. Elsewhere it is a warning and those tests are skipped.
 set -uo pipefail
