@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test,
-# speech synthesizers and real recordings for bible-speech.
+# speech synthesizers and real recordings for bible-speech, g++ for train.compile.
 SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web chromium flite espeak-ng \
 	pocketsphinx-testdata festival festvox-kdlpc16k g++
 sysdeps:
