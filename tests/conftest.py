@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -79,6 +80,15 @@ def write_config(path: Path, data_dir: Path, run_dir: Path, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def train_metrics(tmp_path: Path, data_dir: Path, name: str, **train) -> tuple[Path, list[dict]]:
+    """Train a tiny run named ``name`` with these train options; its run directory and the
+    records of its metrics.jsonl."""
+    run = tmp_path / f"run-{name}"
+    cfg = write_config(tmp_path / f"{name}.yaml", data_dir, run, **train)
+    assert main(["train", str(cfg)]) == 0
+    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,13 @@
 """train.compile: the layer stacks under torch.compile train as the eager ones do, and the
 checkpoints keep their parameter names."""
 
-import json
 import shutil
 
 import pytest
 from safetensors import safe_open
 
-from conftest import needs_system, write_config
+from conftest import needs_system, train_metrics
 from encdec import checkpoint
-from encdec.cli import main
 from encdec.config import ConfigError, ModelConfig
 from encdec.models.recurrent import RecurrentSeq2Seq
 from encdec.train import compile_layers
@@ -25,12 +23,8 @@ def test_compiled_training_follows_eager_training(tiny_data, tmp_path):
     wraps the layers (``_orig_mod.`` names) or changes what they compute."""
     records, names = {}, {}
     for compiled in (True, False):
-        run = tmp_path / f"run-{compiled}"
-        cfg = write_config(tmp_path / f"{compiled}.yaml", tiny_data, run, max_steps=20,
-                           valid_every=20, log_every=5, compile=compiled)
-        assert main(["train", str(cfg)]) == 0
-        records[compiled] = [json.loads(line) for line in
-                             (run / "metrics.jsonl").read_text().splitlines()]
+        run, records[compiled] = train_metrics(tmp_path, tiny_data, str(compiled), max_steps=20,
+                                               valid_every=20, log_every=5, compile=compiled)
         step_dir = checkpoint.resolve(run, "last")
         names[compiled] = []
         for file in ("model.safetensors", "trainer.safetensors"):

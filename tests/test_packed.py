@@ -1,15 +1,13 @@
 """oneDNN-packed linear layers for CPU inference: same products, same parameters, fresh after
 the weights change, and untouched training."""
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import write_config
-from encdec.cli import main
+from conftest import train_metrics
 from encdec.data.dataset import read_eval
 from encdec.data.vocab import BOS
 from encdec.nn import packed
@@ -148,12 +146,9 @@ def test_training_with_packed_layers_follows_plain_training(tiny_data, tmp_path,
     plain F.linear training, up to rounding. Fails if a forward reuses stale packed weights."""
     records = {}
     for packed_linear in (True, False):
-        run = tmp_path / f"run-{packed_linear}"
-        cfg = write_config(tmp_path / f"{packed_linear}.yaml", tiny_data, run, max_steps=40,
-                           valid_every=20, log_every=10, packed_linear=packed_linear)
-        assert main(["train", str(cfg)]) == 0
-        records[packed_linear] = [json.loads(line) for line in
-                                  (run / "metrics.jsonl").read_text().splitlines()]
+        _, records[packed_linear] = train_metrics(tmp_path, tiny_data, str(packed_linear),
+                                                  max_steps=40, valid_every=20, log_every=10,
+                                                  packed_linear=packed_linear)
     packed_run, plain_run = records[True], records[False]
     assert [r["step"] for r in packed_run] == [r["step"] for r in plain_run]
     for a, b in zip(packed_run, plain_run):
