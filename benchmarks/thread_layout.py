@@ -15,8 +15,8 @@ the table gives the median of ``--repeats`` and its ratio to the first layout.
 
 The default layouts on two cores: ``1x2`` (one process, two threads: how ``encdec train`` runs)
 ``2x1`` (two processes of one thread each) and ``1x1`` (one thread: what a second core adds).
-PyTorch's inter-op thread pool is not a choice here: eager training does not use it (it runs
-TorchScript's forks), so the layouts are intra-op threads against processes.
+PyTorch's inter-op thread pool is not a choice here: its documentation gives it to TorchScript's
+parallel work (the JIT interpreter), so the layouts are intra-op threads against processes.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from conftest import needs_system, train_metrics
+from conftest import needs_system, train_metrics, write_config
 from encdec import checkpoint
+from encdec.cli import main
 from encdec.config import ConfigError, ModelConfig
 from encdec.models.recurrent import RecurrentSeq2Seq
 from encdec.train import compile_layers
@@ -45,3 +46,11 @@ def test_compile_refuses_a_model_without_layer_stacks():
                              10, 10)
     with pytest.raises(ConfigError, match="train.compile"):
         compile_layers(model)
+
+
+def test_compile_refuses_packed_linear(tiny_data, tmp_path, capsys):
+    cfg = write_config(tmp_path / "both.yaml", tiny_data, tmp_path / "run", max_steps=2,
+                       compile=True, packed_linear=True)
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile and train.packed_linear" in err and "Traceback" not in err
