@@ -74,6 +74,10 @@ class ModelConfig:
     # previous frames less
     tts_prenet_dim: int = 0
     tts_decoder_dim: int = 512  # tacotron2: width of its attention and decoder LSTMs
+    # Layers of the post-net every TTS model ends in (5-wide convolutions of 256 channels over
+    # the frames, then a projection back to the mel bins, added to its input); 0 = none (as in
+    # FastSpeech and FastSpeech 2: the decoder's frames are the output)
+    tts_postnet_layers: int = 5
     # transformer_tts: what the last decoder layer's cross-attention (the guided one, which
     # durations are read from) projects its keys from: encoder (its output, like the values)
     # | embedding (its input: token embeddings with positions, without the neighbours' context)
@@ -512,6 +516,9 @@ def _validate_speech(cfg: Config) -> None:
     if m.tts_prenet_dim < 0:
         raise ConfigError(f"model.tts_prenet_dim={m.tts_prenet_dim}: must be >= 0 (0 = the "
                           "model's default width)")
+    if m.tts_postnet_layers < 0 or m.tts_postnet_layers == 1:
+        raise ConfigError(f"model.tts_postnet_layers={m.tts_postnet_layers}: 0 (no post-net) or "
+                          ">= 2 (convolutions, then the projection back to the mel bins)")
     if m.tts_decoder_dim < 1:
         raise ConfigError(f"model.tts_decoder_dim={m.tts_decoder_dim}: must be >= 1")
     if m.tts_guided_sigma <= 0:

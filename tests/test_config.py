@@ -24,6 +24,8 @@ def test_overrides_are_typed_and_validated(tmp_path):
     ("train.decay_fraction=0", "train.decay_fraction=0.0: must be in (0, 1]"),
     ("model.tts_guided_sigma=0", "model.tts_guided_sigma=0.0: must be > 0"),
     ("model.tts_attention_keys=decoder", "model.tts_attention_keys=.decoder.: choose encoder or"),
+    ("model.tts_postnet_layers=1", "model.tts_postnet_layers=1: 0 .no post-net. or >= 2"),
+    ("model.tts_postnet_layers=-2", "model.tts_postnet_layers=-2: 0 .no post-net. or >= 2"),
     ("lr=1", "section.name"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, message):

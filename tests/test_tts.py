@@ -372,3 +372,29 @@ def test_teacher_durations_are_read_once_without_the_prenet_dropout():
     assert torch.equal(again, first[order])
     assert torch.equal(durations(SimpleNamespace(tokens=tok, mels=mel, mel_lengths=lengths,
                                                  keys=None)), changed)
+
+
+@pytest.mark.parametrize("arch", ["fastspeech", "transformer_tts", "tacotron2"])
+def test_tts_postnet_layers_zero_builds_none_and_counts_the_output_loss_once(arch):
+    from encdec.config import ModelConfig
+    from encdec.models import model_for_data
+
+    meta = {"modality": "tts", "src_vocab_size": 12, "feature_bins": 16, "name": "toy"}
+    sizes = {"arch": arch, "d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1,
+             "ffn_dim": 64, "dropout": 0.0, "tts_decoder_dim": 32, "tts_prenet_dim": 16}
+    with_net = model_for_data(ModelConfig(**sizes, tts_postnet_layers=3), meta)
+    assert len(with_net.postnet.convs) == 2 and with_net.postnet_out is not None
+    model = model_for_data(ModelConfig(**sizes, tts_postnet_layers=0), meta)
+    assert model.postnet is None and model.postnet_out is None
+    assert not any("postnet" in name for name, _ in model.named_parameters())
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    tok, mel, lengths, dur = _toy_tts_batch(gen, torch.randn(12, 16, generator=gen), B=4)
+    if arch == "fastspeech":
+        total, parts = model.loss(tok, mel, lengths, durations=dur)
+        expected = parts["duration"] + parts["mel"]
+    else:
+        total, parts = model.loss(tok, mel, lengths, guided_weight=0.0, prenet_dropout=False)
+        expected = parts["mel"] + parts["stop"]
+    assert parts["postnet"] == pytest.approx(parts["mel"])  # the output is the decoder's frames
+    assert float(total) == pytest.approx(expected, rel=1e-5)

@@ -35,9 +35,10 @@ def model_for_data(cfg, meta: dict):
                               ": text-to-speech data (encdec prepare bible-tts) takes model.arch="
                               f"{', '.join(TTS_MODELS)}, and those take only such data")
         if cfg.arch == "fastspeech":
-            return FastSpeech(cfg, meta["src_vocab_size"], meta["feature_bins"])
+            return FastSpeech(cfg, meta["src_vocab_size"], meta["feature_bins"],
+                              postnet_layers=cfg.tts_postnet_layers)
         return MODELS[cfg.arch](cfg, meta["src_vocab_size"], meta["feature_bins"],
-                                reduction=cfg.tts_reduction)
+                                reduction=cfg.tts_reduction, postnet_layers=cfg.tts_postnet_layers)
     speech_data = meta.get("modality") == "speech"
     if speech_data != (cfg.arch == "speech"):
         what = "speech (audio inputs)" if speech_data else "text (token inputs)"

@@ -210,7 +210,9 @@ class FastSpeech(TextToFrames):
         frame_mask = lengths_mask(mel_lengths, mels.size(1))[..., None].expand_as(mels)
         parts["mel"] = F.l1_loss(before[frame_mask], mels[frame_mask])
         parts["postnet"] = F.l1_loss(after[frame_mask], mels[frame_mask])
-        total = total + parts["duration"] + parts["mel"] + parts["postnet"]
+        total = total + parts["duration"] + parts["mel"]
+        if self.postnet is not None:  # without one, "postnet" is the output's loss: "mel"
+            total = total + parts["postnet"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {"durations": durations}
 
     forward = loss  # so DistributedDataParallel sees the training pass
@@ -339,7 +341,9 @@ class AutoregressiveTTS(TextToFrames):
         attention_frames = attention.repeat_interleave(self.reduction, dim=1)[:, :T]
         parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths,
                                                 guided_sigma)
-        total = parts["mel"] + parts["postnet"] + parts["stop"] + guided_weight * parts["guided"]
+        total = parts["mel"] + parts["stop"] + guided_weight * parts["guided"]
+        if self.postnet is not None:  # without one, "postnet" is the output's loss: "mel"
+            total = total + parts["postnet"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {
             "attention": attention_frames.detach(), "before": before.detach()}
 
