@@ -79,7 +79,7 @@ def main() -> None:
           f"{at.cfg.model.tts_reduction}); torch {torch.__version__}")
 
     def shape(model):
-        return [tuple(w.shape) for w in (model.postnet or []).parameters()]
+        return [] if model.postnet is None else [tuple(w.shape) for w in model.postnet.parameters()]
 
     if not shape(at.model) or shape(nat.model) not in ([], shape(at.model)):
         sys.exit("the autoregressive run needs a post-net, and the fastspeech run the same one or "
