@@ -265,7 +265,7 @@ def _speech_scores(metric: str, scores: dict, width: int = 0) -> str:
 
 
 def _translate(args) -> None:
-    from encdec.translate import run_cli
+    from encdec.commands.translate import run as run_cli
 
     run_cli(args.run, checkpoint_name=args.checkpoint, input_path=args.input,
             output_path=args.output, scores=args.scores, device=args.device,
@@ -275,7 +275,7 @@ def _translate(args) -> None:
 
 
 def _transcribe(args) -> None:
-    from encdec.transcribe import run_cli
+    from encdec.commands.transcribe import run as run_cli
 
     run_cli(args.run, args.inputs, checkpoint_name=args.checkpoint, output_path=args.output,
             device=args.device, overrides=_decode_overrides(args),
@@ -283,7 +283,7 @@ def _transcribe(args) -> None:
 
 
 def _speak(args) -> None:
-    from encdec.speak import run_cli
+    from encdec.commands.speak import run as run_cli
 
     run_cli(args.run, text=args.text, input_path=args.input, output=args.output,
             length_scale=args.length_scale, batch_size=args.batch_size,
@@ -291,7 +291,7 @@ def _speak(args) -> None:
 
 
 def _pipeline(args) -> None:
-    from encdec.pipeline import run_cli
+    from encdec.commands.pipeline import run as run_cli
 
     asr = {"method": args.asr_method, "beam_size": args.asr_beam,
            "ctc_weight": args.asr_ctc_weight}
