@@ -15,9 +15,9 @@ from encdec.pipeline import Pipeline
 
 
 def run(run_dirs: list[str], paths: list[str], *, checkpoint_name: str,
-            output_path: str | None, device: str, stage_overrides: list[dict],
-            asr_nbest: int = 1, rescore: bool = False, show_transcript: bool = False,
-            progress: bool = True, batch_files: int = 64) -> None:
+        output_path: str | None, device: str, stage_overrides: list[dict],
+        asr_nbest: int = 1, rescore: bool = False, show_transcript: bool = False,
+        progress: bool = True, batch_files: int = 64) -> None:
     """Print ``FILE<TAB>output`` (``<TAB>transcript`` with ``show_transcript``) per audio file;
     the real-time factor of the whole pipeline at the end. Like ``encdec transcribe``, a file
     that cannot be read is reported (stderr) and skipped, and the exit status then says so."""

@@ -12,7 +12,7 @@ from encdec.speak import Speaker, SpeakError
 
 
 def run(run_dir: str, *, text: str | None, input_path: str | None, output: str,
-            length_scale: float, batch_size: int, checkpoint_name: str, device: str) -> None:
+        length_scale: float, batch_size: int, checkpoint_name: str, device: str) -> None:
     """`encdec speak`: one text to one WAV file, or the lines of a file to DIR/NNNN.wav."""
     import soundfile
     from tqdm import tqdm

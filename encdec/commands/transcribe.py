@@ -50,7 +50,7 @@ def audio_batches(tr, files: list[Path], batch_files: int, bar, failures: list):
 
 
 def run(run_dir: str, paths: list[str], *, checkpoint_name: str, output_path: str | None,
-            device: str, overrides: dict, progress: bool = True, batch_files: int = 64) -> None:
+        device: str, overrides: dict, progress: bool = True, batch_files: int = 64) -> None:
     """Print ``FILE<TAB>transcript`` per input file; the real-time factor at the end.
 
     A file that cannot be read is reported (stderr) and skipped; the exit status then says

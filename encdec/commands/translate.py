@@ -59,9 +59,9 @@ def stdin_blocks(stream, max_lines: int, wait: float = 0.05, name: str = "<stdin
 
 
 def run(run_dir: str, *, checkpoint_name: str, input_path: str | None, output_path: str | None,
-            scores: bool, device: str, overrides: dict, long_inputs: str = "split",
-            progress: bool | None = None, rerank: str | None = None, engine: str = "encdec",
-            export_dir: str | None = None) -> None:
+        scores: bool, device: str, overrides: dict, long_inputs: str = "split",
+        progress: bool | None = None, rerank: str | None = None, engine: str = "encdec",
+        export_dir: str | None = None) -> None:
     tr = Translator.from_run(run_dir, checkpoint_name, device, engine=engine,
                              export_dir=export_dir)
     cfg = tr.decode_config(**overrides)  # bad settings fail before any input is read
