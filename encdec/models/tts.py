@@ -149,6 +149,15 @@ class TextToFrames(nn.Module):
             return mels
         return mels + self.postnet_out(self.postnet(mels, mask))
 
+    def _frame_losses(self, before, after, mels, mask) -> tuple[torch.Tensor, dict]:
+        """L1 of the frames before and after the post-net on the real frames ``mask``, and
+        their sum for the total: without a post-net the two are the same frames, counted once
+        (``postnet`` is still reported: it is the output's loss, which validation reads)."""
+        parts = {"mel": F.l1_loss(before[mask], mels[mask]),
+                 "postnet": F.l1_loss(after[mask], mels[mask])}
+        total = parts["mel"] if self.postnet is None else parts["mel"] + parts["postnet"]
+        return total, parts
+
 
 class FastSpeech(TextToFrames):
     """Tokens -> mel frames in one pass. Dimensions: B batch, N tokens, T frames, M mel bins."""
@@ -208,11 +217,9 @@ class FastSpeech(TextToFrames):
         parts["duration"] = F.mse_loss(log_pred[mask], target[mask])
         before, after, _ = self.decode(memory, durations, max_frames=mels.size(1))
         frame_mask = lengths_mask(mel_lengths, mels.size(1))[..., None].expand_as(mels)
-        parts["mel"] = F.l1_loss(before[frame_mask], mels[frame_mask])
-        parts["postnet"] = F.l1_loss(after[frame_mask], mels[frame_mask])
-        total = total + parts["duration"] + parts["mel"]
-        if self.postnet is not None:  # without one, "postnet" is the output's loss: "mel"
-            total = total + parts["postnet"]
+        frames_total, frame_parts = self._frame_losses(before, after, mels, frame_mask)
+        parts |= frame_parts
+        total = total + parts["duration"] + frames_total
         return total, {k: float(v.detach()) for k, v in parts.items()} | {"durations": durations}
 
     forward = loss  # so DistributedDataParallel sees the training pass
@@ -334,16 +341,14 @@ class AutoregressiveTTS(TextToFrames):
         after = self._postnet(before, frame_mask)
         stop_target = (torch.arange(T, device=mels.device)[None, :] >= (mel_lengths - 1)[:, None])
         m = frame_mask[..., None].expand_as(mels)
-        parts = {"mel": F.l1_loss(before[m], mels[m]), "postnet": F.l1_loss(after[m], mels[m]),
-                 "stop": F.binary_cross_entropy_with_logits(
-                     stop_logits[frame_mask], stop_target[frame_mask].float(),
-                     pos_weight=stop_logits.new_tensor(self.stop_pos_weight))}
+        frames_total, parts = self._frame_losses(before, after, mels, m)
+        parts["stop"] = F.binary_cross_entropy_with_logits(
+            stop_logits[frame_mask], stop_target[frame_mask].float(),
+            pos_weight=stop_logits.new_tensor(self.stop_pos_weight))
         attention_frames = attention.repeat_interleave(self.reduction, dim=1)[:, :T]
         parts["guided"] = guided_attention_loss(attention_frames, mask.sum(dim=1), mel_lengths,
                                                 guided_sigma)
-        total = parts["mel"] + parts["stop"] + guided_weight * parts["guided"]
-        if self.postnet is not None:  # without one, "postnet" is the output's loss: "mel"
-            total = total + parts["postnet"]
+        total = frames_total + parts["stop"] + guided_weight * parts["guided"]
         return total, {k: float(v.detach()) for k, v in parts.items()} | {
             "attention": attention_frames.detach(), "before": before.detach()}
 
