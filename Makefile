@@ -87,7 +87,7 @@ st: $(VENV)/.installed sysdeps $(ASR_RUN)/checkpoints/best
 	$(VENV)/bin/encdec prepare bible-speech-es --targets-from data/bible-en-es \
 		--out data/bible-speech-es-mt
 	rm -rf $(ST_MT_RUN) $(ST_RUN)
-	$(VENV)/bin/encdec train configs/bible-en-es-small.yaml model.d_model=192 model.ffn_dim=768 \
+	$(VENV)/bin/encdec train configs/bible-en-es-60min.yaml model.d_model=192 model.ffn_dim=768 \
 		train.run_dir=$(ST_MT_RUN) train.max_minutes=$(ST_MINUTES)
 	$(VENV)/bin/encdec train configs/st-small.yaml data.dir=data/bible-speech-es-mt \
 		train.init_from=$(ASR_RUN) train.init_decoder_from=$(ST_MT_RUN) \

@@ -2,7 +2,7 @@
 
     python benchmarks/st_compare.py --asr runs/asr-small --mt runs/bible-en-es-30 \\
         --st runs/st-small [--st LABEL=RUN[@CHECKPOINT] ...] [--ablation LABEL=RUN[@CHECKPOINT] ...]
-        [--data data/bible-speech-es]
+        [--data DIR (default: the first --st run's data.dir)]
         [--split test] [--limit N] [--threads 2] [--batch 32] [--speed-n 128] [--repeats 3]
         [--out FILE.json]
 
@@ -53,6 +53,20 @@ from encdec.metrics import text_scores  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from asr_peer import ordered_groups  # noqa: E402
+
+
+def default_data(st_items: list[str]) -> str:
+    """The first end-to-end run's corpus (its data.dir), so its references and audio are scored."""
+    if st_items:
+        import yaml
+
+        _, run, _ = parse_run(st_items[0], "end to end")
+        config = Path(run) / "config.yaml"
+        if config.exists():
+            data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
+            if data.get("dir"):
+                return str(data["dir"])
+    return "data/bible-speech-es"
 
 
 def read_manifest(data_dir: Path, split: str, limit: int) -> list[dict]:
@@ -131,7 +145,8 @@ def main() -> None:
                          "e.g. @step-0000500); repeat for more")
     ap.add_argument("--ablation", action="append", default=[], metavar="[LABEL=]RUN[@CHECKPOINT]",
                     help="like --st, scored but not timed (same architecture as an --st run)")
-    ap.add_argument("--data", default="data/bible-speech-es")
+    ap.add_argument("--data", help="the speech translation corpus (default: the first --st "
+                                   "run's data.dir, else data/bible-speech-es)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=0, help="first N utterances of each group")
     ap.add_argument("--threads", type=int, default=2)
@@ -145,7 +160,7 @@ def main() -> None:
     from encdec.pipeline import Pipeline
     from encdec.transcribe import Transcriber
 
-    data_dir = Path(args.data)
+    data_dir = Path(args.data or default_data(args.st))
     entries = read_manifest(data_dir, args.split, args.limit)
     kjv = kjv_text([e["ref"] for e in entries])
     asr_run, mt_run = Path(args.asr), Path(args.mt)
