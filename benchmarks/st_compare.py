@@ -58,14 +58,11 @@ from asr_peer import ordered_groups  # noqa: E402
 def default_data(st_items: list[str]) -> str:
     """The first end-to-end run's corpus (its data.dir), so its references and audio are scored."""
     if st_items:
-        import yaml
-
         _, run, _ = parse_run(st_items[0], "end to end")
-        config = Path(run) / "config.yaml"
-        if config.exists():
-            data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
-            if data.get("dir"):
-                return str(data["dir"])
+        if (run / "config.yaml").exists():
+            data_dir = (run_config(run).get("data") or {}).get("dir")
+            if data_dir:
+                return str(data_dir)
     return "data/bible-speech-es"
 
 
@@ -119,11 +116,16 @@ def parse_run(item: str, default_label: str) -> tuple[str, Path, str]:
     return label or default_label, Path(run), checkpoint or "best"
 
 
-def init_runs(run: Path) -> list[Path]:
-    """The runs whose weights ``run`` started from (train.init_from, train.init_decoder_from)."""
+def run_config(run: Path) -> dict:
+    """The configuration a run was trained with (RUN/config.yaml), as a plain dict."""
     import yaml
 
-    train = yaml.safe_load((run / "config.yaml").read_text()).get("train") or {}
+    return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+
+
+def init_runs(run: Path) -> list[Path]:
+    """The runs whose weights ``run`` started from (train.init_from, train.init_decoder_from)."""
+    train = run_config(run).get("train") or {}
     return [Path(train[k]) for k in ("init_from", "init_decoder_from") if train.get(k)]
 
 
