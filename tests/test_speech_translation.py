@@ -449,3 +449,40 @@ def test_decoder_of_a_translation_run_starts_the_speech_translation_model(tmp_pa
                                     "init_decoder_from": "b"}})
     with pytest.raises(ConfigError, match="train.init_decoder_from"):
         Config.from_dict({"train": {"init_decoder_from": "b"}})
+
+
+# ---- benchmarks/st_compare.py: the corpus and the init runs come from the runs' configs ------
+def _st_compare():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "st_compare.py"
+    spec = importlib.util.spec_from_file_location("st_compare_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_st_compare_reads_the_corpus_and_init_runs_from_the_first_st_run(st_data, st_run,
+                                                                        tmp_path):
+    import yaml
+
+    st_compare = _st_compare()
+    # a second run trained on another corpus, from an ASR run's encoder and an MT run's decoder
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = yaml.safe_load((st_run / "config.yaml").read_text())
+    cfg["data"]["dir"] = "data/another-corpus"
+    cfg["train"].update(init_from="runs/asr", init_decoder_from="runs/mt")
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    # the corpus the first --st run was trained on, whatever its label or checkpoint
+    assert st_compare.default_data([str(st_run), str(other)]) == str(st_data)
+    assert st_compare.default_data([f"e2e={st_run}@step-0000008", str(other)]) == str(st_data)
+    assert st_compare.default_data([f"mt decoder={other}@best", str(st_run)]) == \
+        "data/another-corpus"
+    # no --st run, or one that is not a run: the recipe's corpus
+    assert st_compare.default_data([]) == "data/bible-speech-es"
+    assert st_compare.default_data([str(tmp_path / "missing")]) == "data/bible-speech-es"
+
+    assert st_compare.init_runs(st_run) == []
+    assert st_compare.init_runs(other) == [Path("runs/asr"), Path("runs/mt")]
