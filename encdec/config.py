@@ -140,6 +140,9 @@ class TrainConfig:
     # CPU on glibc, text data: reuse freed buffers (encdec/host.py); never for audio batches,
     # whose shapes vary too much (the heap grows)
     retain_freed_memory: bool = True
+    # CPU on glibc, audio data: hand the heap's free pages back every N steps and after each
+    # validation (malloc_trim, encdec/host.py); 0 = never
+    trim_every: int = 20
     # CPU, fp32: linear layers through oneDNN on packed weights (encdec/nn/packed.py), as
     # decoding always does. Off by default: 4-6 % more tokens/s on the presets before the
     # explicit short-sequence attention, within noise since, for 0.5-1.3 GB more resident
@@ -433,6 +436,8 @@ def validate(cfg: Config) -> None:
     for key in ("dropout", "attention_dropout", "activation_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"model.{key}={getattr(m, key)}: must be in [0, 1)")
+    if t.trim_every < 0:
+        raise ConfigError(f"train.trim_every={t.trim_every}: must be 0 (never) or positive")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing}: must be in [0, 1)")
     if t.lr <= 0:

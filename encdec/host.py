@@ -12,6 +12,12 @@ That holds for token batches. Speech and TTS batches of 10 ms frames take many m
 retained heap fragments: an hour of asr-small peaked at 6.2 GB RSS with the setting (4.0 GB by
 update 200, against 1.8 GB without it in a rerun of the same preset; the November hour without
 it peaked at 2.5 GB), so the trainer applies it to text data only.
+
+Even with glibc's defaults those batches leave free blocks scattered through the heap (the
+dynamic mmap threshold rises to 32 MiB after the first large free, so most activations come
+from the heap): the December asr-small hour peaked at 3.6 GB. For audio data the trainer calls
+``trim_heap`` every ``train.trim_every`` steps and after each validation, which hands those
+pages back (README "Speech recognition" measures it).
 """
 
 from __future__ import annotations
@@ -65,3 +71,25 @@ def retain_freed_memory() -> bool:
     ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
     _done = ok
     return _done
+
+
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Hand the free pages of glibc's heaps back to the system (``malloc_trim(0)``): the pages
+    of every free block, not only the heap's top, in every arena. True when it ran.
+
+    For audio batches on the CPU: the trainer calls it between steps (``train.trim_every``), so
+    that the free blocks the varying shapes leave behind stop counting as resident memory; the
+    pages are faulted in again when a block is reused. Does nothing (False) off Linux/glibc.
+    """
+    global _libc
+    if _libc is None:
+        _libc = _glibc() or False
+        if _libc:
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True

@@ -27,7 +27,7 @@ from encdec.data.corpus import DataError
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
-from encdec.host import retain_freed_memory
+from encdec.host import retain_freed_memory, trim_heap
 from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import AUTOREGRESSIVE_TTS, model_for_data
@@ -239,6 +239,8 @@ class Trainer:
         # (4.0 GB by update 200 against 1.8 GB with glibc's defaults); see encdec/host.py.
         if self.device.type == "cpu" and t.retain_freed_memory and not (self.speech or self.tts):
             retain_freed_memory()
+        self._trim_every = t.trim_every if self.device.type == "cpu" and (self.speech or self.tts) \
+            else 0
         if self.tts:
             from encdec.data.tts import TTSSplit
 
@@ -605,15 +607,19 @@ class Trainer:
 
             waves = [read_audio(e["audio"], self.assets.audio_front.sample_rate)
                      for e in self.dev_eval]
+            # batches of the training batch's audio (train.max_frames): decoding's own default
+            # of 200 s padded set the run's peak memory (README "Speech recognition")
+            front = self.assets.audio_front
+            batch_s = self.cfg.train.max_frames * front.opts.frame_shift_ms / 1000.0
             outputs = decode_audio(model, waves, cfg=decode_cfg, device=self.device,
-                                   **self.assets.audio_kwargs())
+                                   max_batch_s=batch_s, **self.assets.audio_kwargs())
             ctc_scores = {}
             if method == "greedy" and self.cfg.model.ctc_weight > 0:
                 # the CTC head's best path too: it shows the encoder's progress while the
                 # decoder is still untrained (the CTC warm-up), and costs one batched pass
                 ctc_out = decode_audio(model, waves, device=self.device,
                                        cfg=DecodeConfig(method="ctc", batch_size=decode_cfg.batch_size),
-                                       **self.assets.audio_kwargs())
+                                       max_batch_s=batch_s, **self.assets.audio_kwargs())
                 ctc_scores = score(self.metric, [o[0].text for o in ctc_out],
                                    [e["refs"] for e in self.dev_eval])
         else:
@@ -709,6 +715,8 @@ class Trainer:
                     reason = "interrupted" if code == 2 else (reason or "another process stopped")
                     break
                 loss, nll, ntok = self._train_step(self._next_batches())
+                if self._trim_every and self.state["step"] % self._trim_every == 0:
+                    trim_heap()
                 self.state["elapsed"] = time.perf_counter() - start
                 window["loss"] += loss
                 window["nll"] += nll
@@ -724,7 +732,10 @@ class Trainer:
                 bar.update(1)
                 if step % t.valid_every == 0:
                     last_validated = step
-                    if self._validate_and_save():
+                    stop = self._validate_and_save()
+                    if self._trim_every:
+                        trim_heap()  # what decoding freed
+                    if stop:
                         reason = "early stopping"
                         break
         finally:

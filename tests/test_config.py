@@ -26,6 +26,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
     ("model.tts_attention_keys=decoder", "model.tts_attention_keys=.decoder.: choose encoder or"),
     ("model.tts_postnet_layers=1", "model.tts_postnet_layers=1: 0 .no post-net. or >= 2"),
     ("model.tts_postnet_layers=-2", "model.tts_postnet_layers=-2: 0 .no post-net. or >= 2"),
+    ("train.trim_every=-1", "train.trim_every=-1: must be 0 .never. or positive"),
     ("lr=1", "section.name"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, message):

@@ -78,3 +78,61 @@ def test_trainer_keeps_freed_memory_for_text_data_only(tiny_data, tiny_speech_da
                                  max_steps=1, valid_every=1)
     assert main(["train", str(speech)]) == 0
     assert calls == [1]
+
+
+# Fills glibc's heap with 100 KB blocks (below the mmap threshold), frees every other one, so the
+# free pages sit between live blocks where trimming the heap's top cannot reach them, and reads
+# the resident memory before and after trim_heap().
+_TRIM_PROBE = r"""
+import json, sys
+import torch
+from encdec.host import trim_heap
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+blocks = [torch.ones(25_000) for _ in range(4_000)]  # 400 MB, every page touched
+del blocks[::2]
+before = rss_mb()
+trimmed = trim_heap() if sys.argv[1] == "trim" else False
+print(json.dumps({"trimmed": trimmed, "before": before, "after": rss_mb()}))
+"""
+
+
+def _trim_probe(mode: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in host._ENV}
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True,
+                         text=True, check=True, env=base)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(host._glibc() is None or not os.path.exists("/proc/self/statm"),
+                    reason="malloc_trim and /proc/self/statm exist on Linux/glibc only")
+def test_trim_heap_hands_back_the_pages_of_free_blocks_between_live_ones():
+    kept = _trim_probe("keep")
+    trimmed = _trim_probe("trim")
+    assert trimmed["trimmed"] is True
+    assert kept["before"] > 350 and trimmed["before"] > 350  # the 400 MB were resident
+    assert kept["before"] - kept["after"] < 20  # freeing alone hands nothing back
+    assert trimmed["before"] - trimmed["after"] > 150  # the ~200 MB of freed blocks
+
+
+def test_trainer_trims_the_heap_between_steps_for_audio_data_only(tiny_data, tiny_speech_data,
+                                                                  tmp_path, monkeypatch):
+    from conftest import write_config, write_speech_config
+    from encdec import train
+    from encdec.cli import main
+
+    calls = []
+    monkeypatch.setattr(train, "trim_heap", lambda: calls.append(1) or True)
+    text = write_config(tmp_path / "text.yaml", tiny_data, tmp_path / "text", max_steps=4)
+    assert main(["train", str(text)]) == 0
+    assert calls == []
+    speech = write_speech_config(tmp_path / "speech.yaml", tiny_speech_data, tmp_path / "speech",
+                                 max_steps=6, valid_every=6, trim_every=2)
+    assert main(["train", str(speech)]) == 0
+    assert len(calls) == 3 + 1  # after steps 2, 4 and 6, and after the validation at step 6
+    calls.clear()
+    off = write_speech_config(tmp_path / "off.yaml", tiny_speech_data, tmp_path / "off",
+                              max_steps=2, valid_every=2, trim_every=0)
+    assert main(["train", str(off)]) == 0
+    assert calls == []

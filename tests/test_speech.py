@@ -340,3 +340,22 @@ def test_ctc_warmup_leaves_the_decoder_untouched_then_trains_it(tiny_speech_data
         torch.testing.assert_close(warm[key], slow[key], rtol=0, atol=0)
     assert all(not torch.equal(warm[k], slow[k]) for k in encoder)
     assert all(not torch.equal(joint[k], warm[k]) for k in decoder)
+
+
+def test_validation_decodes_in_batches_of_the_training_batch_audio(tiny_speech_data, tmp_path,
+                                                                   monkeypatch):
+    """Validation decodes at most train.max_frames of padded audio at a time (10 ms frames):
+    decoding's own default of 200 s per batch set the asr-small hour's peak memory."""
+    from encdec.decoding import audio
+
+    budgets, real = [], audio.decode_audio
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs.get("max_batch_s"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(audio, "decode_audio", spy)
+    cfg = write_speech_config(tmp_path / "c.yaml", tiny_speech_data, tmp_path / "run",
+                              max_frames=1500, max_steps=2, valid_every=2)
+    assert main(["train", str(cfg)]) == 0
+    assert budgets == [15.0, 15.0]  # the greedy pass and the CTC best path

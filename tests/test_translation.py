@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from conftest import make_pairs, needs_system, write_config, write_tsv
 from encdec.cli import main
 from encdec.data.prepare import prepare
-from encdec.data.recipes import (SWORD_PACKAGES, Corpus, bible_en_es, bible_kjv_web, bible_split,
-                                 clean_osis, sword_installed)
+from encdec.data.recipes import (SWORD_PACKAGES, Corpus, bible_en_es, bible_en_es_spoken,
+                                 bible_kjv_web, bible_split, clean_osis, sword_installed)
 from encdec.decoding.texts import split_pieces
 from encdec.translate import Translator
 
@@ -70,6 +70,27 @@ def test_bible_en_es_on_real_modules():
     for s, t in pairs:
         assert s and t and "<" not in s + t and "\u00b6" not in s + t and "  " not in s + t
     assert len(corpus.splits["test"]) >= 20 and len(corpus.splits["dev"]) >= 20
+
+
+@needs_kjv_sparv
+def test_bible_en_es_spoken_writes_the_english_as_the_speech_transcripts_do():
+    from encdec.data.speech import normalize_transcript, plan_bible_speech
+
+    kw = dict(books=["Ruth", "3John"], dev_verses=20, test_verses=20, log=lambda *a: None)
+    printed, spoken = bible_en_es(**kw), bible_en_es_spoken(**kw)
+    assert spoken.skipped == printed.skipped and spoken.src_tokenizer == printed.src_tokenizer
+    for split, pairs in printed.splits.items():  # the same verses, split and Spanish side
+        assert [t for _, t in spoken.splits[split]] == [t for _, t in pairs]
+    src = dict(spoken.splits["train"] + spoken.splits["dev"] + spoken.splits["test"])
+    assert src["the elder unto the wellbeloved gaius whom i love in the truth"] == (
+        "EL anciano al muy amado Gaio, al cual yo amo en verdad.")
+    for s, _ in spoken.splits["train"]:
+        assert s and s == s.lower() and not set(s) - set("abcdefghijklmnopqrstuvwxyz' ")
+    # each source is the transcript bible-speech gives the same verse
+    plan = plan_bible_speech(train_hours=0.01, books=["Ruth", "3John"], split_verses=(20, 20),
+                             log=lambda *a: None)
+    by_es = {t: s for pairs in spoken.splits.values() for s, t in pairs}
+    assert plan and all(by_es[u.es] == normalize_transcript(u.text) for u in plan)
 
 
 @needs_kjv_sparv

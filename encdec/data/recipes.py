@@ -202,6 +202,18 @@ def bible_en_es(**kw) -> Corpus:
     return bible_pairs("kjv", "rv1909", **kw)
 
 
+def bible_en_es_spoken(**kw) -> Corpus:
+    """bible-en-es with the English side written as bible-speech's transcripts are (lowercase
+    words, no punctuation): the second stage of a speech translation cascade then reads in
+    training what the recognizer writes."""
+    from encdec.data.speech import normalize_transcript
+
+    corpus = bible_en_es(**kw)
+    corpus.splits = {name: [(normalize_transcript(src), tgt) for src, tgt in pairs]
+                     for name, pairs in corpus.splits.items()}
+    return corpus
+
+
 def bible_kjv_web(**kw) -> Corpus:
     """King James Version -> World English Bible: archaic to modern English."""
     return bible_pairs("kjv", "web", **kw)
@@ -218,5 +230,7 @@ _SUBWORDS = {"vocab_size": 8000, "spm_type": "bpe", "joint_vocab": True, "max_le
 RECIPES = {
     "g2p-cmudict": Recipe(g2p_cmudict, {"max_len": 256}),
     "bible-en-es": Recipe(bible_en_es, _SUBWORDS, ("sword-text-kjv", "sword-text-sparv")),
+    "bible-en-es-spoken": Recipe(bible_en_es_spoken, _SUBWORDS,
+                                 ("sword-text-kjv", "sword-text-sparv")),
     "bible-kjv-web": Recipe(bible_kjv_web, _SUBWORDS, ("sword-text-kjv", "sword-text-web")),
 }
