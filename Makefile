@@ -74,22 +74,26 @@ asr: $(VENV)/.installed sysdeps
 
 # Speech translation (README "Speech translation"): English speech -> Spanish text, end to end
 # against the cascade of our own ASR and MT runs. The ASR run of `make asr` is the cascade's
-# first stage and gives the end-to-end model its front and encoder (trained first if missing);
-# an MT run the end-to-end model's width (the cascade's second stage) trains ST_MINUTES and
-# gives it its decoder (so the Spanish targets use the MT data's vocabulary); the end-to-end
+# first stage and gives the end-to-end model its front and encoder (trained first if missing).
+# The MT run (the cascade's second stage, at the end-to-end model's width) trains ST_MINUTES on
+# bible-en-es-spoken, whose English is written the way the recognizer writes it; it translates
+# the training transcripts into the end-to-end model's targets (`encdec distill --data`) and
+# gives it its decoder (so the Spanish targets use the MT data's vocabulary). The end-to-end
 # run then trains ST_MINUTES, and benchmarks/st_compare.py scores them all on the same test
 # verses and voices.
 ST_MINUTES ?= 30
-ST_MT_RUN ?= runs/bible-en-es-192
-ST_RUN ?= runs/st-mtdec
+ST_MT_RUN ?= runs/bible-en-es-spoken-192
+ST_RUN ?= runs/st-distilled
 st: $(VENV)/.installed sysdeps $(ASR_RUN)/checkpoints/best
-	$(VENV)/bin/encdec prepare bible-en-es
-	$(VENV)/bin/encdec prepare bible-speech-es --targets-from data/bible-en-es \
-		--out data/bible-speech-es-mt
+	$(VENV)/bin/encdec prepare bible-en-es-spoken
+	$(VENV)/bin/encdec prepare bible-speech-es --targets-from data/bible-en-es-spoken \
+		--out data/bible-speech-es-spoken
 	rm -rf $(ST_MT_RUN) $(ST_RUN)
 	$(VENV)/bin/encdec train configs/bible-en-es-60min.yaml model.d_model=192 model.ffn_dim=768 \
-		train.run_dir=$(ST_MT_RUN) train.max_minutes=$(ST_MINUTES)
-	$(VENV)/bin/encdec train configs/st-small.yaml data.dir=data/bible-speech-es-mt \
+		data.dir=data/bible-en-es-spoken train.run_dir=$(ST_MT_RUN) train.max_minutes=$(ST_MINUTES)
+	$(VENV)/bin/encdec distill $(ST_MT_RUN) --data data/bible-speech-es-spoken --beam 5 \
+		--out data/bible-speech-es-distilled
+	$(VENV)/bin/encdec train configs/st-small.yaml data.dir=data/bible-speech-es-distilled \
 		train.init_from=$(ASR_RUN) train.init_decoder_from=$(ST_MT_RUN) \
 		train.run_dir=$(ST_RUN) train.max_minutes=$(ST_MINUTES)
 	$(VENV)/bin/encdec evaluate $(ST_RUN) --split test

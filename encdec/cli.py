@@ -304,8 +304,13 @@ def _pipeline(args) -> None:
 
 
 def _distill(args) -> None:
-    from encdec.distill import distill
+    from encdec.distill import distill, distill_transcripts
 
+    if args.data:
+        distill_transcripts(args.run, args.data, split=args.split, out=args.out,
+                            checkpoint_name=args.checkpoint, device=args.device, force=args.force,
+                            **_decode_overrides(args))
+        return
     distill(args.run, split=args.split, out=args.out, checkpoint_name=args.checkpoint,
             device=args.device, force=args.force, **_decode_overrides(args))
 
@@ -588,7 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("distill", help="write a teacher run's outputs as a new training target set")
     decode_args(ds)
     ds.add_argument("--split", default="train", help="split of the teacher's data to translate")
-    ds.add_argument("--out", help="data directory to write (default: the teacher's + -distilled)")
+    ds.add_argument("--data", metavar="DIR",
+                    help="speech translation: a data directory with source-language transcripts "
+                         "(bible-speech-es) whose transcripts the teacher, a text translation "
+                         "run, translates into new targets for an end-to-end model")
+    ds.add_argument("--out", help="data directory to write (default: the teacher's, or --data's, "
+                                  "+ -distilled)")
     ds.add_argument("--force", action="store_true",
                     help="replace an --out directory that is not an encdec data directory")
     ds.set_defaults(func=_distill)

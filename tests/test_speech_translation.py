@@ -367,13 +367,14 @@ def _text_side(root: Path, speech: Path) -> Path:
     return out
 
 
-def _text_run(text_data: Path, root: Path) -> Path:
+def _text_run(text_data: Path, root: Path, steps: int = 4) -> Path:
     """A few steps of a text model whose decoder has the tiny speech model's shape."""
     decoder = {k: TINY_SPEECH_MODEL[k] for k in ("d_model", "n_heads", "dec_layers", "ffn_dim")}
     cfg = {"data": {"dir": str(text_data)},
            "model": {"enc_layers": 1, "dropout": 0.0, **decoder},
            "train": {"run_dir": str(root / "mt"), "max_tokens": 200, "lr": 3e-3,
-                     "warmup_steps": 2, "valid_every": 4, "max_steps": 4, "num_threads": 1}}
+                     "warmup_steps": 2, "valid_every": steps, "max_steps": steps,
+                     "num_threads": 1}}
     (root / "mt.yaml").write_text(json.dumps(cfg))
     assert main(["train", str(root / "mt.yaml")]) == 0
     return root / "mt"
@@ -449,6 +450,68 @@ def test_decoder_of_a_translation_run_starts_the_speech_translation_model(tmp_pa
                                     "init_decoder_from": "b"}})
     with pytest.raises(ConfigError, match="train.init_decoder_from"):
         Config.from_dict({"train": {"init_decoder_from": "b"}})
+
+
+def test_distill_transcripts_gives_the_end_to_end_data_the_mt_runs_translations(tmp_path, capsys):
+    """`encdec distill MT_RUN --data ST_DATA`: the text run translates each distinct training
+    transcript once; the outputs become the training targets (ids in the data's vocabulary), the
+    references stay beside them, dev and test are untouched, the audio is still found from
+    another folder depth, and data on another target vocabulary is refused."""
+    from encdec.data.assets import load_assets
+    from encdec.translate import Translator
+
+    speech = _bible_speech_like(tmp_path)
+    text = _text_side(tmp_path, speech)
+    es = tmp_path / "es"
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(es),
+                 "--targets-from", str(text)]) == 0
+    mt = _text_run(text, tmp_path, steps=60)  # long enough to write words
+    out = tmp_path / "distilled" / "es-kd"  # one folder deeper: relative audio paths change
+    out.parent.mkdir()
+    capsys.readouterr()
+    assert main(["distill", str(mt), "--data", str(es), "--out", str(out), "--beam", "2"]) == 0
+    assert "distilling 4 distinct transcripts of 12 train utterances" in capsys.readouterr().out
+
+    old, new = UtteranceSplit(es, "train"), UtteranceSplit(out, "train")
+    transcripts = list(dict.fromkeys(e["transcript"] for e in old.entries))
+    teacher = dict(zip(transcripts, Translator.from_run(mt).translate(transcripts, beam_size=2)))
+    assets = load_assets(out)
+    changed = 0
+    assert len(new) == len(old) == 12
+    for i, (n, o) in enumerate(zip(new.entries, old.entries)):
+        want = teacher[o["transcript"]] if assets.tgt_tokenizer.encode(teacher[o["transcript"]]) \
+            else o["text"]
+        changed += want != o["text"]
+        assert n["text"] == want and n["reference"] == o["text"]
+        assert n["transcript"] == o["transcript"] and n["id"] == o["id"]
+        assert new.tgt(i).tolist() == assets.tgt_vocab.encode(assets.tgt_tokenizer.encode(want))
+        assert new.audio_path(i).samefile(old.audio_path(i))
+        assert new.transcript(i).tolist() == old.transcript(i).tolist()
+    assert changed > 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["distilled"]["targets_changed"] == changed and meta["distilled"]["sources"] == 4
+    assert meta["distilled"]["decode"]["beam_size"] == 2
+    for split in ("dev", "test"):
+        a, b = UtteranceSplit(es, split), UtteranceSplit(out, split)
+        assert [e["text"] for e in a.entries] == [e["text"] for e in b.entries]
+        assert all(b.tgt(i).tolist() == a.tgt(i).tolist() for i in range(len(a)))
+        assert all(b.audio_path(i).samefile(a.audio_path(i)) for i in range(len(a)))
+    # the end-to-end model trains on it
+    trainer, _ = _trainer(out, tmp_path / "st-kd", max_steps=2, valid_every=2)
+    trainer.fit()
+    assert (tmp_path / "st-kd" / "checkpoints" / "best").exists()
+
+    # data on its own target vocabulary: refused, naming --targets-from
+    own = tmp_path / "es-own"
+    assert main(["prepare", "bible-speech-es", "--speech-dir", str(speech), "--out", str(own),
+                 "--vocab-size", "60"]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(mt), "--data", str(own), "--out", str(tmp_path / "x")]) == 2
+    assert f"--targets-from {text}" in capsys.readouterr().err
+    # a text data directory is not speech translation data
+    assert main(["distill", str(mt), "--data", str(text), "--out", str(tmp_path / "x")]) == 2
+    assert "not a speech translation data directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # ---- benchmarks/st_compare.py: the corpus and the init runs come from the runs' configs ------
