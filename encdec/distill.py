@@ -47,16 +47,9 @@ def distill(teacher_run: str | Path, split: str = "train", out: str | Path | Non
     check_replaceable(out, force)  # before hours of decoding, not after
     sources = read_lines(src_path)
     originals = read_lines(data_dir / f"{split}.tgt.txt")
-    cfg = tr.decode_config(**decode_overrides)
-    how = f"beam {cfg.beam_size}" if cfg.method == "beam" else cfg.method
-    log(f"distilling {len(sources)} {split} sources with {teacher_run} "
-        f"({tr.checkpoint_dir.name}, {how})")
-    from tqdm import tqdm
-
-    start = time.perf_counter()
-    with tqdm(total=len(sources), unit="line", file=sys.stderr) as bar:
-        outputs = tr.translate(sources, progress=bar.update, **decode_overrides)
-    seconds = time.perf_counter() - start
+    outputs, seconds, decode = _translate_all(tr, teacher_run, sources,
+                                              f"{len(sources)} {split} sources", log,
+                                              decode_overrides)
 
     assets = load_assets(data_dir)
     targets, kept_original = [], 0
@@ -70,9 +63,8 @@ def distill(teacher_run: str | Path, split: str = "train", out: str | Path | Non
     try:
         _write_distilled(data_dir, tmp, split, targets, originals, assets, meta, info={
             "teacher": str(teacher_run), "checkpoint": tr.checkpoint_dir.name, "split": split,
-            "decode": {"method": cfg.method, "beam_size": cfg.beam_size,
-                       "length_penalty": cfg.length_penalty},
-            "from": str(data_dir), "kept_original_for_empty_output": kept_original})
+            "decode": decode, "from": str(data_dir),
+            "kept_original_for_empty_output": kept_original})
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +74,22 @@ def distill(teacher_run: str | Path, split: str = "train", out: str | Path | Non
         f" lines/s); {changed} differ from the original targets, {kept_original} empty outputs "
         f"kept the original -> {out}\ntrain a student on it with data.dir={out}")
     return out
+
+
+def _translate_all(tr: Translator, teacher_run, sources: list[str], what: str, log,
+                   decode_overrides: dict) -> tuple[list[str], float, dict]:
+    """The teacher's outputs for ``sources`` (under a progress bar), the seconds they took, and
+    the decoding settings as meta.json records them."""
+    from tqdm import tqdm
+
+    cfg = tr.decode_config(**decode_overrides)
+    how = f"beam {cfg.beam_size}" if cfg.method == "beam" else cfg.method
+    log(f"distilling {what} with {teacher_run} ({tr.checkpoint_dir.name}, {how})")
+    start = time.perf_counter()
+    with tqdm(total=len(sources), unit="line", file=sys.stderr) as bar:
+        outputs = tr.translate(sources, progress=bar.update, **decode_overrides)
+    return outputs, time.perf_counter() - start, {
+        "method": cfg.method, "beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty}
 
 
 def _write_distilled(data_dir: Path, tmp: Path, split: str, targets: list[str],
@@ -154,17 +162,11 @@ def distill_transcripts(teacher_run: str | Path, data_dir: str | Path, split: st
         raise DataError(f"{data_dir}/{split}.manifest.jsonl: utterance "
                         f"{missing.get('id', missing['audio'])!r} has no transcript to translate")
     sources = list(dict.fromkeys(e["transcript"] for e in entries))  # each verse once
-    cfg = tr.decode_config(**decode_overrides)
-    how = f"beam {cfg.beam_size}" if cfg.method == "beam" else cfg.method
-    log(f"distilling {len(sources)} distinct transcripts of {len(entries)} {split} utterances "
-        f"with {teacher_run} ({tr.checkpoint_dir.name}, {how})")
-    from tqdm import tqdm
-
-    start = time.perf_counter()
-    with tqdm(total=len(sources), unit="line", file=sys.stderr) as bar:
-        outputs = dict(zip(sources, tr.translate(sources, progress=bar.update,
-                                                 **decode_overrides)))
-    seconds = time.perf_counter() - start
+    translations, seconds, decode = _translate_all(
+        tr, teacher_run, sources,
+        f"{len(sources)} distinct transcripts of {len(entries)} {split} utterances", log,
+        decode_overrides)
+    outputs = dict(zip(sources, translations))
 
     assets = load_assets(data_dir)
     kept_original = changed = 0
@@ -192,9 +194,7 @@ def distill_transcripts(teacher_run: str | Path, data_dir: str | Path, split: st
         _write_binarized(tmp, split, "tgt", ids)
         meta["distilled"] = {
             "teacher": str(teacher_run), "checkpoint": tr.checkpoint_dir.name, "split": split,
-            "reads": "transcript", "decode": {"method": cfg.method, "beam_size": cfg.beam_size,
-                                              "length_penalty": cfg.length_penalty},
-            "from": str(data_dir), "sources": len(sources),
+            "reads": "transcript", "decode": decode, "from": str(data_dir), "sources": len(sources),
             "kept_original_for_empty_output": kept_original, "targets_changed": changed}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         swap_into_place(tmp, out)
