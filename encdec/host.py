@@ -93,3 +93,15 @@ def trim_heap() -> bool:
         return False
     _libc.malloc_trim(0)
     return True
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory now, in MiB (``/proc/self/statm``); None where the file
+    does not exist. Beside the peak (``ru_maxrss``), it tells memory that is still held from a
+    high-water mark that was reached once."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

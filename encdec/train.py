@@ -27,7 +27,7 @@ from encdec.data.corpus import DataError
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
-from encdec.host import retain_freed_memory, trim_heap
+from encdec.host import resident_mb, retain_freed_memory, trim_heap
 from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import AUTOREGRESSIVE_TTS, model_for_data
@@ -764,6 +764,9 @@ class Trainer:
                   "elapsed_s": self.state["elapsed"],
                   # peak resident memory of this process so far (Linux: KiB)
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        rss = resident_mb()  # and now
+        if rss is not None:
+            record["rss_mb"] = rss
         if self.cfg.train.scheduled_sampling != "off":  # the decoder inputs' sampling rate now
             record["sampling_prob"] = sampling_prob(step, self.cfg.train)
         if self.speech or self.tts:  # audio seconds trained on (generated) per wall-clock second

@@ -131,6 +131,14 @@ def test_trainer_trims_the_heap_between_steps_for_audio_data_only(tiny_data, tin
                                  max_steps=6, valid_every=6, trim_every=2)
     assert main(["train", str(speech)]) == 0
     assert len(calls) == 3 + 1  # after steps 2, 4 and 6, and after the validation at step 6
+    # each logged step records the resident memory now beside the peak so far
+    records = [json.loads(line) for line in
+               (tmp_path / "speech" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert logged and all(0 < r["rss_mb"] <= r["max_rss_mb"] + 1 for r in logged)
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    assert abs(host.resident_mb() - now) < 50
     calls.clear()
     off = write_speech_config(tmp_path / "off.yaml", tiny_speech_data, tmp_path / "off",
                               max_steps=2, valid_every=2, trim_every=0)
