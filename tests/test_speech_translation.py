@@ -514,6 +514,15 @@ def test_distill_transcripts_gives_the_end_to_end_data_the_mt_runs_translations(
     assert not (tmp_path / "x").exists()
 
 
+def test_distill_transcripts_refuses_a_speech_run_as_the_teacher(st_data, st_run, tmp_path,
+                                                                  capsys):
+    assert main(["distill", str(st_run), "--data", str(st_data), "--out",
+                 str(tmp_path / "kd")]) == 2
+    assert "is a speech run; the teacher of --data is a text translation run" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "kd").exists()
+
+
 # ---- benchmarks/st_compare.py: the corpus and the init runs come from the runs' configs ------
 def _st_compare():
     import importlib.util
