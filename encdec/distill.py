@@ -26,6 +26,7 @@ from encdec.data.corpus import DataError, read_lines
 from encdec.data.prepare import (_write_binarized, check_replaceable, load_meta, new_tmp_dir,
                                  swap_into_place)
 from encdec.files import atomic_write_text
+from encdec.metrics import text_scores
 from encdec.translate import Translator
 
 
@@ -173,12 +174,17 @@ def distill_transcripts(teacher_run: str | Path, data_dir: str | Path, split: st
     ids = []
     for entry in entries:
         original, output = entry["text"], outputs[entry["transcript"]]
-        if not assets.tgt_tokenizer.encode(output):  # a student cannot learn an empty target
-            output = original
+        pieces = assets.tgt_tokenizer.encode(output)
+        if not pieces:  # a student cannot learn an empty target
+            output, pieces = original, assets.tgt_tokenizer.encode(original)
             kept_original += 1
         changed += output != original
         entry["text"], entry["reference"] = output, original
-        ids.append(assets.tgt_vocab.encode(assets.tgt_tokenizer.encode(output)))
+        ids.append(assets.tgt_vocab.encode(pieces))
+    # how far the new targets are from the references (sacreBLEU, as `encdec evaluate`)
+    agree = text_scores([e["text"] for e in entries], [[e["reference"]] for e in entries])
+    length = sum(len(e["text"]) for e in entries) / max(1, sum(len(e["reference"])
+                                                                for e in entries))
 
     tmp = new_tmp_dir(out)  # beside out: the audio paths are made relative to it
     try:
@@ -195,7 +201,10 @@ def distill_transcripts(teacher_run: str | Path, data_dir: str | Path, split: st
         meta["distilled"] = {
             "teacher": str(teacher_run), "checkpoint": tr.checkpoint_dir.name, "split": split,
             "reads": "transcript", "decode": decode, "from": str(data_dir), "sources": len(sources),
-            "kept_original_for_empty_output": kept_original, "targets_changed": changed}
+            "kept_original_for_empty_output": kept_original, "targets_changed": changed,
+            "against_references": {"bleu": round(agree["bleu"], 2), "chrf": round(agree["chrf"], 2),
+                                   "length_ratio": round(length, 3),
+                                   "bleu_signature": agree["bleu_signature"]}}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         swap_into_place(tmp, out)
     except BaseException:
@@ -203,6 +212,8 @@ def distill_transcripts(teacher_run: str | Path, data_dir: str | Path, split: st
         raise
     log(f"{len(sources)} transcripts in {seconds:.0f} s ({len(sources) / max(seconds, 1e-9):.0f} "
         f"lines/s); {changed} of {len(entries)} {split} targets differ from the original, "
-        f"{kept_original} empty outputs kept the original -> {out}\n"
+        f"{kept_original} empty outputs kept the original; against the originals BLEU "
+        f"{agree['bleu']:.2f}, chrF {agree['chrf']:.2f}, {length:.2f}x their length in "
+        f"characters -> {out}\n"
         f"train the end-to-end model on it with data.dir={out}")
     return out

@@ -86,10 +86,7 @@ def test_trainer_keeps_freed_memory_for_text_data_only(tiny_data, tiny_speech_da
 _TRIM_PROBE = r"""
 import json, sys
 import torch
-from encdec.host import trim_heap
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+from encdec.host import resident_mb as rss_mb, trim_heap
 blocks = [torch.ones(25_000) for _ in range(4_000)]  # 400 MB, every page touched
 del blocks[::2]
 before = rss_mb()

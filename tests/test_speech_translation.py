@@ -491,6 +491,12 @@ def test_distill_transcripts_gives_the_end_to_end_data_the_mt_runs_translations(
     meta = json.loads((out / "meta.json").read_text())
     assert meta["distilled"]["targets_changed"] == changed and meta["distilled"]["sources"] == 4
     assert meta["distilled"]["decode"]["beam_size"] == 2
+    import sacrebleu
+    agree = meta["distilled"]["against_references"]
+    texts, refs = [e["text"] for e in new.entries], [e["reference"] for e in new.entries]
+    assert agree["bleu"] == round(sacrebleu.corpus_bleu(texts, [refs]).score, 2)
+    assert agree["chrf"] == round(sacrebleu.corpus_chrf(texts, [refs]).score, 2)
+    assert agree["length_ratio"] == round(sum(map(len, texts)) / sum(map(len, refs)), 3)
     for split in ("dev", "test"):
         a, b = UtteranceSplit(es, split), UtteranceSplit(out, split)
         assert [e["text"] for e in a.entries] == [e["text"] for e in b.entries]
