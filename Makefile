@@ -25,9 +25,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Debian packages: SWORD Bible texts for the bible-* recipes, Chromium for the web page test,
-# speech synthesizers and real recordings for bible-speech, g++ for train.compile.
+# speech synthesizers and real recordings for bible-speech, g++ for train.compile, tcmalloc for
+# training on audio data (train.allocator).
 SYSDEPS := sword-text-kjv sword-text-sparv sword-text-web chromium flite espeak-ng \
-	pocketsphinx-testdata festival festvox-kdlpc16k g++
+	pocketsphinx-testdata festival festvox-kdlpc16k g++ libtcmalloc-minimal4
 sysdeps:
 	@scripts/sysdeps.sh $(SYSDEPS)
 

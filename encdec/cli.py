@@ -174,8 +174,8 @@ def _prepare_speech_translation(args) -> None:
 
 
 def _train(args) -> None:
-    from encdec.config import Config
-    from encdec.train import train
+    from encdec.config import Config, ConfigError
+    from encdec.train import train, wants_tcmalloc
 
     path = Path(args.config)
     run_dir = None
@@ -186,6 +186,14 @@ def _train(args) -> None:
     if run_dir is not None and not any(o.split("=", 1)[0].strip() == "train.run_dir"
                                        for o in args.overrides):
         cfg.train.run_dir = str(run_dir)
+    if getattr(args, "own_process", False) and wants_tcmalloc(cfg):
+        from encdec.host import reexec_with_tcmalloc
+
+        why = reexec_with_tcmalloc()  # returns only when it could not
+        if cfg.train.allocator == "tcmalloc":
+            raise ConfigError(f"train.allocator=tcmalloc: {why}")
+        print(f"encdec: training with the C library's malloc ({why}): a higher peak memory "
+              f"on audio data; train.allocator=system silences this", file=sys.stderr)
     train(cfg, resume=args.resume)
 
 
@@ -699,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "serve", "experiment", "sweep") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    # the command line of this process (not a call from Python): `train` may re-execute it
+    args.own_process = argv is None
     from encdec.train import TrainingInterrupted
 
     try:

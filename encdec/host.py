@@ -18,6 +18,15 @@ dynamic mmap threshold rises to 32 MiB after the first large free, so most activ
 from the heap): the December asr-small hour peaked at 3.6 GB. For audio data the trainer calls
 ``trim_heap`` every ``train.trim_every`` steps and after each validation, which hands those
 pages back (README "Speech recognition" measures it).
+
+Trimming caps what the free blocks hold, not what the heap grows to between two trims: the
+asr-small peak still reached 2.8 GB in an hour. tcmalloc (gperftools, Debian
+``libtcmalloc-minimal4``) keeps per-size free lists that varying shapes reuse: on the same 120
+asr-small steps it peaked at 0.94 GB against 1.89 GB, with 2k page faults per step against 18k
+and 12 % less time per step. A C allocator is chosen when a process starts, so ``encdec train``
+on audio data on the CPU re-executes itself with tcmalloc preloaded (``train.allocator``,
+``reexec_with_tcmalloc``), as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) does
+by default. What serves a process is ``allocator()``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,69 @@ _TRIM_THRESHOLD = (1 << 31) - 1  # never hand the heap's free top back between s
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _done: bool | None = None
+
+# Loader names of tcmalloc, most specific first: the minimal build has no heap profiler
+TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+             "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
+# Set in the environment of the re-executed process, so that it never re-executes again
+REEXEC_MARK = "ENCDEC_ALLOCATOR_REEXEC"
+
+
+def allocator() -> str:
+    """The C allocator serving this process: "tcmalloc", "jemalloc" or "system" (the C
+    library's own; on Linux, whichever shared library is mapped into the process)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "system"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"/lib{name}" in maps:
+            return name
+    return "system"
+
+
+def find_tcmalloc() -> str | None:
+    """The path of an installed tcmalloc (Debian ``libtcmalloc-minimal4``), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in TCMALLOC:
+        for folder in _LIB_DIRS:
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                return path
+    for name in ("tcmalloc_minimal", "tcmalloc"):  # elsewhere on the loader's path
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def reexec_with_tcmalloc(argv: list[str] | None = None) -> str | None:
+    """Replace this process with the same command run with tcmalloc preloaded (``LD_PRELOAD``;
+    the same process id, arguments and environment otherwise). Returns, without doing
+    anything, a sentence saying why not: tcmalloc (or jemalloc) already serves the process, it
+    was re-executed once already, or no tcmalloc is installed. ``argv`` defaults to the
+    interpreter's own command line (``sys.orig_argv``)."""
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    current = allocator()
+    if current != "system":
+        return f"{current} already serves this process"
+    if os.environ.get(REEXEC_MARK):
+        return "re-executed once already and tcmalloc did not load"
+    lib = find_tcmalloc()
+    if lib is None:
+        return "no tcmalloc installed (Debian: libtcmalloc-minimal4)"
+    argv = list(sys.orig_argv if argv is None else argv)
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env[REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + argv[1:], env)
+    return None  # not reached
 
 
 def _glibc():

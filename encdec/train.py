@@ -27,7 +27,7 @@ from encdec.data.corpus import DataError
 from encdec.data.dataset import BinarizedSplit, collate, read_eval, shard, token_batches
 from encdec.decoding.texts import decode_texts
 from encdec.files import atomic_write_text
-from encdec.host import resident_mb, retain_freed_memory, trim_heap
+from encdec.host import allocator, resident_mb, retain_freed_memory, trim_heap
 from encdec.losses import sequence_loss, tts_loss
 from encdec.metrics import METRICS, score
 from encdec.models import AUTOREGRESSIVE_TTS, model_for_data
@@ -237,10 +237,13 @@ class Trainer:
         # Text only: audio batches (frames) change shape from step to step far more than token
         # batches, and a heap that keeps every freed block grew to 6.2 GB in an asr-small hour
         # (4.0 GB by update 200 against 1.8 GB with glibc's defaults); see encdec/host.py.
-        if self.device.type == "cpu" and t.retain_freed_memory and not (self.speech or self.tts):
+        # tcmalloc, when it serves the process (`encdec train` preloads it for audio data,
+        # train.allocator), needs neither setting: both are for glibc's malloc
+        self.allocator = allocator()
+        glibc = self.device.type == "cpu" and self.allocator == "system"
+        if glibc and t.retain_freed_memory and not (self.speech or self.tts):
             retain_freed_memory()
-        self._trim_every = t.trim_every if self.device.type == "cpu" and (self.speech or self.tts) \
-            else 0
+        self._trim_every = t.trim_every if glibc and (self.speech or self.tts) else 0
         if self.tts:
             from encdec.data.tts import TTSSplit
 
@@ -690,7 +693,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {t.run_dir} {self.cfg.model.arch} {n_params / 1e6:.2f}M parameters, "
                  f"{len(self._batches)} batches/epoch/process, {self.dist.world_size} process(es), "
-                 f"device {self.device}")
+                 f"device {self.device}" + (f", allocator {self.allocator}"
+                                            if self.device.type == "cpu" else ""))
         bar = tqdm(total=t.max_steps or None, initial=self.state["step"], unit="step",
                    disable=not (self.dist.is_main and self.progress), dynamic_ncols=True,
                    mininterval=1.0)
@@ -809,6 +813,25 @@ class TrainingInterrupted(Exception):
         self.exit_code = 128 + int(signum)  # what the shell reports for a death by that signal
         super().__init__(f"{signal.Signals(signum).name} at step {step}: saved a checkpoint in "
                          f"{run_dir}; continue with: encdec train {run_dir} --resume")
+
+
+def wants_tcmalloc(cfg: Config) -> bool:
+    """Whether ``encdec train`` should run this configuration with tcmalloc preloaded
+    (``train.allocator``): always for ``tcmalloc``; for ``auto``, audio data (speech, TTS)
+    trained on the CPU. False when tcmalloc or jemalloc serves the process already."""
+    t = cfg.train
+    if t.allocator == "system" or allocator() != "system":
+        return False
+    if t.allocator == "tcmalloc":
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    if t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()):
+        return False  # tensors live in CUDA's caching allocator
+    try:
+        return load_assets(cfg.data.dir).meta.get("modality") in ("speech", "tts")
+    except Exception:  # noqa: BLE001 - the trainer reports a missing or broken data directory
+        return False
 
 
 def train(cfg: Config, resume: bool = False, log=print, progress: bool = True) -> dict:
