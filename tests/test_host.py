@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import needs_system
 from encdec import host
 
 # Trains a small MLP (64 MiB activations, above glibc's largest dynamic mmap threshold) and counts the page faults per step once warm: without
@@ -141,3 +142,129 @@ def test_trainer_trims_the_heap_between_steps_for_audio_data_only(tiny_data, tin
                               max_steps=2, valid_every=2, trim_every=0)
     assert main(["train", str(off)]) == 0
     assert calls == []
+
+
+# ---- the C allocator `encdec train` runs with (train.allocator) ---------------------------
+
+_TCMALLOC = host.find_tcmalloc()
+needs_tcmalloc = needs_system([] if _TCMALLOC else ["libtcmalloc-minimal4"],
+                              "training on audio data with tcmalloc")
+
+# Prints the allocator serving it, its pid, arguments and LD_PRELOAD, then asks to be re-run
+# with tcmalloc and prints what the call returned (only where it did not re-execute).
+_REEXEC_PROBE = r"""
+import json, os, sys
+from encdec import host
+print(json.dumps({"allocator": host.allocator(), "pid": os.getpid(), "args": sys.argv[1:],
+                  "preload": os.environ.get("LD_PRELOAD", "")}), flush=True)
+print(json.dumps({"returned": host.reexec_with_tcmalloc()}), flush=True)
+"""
+
+
+def _run_probe(tmp_path, env: dict) -> list[dict]:
+    script = tmp_path / "probe.py"
+    script.write_text(_REEXEC_PROBE)
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host.REEXEC_MARK)}
+    out = subprocess.run([sys.executable, str(script), "a b", "--c"], capture_output=True,
+                         text=True, check=True, env={**base, **env})
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@needs_tcmalloc
+def test_allocator_names_what_serves_the_process(tmp_path):
+    plain = _run_probe(tmp_path, {host.REEXEC_MARK: "1"})  # the mark: no re-execution
+    assert plain[0]["allocator"] == "system"
+    assert plain[1]["returned"].startswith("re-executed once already")
+    preloaded = _run_probe(tmp_path, {"LD_PRELOAD": _TCMALLOC})
+    assert preloaded[0]["allocator"] == "tcmalloc"
+    assert preloaded[1]["returned"] == "tcmalloc already serves this process"
+
+
+@needs_tcmalloc
+def test_reexec_with_tcmalloc_keeps_the_process_its_arguments_and_preloads(tmp_path):
+    lines = _run_probe(tmp_path, {"LD_PRELOAD": "libm.so.6"})
+    first, second, last = lines  # the probe ran twice: before and after the re-execution
+    assert first["allocator"] == "system" and second["allocator"] == "tcmalloc"
+    assert first["pid"] == second["pid"]  # replaced in place, not a child process
+    assert first["args"] == second["args"] == ["a b", "--c"]
+    assert second["preload"] == f"{_TCMALLOC}:libm.so.6"  # the user's preloads stay
+    assert last["returned"] == "tcmalloc already serves this process"
+
+
+def test_reexec_reports_a_missing_tcmalloc_without_replacing_the_process(monkeypatch):
+    monkeypatch.setattr(host, "find_tcmalloc", lambda: None)
+    monkeypatch.delenv(host.REEXEC_MARK, raising=False)
+    if host.allocator() != "system":
+        pytest.skip("this test process runs with another allocator")
+    assert host.reexec_with_tcmalloc() == "no tcmalloc installed (Debian: libtcmalloc-minimal4)"
+
+
+def test_tcmalloc_is_wanted_for_audio_data_on_the_cpu(tiny_data, tiny_speech_data, tmp_path,
+                                                      monkeypatch):
+    from conftest import write_config, write_speech_config
+    from encdec.config import Config
+    from encdec.train import wants_tcmalloc
+
+    monkeypatch.setattr("encdec.train.allocator", lambda: "system")
+    text = write_config(tmp_path / "text.yaml", tiny_data, tmp_path / "text")
+    speech = write_speech_config(tmp_path / "speech.yaml", tiny_speech_data, tmp_path / "speech")
+    assert wants_tcmalloc(Config.load(speech, ["train.device=cpu"]))
+    assert not wants_tcmalloc(Config.load(text, ["train.device=cpu"]))
+    assert wants_tcmalloc(Config.load(text, ["train.allocator=tcmalloc"]))
+    assert not wants_tcmalloc(Config.load(speech, ["train.allocator=system"]))
+    assert not wants_tcmalloc(Config.load(speech, ["train.device=cuda"]))
+    monkeypatch.setattr("encdec.train.allocator", lambda: "tcmalloc")  # already there
+    assert not wants_tcmalloc(Config.load(speech, ["train.device=cpu"]))
+    with pytest.raises(Exception, match="train.allocator='jemalloc': must be auto, tcmalloc or"):
+        Config.load(speech, ["train.allocator=jemalloc"])
+
+
+def test_train_says_when_it_cannot_have_tcmalloc(tiny_data, tiny_speech_data, tmp_path,
+                                                 monkeypatch, capsys):
+    import argparse
+
+    from conftest import write_config, write_speech_config
+    from encdec import cli
+    from encdec.config import ConfigError
+
+    monkeypatch.setattr("encdec.train.allocator", lambda: "system")
+    monkeypatch.setattr(host, "reexec_with_tcmalloc", lambda: "no tcmalloc installed (Debian: "
+                                                              "libtcmalloc-minimal4)")
+    speech = write_speech_config(tmp_path / "speech.yaml", tiny_speech_data, tmp_path / "speech",
+                                 max_steps=1, valid_every=1, device="cpu")
+
+    def train(config, *overrides):
+        cli._train(argparse.Namespace(config=str(config), overrides=list(overrides),
+                                      resume=False, own_process=True))
+
+    train(speech)  # auto: trains with glibc's malloc, and says so on stderr
+    assert "training with the C library's malloc (no tcmalloc installed" in capsys.readouterr().err
+    assert (tmp_path / "speech" / "checkpoints" / "last").exists()
+    with pytest.raises(ConfigError, match="train.allocator=tcmalloc: no tcmalloc installed"):
+        train(speech, "train.allocator=tcmalloc", f"train.run_dir={tmp_path / 'asked'}")
+    text = write_config(tmp_path / "text.yaml", tiny_data, tmp_path / "text", max_steps=1,
+                        device="cpu")
+    train(text)  # text data: nothing to say
+    assert "malloc" not in capsys.readouterr().err
+
+
+@needs_tcmalloc
+def test_encdec_train_runs_audio_data_with_tcmalloc(tiny_data, tiny_speech_data, tmp_path):
+    from conftest import write_config, write_speech_config
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host.REEXEC_MARK)}
+
+    def train(config, *overrides) -> str:
+        out = subprocess.run([sys.executable, "-m", "encdec.cli", "train", str(config),
+                              "train.device=cpu", *overrides], capture_output=True, text=True,
+                             env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout + out.stderr
+
+    speech = write_speech_config(tmp_path / "speech.yaml", tiny_speech_data, tmp_path / "speech",
+                                 max_steps=2, valid_every=2)
+    assert "device cpu, allocator tcmalloc" in train(speech)
+    assert "device cpu, allocator system" in train(speech, "train.allocator=system",
+                                                   f"train.run_dir={tmp_path / 'system'}")
+    text = write_config(tmp_path / "text.yaml", tiny_data, tmp_path / "text", max_steps=2)
+    assert "device cpu, allocator system" in train(text)
