@@ -22,9 +22,11 @@ pages back (README "Speech recognition" measures it).
 Trimming caps what the free blocks hold, not what the heap grows to between two trims: the
 asr-small peak still reached 2.8 GB in an hour. tcmalloc (gperftools, Debian
 ``libtcmalloc-minimal4``) keeps per-size free lists that varying shapes reuse: on the same 120
-asr-small steps it peaked at 0.94 GB against 1.89 GB, with 2k page faults per step against 18k
-and 12 % less time per step. A C allocator is chosen when a process starts, so ``encdec train``
-on audio data on the CPU re-executes itself with tcmalloc preloaded (``train.allocator``,
+asr-small updates it peaked at 0.95 GB against 1.85 GB, with 0.78x the time per update and 250
+page faults per update against 12,400 (``benchmarks/allocator_memory.py``); the hour peaked at
+1.05 GB against 2.80 GB. For text data glibc with ``retain_freed_memory`` stays (g2p-small:
+within noise of tcmalloc). A C allocator is chosen when a process starts, so ``encdec train`` on
+audio data on the CPU re-executes itself with tcmalloc preloaded (``train.allocator``,
 ``reexec_with_tcmalloc``), as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) does
 by default. What serves a process is ``allocator()``.
 """
