@@ -640,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="from_run", metavar="RUN",
                     help="sampling: continue a copy of this trained run for --steps more steps "
                          "in each variant (its config is the base), scheduled sampling "
-                         "starting from zero at the run's last step; scored at the last step")
+                         "starting from zero at the run's last step; scored at the last step. "
+                         "nat: this trained autoregressive run is the AT model and the teacher "
+                         "(none is trained)")
     ex.add_argument("--seeds", help="train every variant once per seed, e.g. 1,2,3, in "
                     "OUT/VARIANT/seed-N; the table gives each variant's mean and range "
                     "(default: once, with the config's seed, in OUT/VARIANT)")

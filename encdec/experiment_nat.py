@@ -13,6 +13,14 @@ length (CMUdict's pronunciation variants), an output that is none of them but ta
 by position, tokens of two of them — some that only one has and some that only the other has —
 mixes two valid outputs. Those are counted per decoder: a NAT model predicts every position
 independently, so it can; distillation gives it one target per input and should make it rarer.
+Its best-known symptom is counted too, on every input: an output with a token twice in a row
+where no reference of that input has it twice in a row (two positions that each chose the same
+token from a different mode).
+
+``teacher`` (``--from RUN``) takes a trained autoregressive run as the AT model and teacher
+instead of training one. The command can be started again after a stop: a finished run is read
+back, a half-trained one continues from its last checkpoint, and the distilled targets are kept
+as long as the teacher has not changed.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from itertools import combinations
 from pathlib import Path
 
 from encdec.config import Config, apply_override
+from encdec.files import atomic_write_text
 
 PASSES = (1, 4, 10)
 
@@ -41,6 +50,17 @@ def mixes_references(hyp: list[str], refs: list[list[str]]) -> bool:
                 any(h == y != x for h, x, y in zip(hyp, a, b)):
             return True
     return False
+
+
+def repeats_token(hyp: list[str], refs: list[list[str]]) -> bool:
+    """Whether ``hyp`` has a token twice in a row that no reference has twice in a row."""
+    doubled = {a for r in refs for a, b in zip(r, r[1:]) if a == b}
+    return any(a == b and a not in doubled for a, b in zip(hyp, hyp[1:]))
+
+
+def count_repeats(hyps: list[str], refs: list[list[str]]) -> int:
+    """Outputs with a token repeated in a row where none of their references repeats it."""
+    return sum(repeats_token(h.split(), [r.split() for r in rs]) for h, rs in zip(hyps, refs))
 
 
 def count_mixed(hyps: list[str], refs: list[list[str]]) -> tuple[int, int]:
@@ -69,7 +89,9 @@ def _load(path: str | Path, overrides: list[str]) -> dict:
 def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
                        nat_config: str = "configs/g2p-nat.yaml", minutes: float | None = None,
                        steps: int | None = None, overrides: list[str] | None = None,
-                       latency_inputs: int = 200, log=print) -> list[dict]:
+                       teacher: str | Path | None = None, latency_inputs: int = 200,
+                       log=print) -> list[dict]:
+    from encdec.config import ConfigError
     from encdec.data.dataset import read_eval
     from encdec.distill import distill
     from encdec.metrics import score
@@ -77,10 +99,17 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
     from encdec.translate import Translator
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     overrides = overrides or []
-    at_raw = _load(base_config, overrides)
+    if teacher is not None:
+        if not (Path(teacher) / "config.yaml").exists():
+            raise ConfigError(f"--from {teacher}: not a run directory (no config.yaml)")
+        if not (Path(teacher) / "checkpoints" / "last").exists():
+            raise ConfigError(f"--from {teacher}: the run has no checkpoint yet")
+        at_raw = _load(Path(teacher) / "config.yaml", [])
+    else:
+        at_raw = _load(base_config, overrides)
     nat_raw = _load(nat_config, overrides)
+    out.mkdir(parents=True, exist_ok=True)
     data_dir = Config.from_dict(at_raw).data.dir
     nat_raw.setdefault("data", {})["dir"] = data_dir
     if minutes is None and steps is None:
@@ -97,24 +126,42 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
         if steps:
             t["max_steps"] = steps
         cfg = Config.from_dict(raw, source=f"nat/{label}")
-        log(f"== nat: training {label} ({budget}) -> {run_dir}")
-        state = train(cfg, log=lambda *a: None, progress=False)
+        resume = (run_dir / "checkpoints" / "last").exists()
+        log(f"== nat: {'continuing' if resume else 'training'} {label} ({budget}) -> {run_dir}")
+        state = train(cfg, resume=resume, log=lambda *a: None, progress=False)
         return {"steps": state["step"], "train_min": round(state["elapsed"] / 60, 1)}
 
-    trained = {"AT": fit(at_raw, out / "at", "AT")}
+    if teacher is None:
+        at_dir = out / "at"
+        trained = {"AT": fit(at_raw, at_dir, "AT")}
+    else:
+        at_dir = Path(teacher)
+        state = _trainer_state(at_dir)
+        log(f"== nat: the AT model is {at_dir} (step {state['step']})")
+        trained = {"AT": {"steps": state["step"], "train_min": round(state["elapsed"] / 60, 1)}}
     kd_dir = out / "data-distilled"
-    log(f"== nat: distilling the training targets with the AT model (beam 5) -> {kd_dir}")
-    distill(out / "at", "train", kd_dir, log=lambda *a: None, method="beam",
-            beam_size=5)
+    stamp = {"teacher": str(at_dir), "step": trained["AT"]["steps"]}
+    stamp_file = out / "distilled-from.json"
+    if (kd_dir / "meta.json").exists() and stamp_file.exists() and \
+            json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+        log(f"== nat: the training targets distilled earlier by the same AT model: {kd_dir}")
+    else:
+        if (out / "nat-distilled" / "checkpoints" / "last").exists():
+            raise ConfigError(f"{out / 'nat-distilled'} was trained on targets distilled by "
+                              f"another AT model than {at_dir} at step {stamp['step']}; remove it "
+                              "(or give another --out) to train it again on new targets")
+        log(f"== nat: distilling the training targets with the AT model (beam 5) -> {kd_dir}")
+        distill(at_dir, "train", kd_dir, log=lambda *a: None, method="beam", beam_size=5)
+        atomic_write_text(stamp_file, json.dumps(stamp) + "\n")
     trained["NAT"] = fit(nat_raw, out / "nat-raw", "NAT, original targets")
     trained["NAT distilled"] = fit(nat_raw, out / "nat-distilled", "NAT, distilled targets",
                                    dir=str(kd_dir))
 
     entries = read_eval(data_dir, "test")
     sources, refs = [e["src"] for e in entries], [e["refs"] for e in entries]
-    metric = Translator.from_run(out / "at").assets.meta["metric"]
-    decoders = [("AT beam 5", "AT", out / "at", {"method": "beam", "beam_size": 5}),
-                ("AT greedy", "AT", out / "at", {"method": "greedy"})]
+    metric = Translator.from_run(at_dir).assets.meta["metric"]
+    decoders = [("AT beam 5", "AT", at_dir, {"method": "beam", "beam_size": 5}),
+                ("AT greedy", "AT", at_dir, {"method": "greedy"})]
     for name, run in (("NAT", "nat-raw"), ("NAT distilled", "nat-distilled")):
         decoders += [(f"{name}, {k} pass{'es' if k > 1 else ''}", name, out / run,
                       {"iterations": k}) for k in PASSES]
@@ -138,13 +185,23 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
                "inputs_per_s_b64": round(len(sources) / batch_s, 1),
                "ms_per_input_b1": round(1000 * single_s / max(len(few), 1), 2),
                **{f"test_{k}": round(v, 2) for k, v in scores.items() if isinstance(v, float)},
-               "mixed_outputs": mixed, "mixable_inputs": possible}
+               "mixed_outputs": mixed, "mixable_inputs": possible,
+               "repeat_outputs": count_repeats(hyps, refs)}
         (out / f"{label.replace(' ', '-').replace(',', '')}.hyp").write_text(
             "".join(h + "\n" for h in hyps), encoding="utf-8")
         rows.append(row)
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items()))
     _write(out, rows, budget, metric, len(sources), len(few))
     return rows
+
+
+def _trainer_state(run: Path) -> dict:
+    """The step and training seconds of ``run``'s last checkpoint."""
+    from encdec import checkpoint
+
+    last = checkpoint.resolve(run, "last")
+    state = json.loads((last / "trainer.json").read_text(encoding="utf-8"))
+    return {"step": int(state["step"]), "elapsed": float(state.get("elapsed", 0.0))}
 
 
 def _write(out: Path, rows: list[dict], budget: str, metric: str, n: int, n_single: int) -> None:
@@ -158,14 +215,15 @@ def _write(out: Path, rows: list[dict], budget: str, metric: str, n: int, n_sing
     lines = [f"# experiment `nat` ({budget} per model; test split, {n} inputs)", "",
              f"| decoder | steps | {key.split('_')[1].upper()} | inputs/s, batch 64 | vs AT beam 5 "
              f"| ms/input, batch 1 (first {n_single}) | vs AT beam 5 | outputs mixing two "
-             "references |", "|---|---|---|---|---|---|---|---|"]
+             f"references | outputs repeating a token (of {n}) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["decoder"] + (f" (length beam {r['length_beam']})" if r["length_beam"] else "")
         lines.append(
             f"| {name} | {r['steps']} | {r[key]:.2f} | {r['inputs_per_s_b64']:,.0f} "
             f"| {r['inputs_per_s_b64'] / ref['inputs_per_s_b64']:.2f}× "
             f"| {r['ms_per_input_b1']:.1f} | {ref['ms_per_input_b1'] / r['ms_per_input_b1']:.2f}× "
-            f"| {r['mixed_outputs']} of {r['mixable_inputs']} |")
+            f"| {r['mixed_outputs']} of {r['mixable_inputs']} | {r['repeat_outputs']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     import matplotlib

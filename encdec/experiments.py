@@ -17,7 +17,8 @@ and range; ``--jobs N`` trains N models at once, each in its own process.
   schedule starting from zero at its last step: scheduled sampling from a trained model
 * ``rnn``      the Transformer vs an LSTM with attention of the same parameter count
 * ``nat``      AT beam/greedy vs NAT on original and distilled targets, speed at batch 1 and 64,
-  and NAT outputs that mix two references (``encdec/experiment_nat.py``)
+  and NAT outputs that mix two references or repeat a token (``encdec/experiment_nat.py``);
+  ``--from RUN`` takes a trained AT run instead of training one
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
                    overrides: list[str] | None = None, nat_config: str = "configs/g2p-nat.yaml",
                    from_run: str | Path | None = None, seeds: list[int] | None = None,
                    jobs: int = 1, log=print) -> list[dict]:
-    """``from_run`` (experiment sampling only, with ``steps``): every variant continues a copy
+    """``from_run`` (experiment sampling, with ``steps``): every variant continues a copy
     of that trained run for ``steps`` more steps and is scored at its last checkpoint.
+    (Experiment nat: the trained autoregressive run that is the AT model and the teacher.)
 
     ``seeds``: train every variant once per seed (in OUT/VARIANT/seed-N), and report each
     variant's mean and range; without it, once with the config's seed (in OUT/VARIANT).
@@ -175,10 +177,10 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         raise ConfigError(f"--seeds {seeds}: give distinct seeds")
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: must be at least 1")
-    if from_run is not None:
+    if from_run is not None and name != "nat":
         if name != "sampling":
-            raise ConfigError(f"--from continues a trained run, which only experiment sampling "
-                              f"does (experiment {name} changes the model itself)")
+            raise ConfigError(f"--from starts from a trained run, which only experiments "
+                              f"sampling and nat do (experiment {name} changes the model itself)")
         if not steps or minutes:
             raise ConfigError("--from needs --steps N, the steps each variant trains on from "
                               "the run's last checkpoint (and no --minutes)")
@@ -196,7 +198,8 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
         from encdec.experiment_nat import run_nat_experiment
 
         return run_nat_experiment(out_dir, base_config=base_config, nat_config=nat_config,
-                                  minutes=minutes, steps=steps, overrides=overrides, log=log)
+                                  minutes=minutes, steps=steps, overrides=overrides,
+                                  teacher=from_run, log=log)
 
     from encdec.data.prepare import load_meta
 
