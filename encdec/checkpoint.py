@@ -188,11 +188,15 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
+def trainer_info(ckpt_dir: str | Path) -> dict:
+    """The trainer's state at a checkpoint without its tensors: ``step``, ``epoch``,
+    ``elapsed`` (training seconds), ``best`` and the optimizer's scalars."""
+    return json.loads((Path(ckpt_dir) / "trainer.json").read_text(encoding="utf-8"))
+
+
 def load_trainer_state(ckpt_dir: str | Path) -> tuple[dict, dict]:
-    ckpt_dir = Path(ckpt_dir)
-    tensors = load_file(str(ckpt_dir / "trainer.safetensors"))
-    info = json.loads((ckpt_dir / "trainer.json").read_text(encoding="utf-8"))
-    return tensors, info
+    tensors = load_file(str(Path(ckpt_dir) / "trainer.safetensors"))
+    return tensors, trainer_info(ckpt_dir)
 
 
 def check_average_name(ckpt_root: Path, name: str, force: bool = False) -> None:

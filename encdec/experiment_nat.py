@@ -91,6 +91,7 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
                        steps: int | None = None, overrides: list[str] | None = None,
                        teacher: str | Path | None = None, latency_inputs: int = 200,
                        log=print) -> list[dict]:
+    from encdec import checkpoint
     from encdec.config import ConfigError
     from encdec.data.dataset import read_eval
     from encdec.distill import distill
@@ -136,7 +137,7 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
         trained = {"AT": fit(at_raw, at_dir, "AT")}
     else:
         at_dir = Path(teacher)
-        state = _trainer_state(at_dir)
+        state = checkpoint.trainer_info(checkpoint.resolve(at_dir, "last"))
         log(f"== nat: the AT model is {at_dir} (step {state['step']})")
         trained = {"AT": {"steps": state["step"], "train_min": round(state["elapsed"] / 60, 1)}}
     kd_dir = out / "data-distilled"
@@ -193,15 +194,6 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items()))
     _write(out, rows, budget, metric, len(sources), len(few))
     return rows
-
-
-def _trainer_state(run: Path) -> dict:
-    """The step and training seconds of ``run``'s last checkpoint."""
-    from encdec import checkpoint
-
-    last = checkpoint.resolve(run, "last")
-    state = json.loads((last / "trainer.json").read_text(encoding="utf-8"))
-    return {"step": int(state["step"]), "elapsed": float(state.get("elapsed", 0.0))}
 
 
 def _write(out: Path, rows: list[dict], budget: str, metric: str, n: int, n_single: int) -> None:

@@ -136,8 +136,7 @@ def error_by_position(hyps: list[str], refs: list[list[str]], max_pos: int = 20)
 def _last_step(run: Path) -> int:
     from encdec import checkpoint
 
-    last = checkpoint.resolve(run, "last")
-    return int(json.loads((last / "trainer.json").read_text(encoding="utf-8"))["step"])
+    return int(checkpoint.trainer_info(checkpoint.resolve(run, "last"))["step"])
 
 
 def _continued_copy(run: Path, dest: Path) -> None:
