@@ -57,7 +57,6 @@ def test_nat_experiment_trains_distills_and_writes_one_table(tiny_data, tmp_path
         "AT beam 5", "AT greedy", "NAT, 1 pass", "NAT, 4 passes", "NAT, 10 passes",
         "NAT distilled, 1 pass", "NAT distilled, 4 passes", "NAT distilled, 10 passes"]
     assert all(r["steps"] == "6" for r in rows)
-    assert all(int(r["repeat_outputs"]) >= 0 for r in rows)
     assert [r["length_beam"] for r in rows] == ["", ""] + ["2"] * 6
     # the distilled model trained on the AT model's outputs, the raw one on the real targets
     distilled = out / "data-distilled"
