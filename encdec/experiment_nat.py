@@ -19,8 +19,9 @@ token from a different mode).
 
 ``teacher`` (``--from RUN``) takes a trained autoregressive run as the AT model and teacher
 instead of training one. The command can be started again after a stop: a finished run is read
-back, a half-trained one continues from its last checkpoint, and the distilled targets are kept
-as long as the teacher has not changed.
+back, a half-trained one continues from its last checkpoint (refused, naming the settings, when
+it was started with others: see ``encdec.experiments.check_continuation``), and the distilled
+targets are kept as long as the teacher has not changed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
     from encdec.config import ConfigError
     from encdec.data.dataset import read_eval
     from encdec.distill import distill
+    from encdec.experiments import check_continuation
     from encdec.metrics import score
     from encdec.train import train
     from encdec.translate import Translator
@@ -118,7 +120,9 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
     budget = " and ".join(([f"{minutes:g} min"] if minutes else []) +
                           ([f"{steps} steps"] if steps else []))
 
-    def fit(raw: dict, run_dir: Path, label: str, **data) -> dict:
+    kd_dir = out / "data-distilled"
+
+    def budgeted(raw: dict, run_dir: Path, label: str, **data) -> tuple[dict, Path, str]:
         raw = json.loads(json.dumps(raw))
         raw.setdefault("data", {}).update(data)
         t = raw.setdefault("train", {})
@@ -126,6 +130,18 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
         t["max_minutes"] = minutes or 0
         if steps:
             t["max_steps"] = steps
+        return raw, run_dir, label
+
+    runs = {"NAT": budgeted(nat_raw, out / "nat-raw", "NAT, original targets"),
+            "NAT distilled": budgeted(nat_raw, out / "nat-distilled", "NAT, distilled targets",
+                                      dir=str(kd_dir))}
+    if teacher is None:
+        runs = {"AT": budgeted(at_raw, out / "at", "AT"), **runs}
+    for raw, run_dir, label in runs.values():  # before training anything
+        if (run_dir / "checkpoints" / "last").exists():
+            check_continuation(run_dir, raw, f"nat/{label}")
+
+    def fit(raw: dict, run_dir: Path, label: str) -> dict:
         cfg = Config.from_dict(raw, source=f"nat/{label}")
         resume = (run_dir / "checkpoints" / "last").exists()
         log(f"== nat: {'continuing' if resume else 'training'} {label} ({budget}) -> {run_dir}")
@@ -134,13 +150,12 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
 
     if teacher is None:
         at_dir = out / "at"
-        trained = {"AT": fit(at_raw, at_dir, "AT")}
+        trained = {"AT": fit(*runs["AT"])}
     else:
         at_dir = Path(teacher)
         state = checkpoint.trainer_info(checkpoint.resolve(at_dir, "last"))
         log(f"== nat: the AT model is {at_dir} (step {state['step']})")
         trained = {"AT": {"steps": state["step"], "train_min": round(state["elapsed"] / 60, 1)}}
-    kd_dir = out / "data-distilled"
     stamp = {"teacher": str(at_dir), "step": trained["AT"]["steps"]}
     stamp_file = out / "distilled-from.json"
     if (kd_dir / "meta.json").exists() and stamp_file.exists() and \
@@ -154,9 +169,8 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
         log(f"== nat: distilling the training targets with the AT model (beam 5) -> {kd_dir}")
         distill(at_dir, "train", kd_dir, log=lambda *a: None, method="beam", beam_size=5)
         atomic_write_text(stamp_file, json.dumps(stamp) + "\n")
-    trained["NAT"] = fit(nat_raw, out / "nat-raw", "NAT, original targets")
-    trained["NAT distilled"] = fit(nat_raw, out / "nat-distilled", "NAT, distilled targets",
-                                   dir=str(kd_dir))
+    trained["NAT"] = fit(*runs["NAT"])
+    trained["NAT distilled"] = fit(*runs["NAT distilled"])
 
     entries = read_eval(data_dir, "test")
     sources, refs = [e["src"] for e in entries], [e["refs"] for e in entries]

@@ -10,6 +10,13 @@ variant, and a rerun on the same machine and thread count gives the same numbers
 ``--seeds 1,2,3`` every variant trains once per seed and the table gives each variant's mean
 and range; ``--jobs N`` trains N models at once, each in its own process.
 
+The same command started again continues where it stopped, so a budget longer than one
+sitting (the claims at convergence) can be trained in parts: a finished model is read back and
+scored, a half-trained one continues from its last checkpoint (exact resume: the same model an
+uninterrupted run trains). A model started with other settings than the command now gives is
+refused, naming them; only the budget may grow (``--steps``, ``--minutes``), and not under a
+schedule that decays over the budget.
+
 * ``depth``    deep-thin (2L layers) vs shallow-wide (2L/3 layers) at the base's parameter count
 * ``norm``     post-LN vs pre-LN vs pre-BatchNorm (statistics over real positions)
 * ``sampling`` teacher forcing vs scheduled sampling (inverse-sigmoid, two-pass); with
@@ -155,6 +162,36 @@ def _continued_copy(run: Path, dest: Path) -> None:
         (dest / "checkpoints" / "best").write_text(last.name + "\n", encoding="utf-8")
 
 
+# What may differ between a model's first start and its continuation: the budget (and the
+# validation interval derived from it), the thread count, where the run lives.
+_BUDGET_KEYS = {("train", "max_steps"), ("train", "max_minutes"), ("train", "valid_every")}
+_FREE_KEYS = {("train", "num_threads"), ("train", "run_dir")}
+
+
+def check_continuation(run_dir: Path, raw: dict, source: str) -> None:
+    """Refuse to continue the run in ``run_dir`` with the config ``raw`` when they differ in
+    anything but the budget, or in the budget while the learning rate decays over it (the
+    continuation would not be the model either budget trains). ConfigError names the settings."""
+    from encdec.config import ConfigError
+
+    before = Config.load(run_dir / "config.yaml").to_dict()
+    now = Config.from_dict(raw, source=source).to_dict()
+    changed = [(section, key) for section in now for key in now[section]
+               if (section, key) not in _FREE_KEYS
+               and before.get(section, {}).get(key) != now[section][key]]
+    settings = [c for c in changed if c not in _BUDGET_KEYS]
+    if not settings and changed and now["train"]["schedule"] in ("cosine", "linear"):
+        settings = [("train", "schedule")] + changed
+    if settings:
+        diff = "; ".join(f"{s}.{k}: {before.get(s, {}).get(k)!r} then, {now[s][k]!r} now"
+                         for s, k in settings)
+        why = ("the learning rate decays over the budget, so the budget cannot change"
+               if ("train", "schedule") in settings and now["train"]["schedule"] ==
+               before["train"]["schedule"] else "the continuation would be another model")
+        raise ConfigError(f"{run_dir} was started with other settings ({diff}): {why}. Start "
+                          "it again with the options it was started with, or give another --out")
+
+
 def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "configs/g2p-small.yaml",
                    minutes: float | None = None, steps: int | None = None,
                    overrides: list[str] | None = None, nat_config: str = "configs/g2p-nat.yaml",
@@ -221,7 +258,7 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
     from encdec.workers import run_tasks, threads_per_job
 
     threads = threads_per_job(base, jobs)
-    tasks = []  # (label, seed or None, raw config)
+    tasks = []  # (label, seed or None, raw config, step it continues from or None)
     for label, raw in variants.items():
         slug = label.replace(" ", "-").replace("+", "x")
         for seed in seeds or [None]:
@@ -239,21 +276,30 @@ def run_experiment(name: str, out_dir: str | Path, *, base_config: str = "config
                 t["valid_every"] = max(25, steps // 8)  # about eight points on the dev curve
                 if not minutes:
                     t["max_minutes"] = 0
-            tasks.append((label, seed, run))
+            run_dir = Path(t["run_dir"])
+            resumed = None
+            if (run_dir / "checkpoints" / "last").exists():
+                resumed = _last_step(run_dir)
+                if from_run is not None and resumed == start:
+                    resumed = None  # a copy of the trained run that has not trained yet
+                else:
+                    check_continuation(run_dir, run, f"{name}/{label}")
+            tasks.append((label, seed, run, resumed))
 
     def started(i) -> None:
-        label, seed, raw = tasks[i]
+        label, seed, raw, resumed = tasks[i]
         cfg = Config.from_dict(raw, source=f"{name}/{label}")
         params = count_parameters(cfg, meta["src_vocab_size"], meta["tgt_vocab_size"])
         log(f"== {name}: {label}{'' if seed is None else f', seed {seed}'} "
-            f"({params / 1e6:.2f}M parameters, {budget})")
+            f"({params / 1e6:.2f}M parameters, {budget}"
+            f"{'' if resumed is None else f'; continuing from step {resumed}'})")
 
     def finished(i, row) -> None:
         log("   " + ", ".join(f"{k} {v}" for k, v in row.items() if not k.startswith("_")))
 
     rows = run_tasks(_train_variant, [
         (name, label, seed, raw, meta["src_vocab_size"], meta["tgt_vocab_size"], steps,
-         from_run, threads) for label, seed, raw in tasks], jobs, started, finished)
+         from_run, threads) for label, seed, raw, _ in tasks], jobs, started, finished)
     refs = [json.loads(line)["refs"] for line in
             (Path(Config.from_dict(base).data.dir) / "test.eval.jsonl").read_text().splitlines()]
     metric = _key(meta["metric"]).upper()
@@ -277,7 +323,10 @@ def _train_variant(name: str, label: str, seed: int | None, raw: dict, src_vocab
     params = count_parameters(cfg, src_vocab, tgt_vocab)
     if from_run is not None:
         _continued_copy(Path(from_run), Path(cfg.train.run_dir))
-    state = train(cfg, resume=from_run is not None, log=lambda *a: None, progress=False)
+    # a model an earlier start of the experiment trained (in part) continues; one it finished
+    # trains no further
+    resume = (Path(cfg.train.run_dir) / "checkpoints" / "last").exists()
+    state = train(cfg, resume=resume, log=lambda *a: None, progress=False)
     # a continued run is scored where it ended: its best dev checkpoint may predate the
     # continuation
     result = evaluate(cfg.train.run_dir, split="test", method="greedy",

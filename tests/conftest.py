@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,29 @@ def train_metrics(tmp_path: Path, data_dir: Path, name: str, **train) -> tuple[P
     cfg = write_config(tmp_path / f"{name}.yaml", data_dir, run, **train)
     assert main(["train", str(cfg)]) == 0
     return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_background(args, **popen):
+    """``encdec ARGS`` in a child process on one thread, its output piped."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "encdec.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for_step(proc, run_dir: Path, step: int, timeout: float = 120) -> None:
+    """Wait until ``run_dir``'s metrics reach ``step`` (fail if ``proc`` ends first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(x).get("step", 0) >= step
+                                 for x in path.read_text().splitlines() if x.endswith("}")):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"training did not reach step {step} in {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,11 @@ def test_nat_experiment_continues_and_takes_a_trained_teacher(tiny_data, tiny_ru
     for run in ("nat-raw", "nat-distilled"):
         assert checkpoint.resolve(out / run, "last").name == "step-0000007"
     assert (out / "data-distilled" / "meta.json").stat().st_mtime_ns == distilled_at
+    capsys.readouterr()
+    assert main(cmd + ["--steps", "9", "model.ffn_dim=32"]) == 2  # other NAT models: refused
+    assert "ffn_dim" in capsys.readouterr().err
+    for run in ("nat-raw", "nat-distilled"):
+        assert checkpoint.resolve(out / run, "last").name == "step-0000007"
 
     # targets from another teacher (or the same one trained on) are not mixed with a student
     # trained on the earlier ones

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config, write_speech_config
+from conftest import run_in_background, wait_for_step, write_config, write_speech_config
 from encdec import checkpoint
 from encdec.cli import main
 from encdec.config import Config
@@ -270,27 +270,6 @@ def test_early_stopping_and_time_budget(tiny_data, tmp_path):
     assert state["step"] <= 1  # the budget is checked before every step
 
 
-def _run_in_background(args, **popen):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "encdec.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def _wait_for_step(proc, run_dir: Path, step: int, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(json.loads(x).get("step", 0) >= step
-                                 for x in path.read_text().splitlines() if x.endswith("}")):
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"training did not reach step {step} in {timeout} s")
-
-
 def _losses(run_dir: Path) -> list:
     return [(r["step"], r["loss"]) for r in _records(run_dir) if "loss" in r]
 
@@ -302,8 +281,8 @@ def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(tiny_data, tm
     common = dict(valid_every=1000, log_every=1, valid_max_inputs=4)
     cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "part", max_steps=100_000,
                        **common)
-    proc = _run_in_background(["train", str(cfg)])
-    _wait_for_step(proc, tmp_path / "part", 5)
+    proc = run_in_background(["train", str(cfg)])
+    wait_for_step(proc, tmp_path / "part", 5)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
@@ -327,8 +306,8 @@ def test_killed_run_resumes_without_repeating_metrics(tiny_data, tmp_path):
     common = dict(valid_every=4, log_every=3, valid_max_inputs=4)
     cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "part", max_steps=100_000,
                        **common)
-    proc = _run_in_background(["train", str(cfg)])
-    _wait_for_step(proc, tmp_path / "part", 14)
+    proc = run_in_background(["train", str(cfg)])
+    wait_for_step(proc, tmp_path / "part", 14)
     proc.send_signal(signal.SIGKILL)  # no chance to save: lines after the checkpoint remain
     proc.communicate(timeout=60)
     saved = int(checkpoint.resolve(tmp_path / "part", "last").name.split("-")[1])
