@@ -1,14 +1,12 @@
 """Recurrent baselines through the shared search, scheduled sampling, and normalization choice."""
 
-import json
-
 import pytest
 import torch
 from torch import nn
 
 from conftest import write_config
 from encdec.cli import main
-from encdec.config import Config, DecodeConfig, ModelConfig
+from encdec.config import DecodeConfig, ModelConfig
 from encdec.data.vocab import BOS, EOS, PAD
 from encdec.decoding import beam_search, generate
 from encdec.losses import sequence_loss
@@ -208,104 +206,6 @@ def test_lstm_run_through_the_cli(tiny_data, tmp_path):
     assert out[0][0].attention.shape == (len(out[0][0].tokens) + 1, 3)
 
 
-@pytest.mark.parametrize("name", ["depth", "sampling", "rnn", "norm"])
-def test_experiments_write_tables_and_plots(name, tiny_data, tmp_path):
-    import csv
-    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
-    out = tmp_path / name
-    heads = ["model.n_heads=4"] if name == "rnn" else []  # the LSTM's width need not divide
-    assert main(["experiment", name, "--config", str(cfg), "--out", str(out), "--minutes", "5",
-                 "train.max_steps=6", "train.valid_every=3", "train.valid_max_inputs=8",
-                 *heads]) == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    from encdec.experiments import EXPERIMENTS
-    assert len(rows) == EXPERIMENTS[name]
-    assert all(int(r["steps"]) == 6 for r in rows)
-    # The table reports each variant's own test outputs, scored against the references.
-    from encdec.metrics import g2p_scores
-    refs = [json.loads(x)["refs"] for x in (tiny_data / "test.eval.jsonl").read_text().splitlines()]
-    for r in rows:
-        slug = r["variant"].replace(" ", "-").replace("+", "x")
-        hyps = (out / slug / "eval" / "test-greedy.hyp").read_text().splitlines()
-        assert len(hyps) == len(refs)
-        assert float(r["test_wer"]) == pytest.approx(g2p_scores(hyps, refs)["wer"], abs=0.01)
-    assert (out / "plot.png").stat().st_size > 1000
-    md = (out / "results.md").read_text()
-    if name == "sampling":
-        assert "by output position" in md
-    if name in ("depth", "rnn"):  # parameter counts matched within 10 %
-        counts = [int(r["parameters"]) for r in rows]
-        assert max(counts) / min(counts) < 1.1, counts
-
-
-def test_step_budgeted_experiments_are_reproducible(tiny_data, tmp_path):
-    import csv
-    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
-    tables = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        assert main(["experiment", "norm", "--config", str(cfg), "--out", str(out), "--steps", "5",
-                     "train.valid_max_inputs=8"]) == 0
-        rows = list(csv.DictReader(open(out / "results.csv")))
-        assert [int(r["steps"]) for r in rows] == [5, 5, 5]
-        losses = [json.loads(line).get("valid_loss") for line in
-                  (out / "pre-BatchNorm" / "metrics.jsonl").read_text().splitlines()]
-        tables.append(([{k: v for k, v in r.items() if k not in ("train_tok_s", "train_min")}
-                        for r in rows], [x for x in losses if x is not None]))
-    assert tables[0][1] and tables[0] == tables[1]  # bit-identical dev losses too
-    assert "5 steps per variant" in (tmp_path / "b" / "results.md").read_text()
-
-
-def test_sampling_from_a_trained_run(tiny_run, tmp_path):
-    """experiment sampling --from RUN: both variants continue a copy of the trained run from
-    its last checkpoint on the same batches; only the scheduled-sampling one samples, on a
-    schedule that starts at the run's last step; the run itself is left as it was."""
-    import csv
-
-    from encdec import checkpoint
-    before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
-    out = tmp_path / "ss"
-    assert main(["experiment", "sampling", "--from", str(tiny_run), "--steps", "16",
-                 "--out", str(out), "train.valid_max_inputs=8", "train.log_every=1"]) == 0
-    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [int(r["steps"]) for r in rows] == [616, 616]
-    tf, ss = (Config.load(out / d / "config.yaml").train
-              for d in ("teacher-forcing", "scheduled-sampling"))
-    assert tf.scheduled_sampling == "off" and ss.scheduled_sampling == "inverse_sigmoid"
-    assert ss.ss_start_step == 600 and tf.max_steps == ss.max_steps == 616
-    # the same start: the copies' records up to step 600 are the run's own
-    records = {d: [json.loads(x) for x in (out / d / "metrics.jsonl").read_text().splitlines()]
-               for d in ("teacher-forcing", "scheduled-sampling")}
-    original = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    for recs in records.values():
-        assert [r for r in recs if r["step"] <= 600] == original
-    losses = {d: [r["loss"] for r in recs if "loss" in r and r["step"] > 600]
-              for d, recs in records.items()}
-    assert len(losses["teacher-forcing"]) == 16
-    # only the scheduled-sampling copy samples, from its first step on (whether its losses then
-    # differ depends on the tiny model making a training error at a sampled position)
-    probs = [r.get("sampling_prob") for r in records["scheduled-sampling"] if "loss" in r and r["step"] > 600]
-    assert all(p is not None and 0.1 < p <= 0.25 for p in probs) and probs == sorted(probs)
-    assert not any("sampling_prob" in r for r in records["teacher-forcing"])
-    for d in records:  # scored at the last step
-        assert checkpoint.resolve(out / d, "last").name == "step-0000616"
-        assert json.loads((out / d / "eval" / "test-greedy-last.json").read_text())["checkpoint"] \
-            == "step-0000616"
-    assert "16 steps from step 600" in (out / "results.md").read_text()
-    for bad in (["experiment", "depth", "--from", str(tiny_run), "--steps", "4"],
-                ["experiment", "sampling", "--from", str(tiny_run), "--minutes", "1"],
-                ["experiment", "sampling", "--from", str(tmp_path), "--steps", "4"]):
-        assert main(bad + ["--out", str(tmp_path / "no")]) == 2
-    assert not (tmp_path / "no").exists()
-
-
-def test_error_by_position():
-    from encdec.experiments import error_by_position
-    errs = error_by_position(["A B C", "A X", "A B C D"], [["A B C"], ["A B C"], ["A B C E"]], 4)
-    assert errs[:4] == pytest.approx([0.0, 100 / 3, 100 / 3, 100.0])
-
-
 def pack_rnn_weights(model: nn.Module, device: str = "cpu") -> nn.Module:
     """Every RNN's weights as views into one flat buffer: what cuDNN does on a GPU, done by
     hand on the CPU."""
@@ -357,53 +257,3 @@ def test_checkpoint_of_packed_rnn_weights_round_trips(arch, device, tmp_path):
     raw_back = checkpoint.raw_weights(path)
     assert raw_back.keys() == names
     assert all(torch.equal(raw_back[k], state[k].cpu()) for k in names)
-
-
-def test_experiment_over_seeds_in_parallel(tiny_data, tmp_path):
-    """experiment --seeds S1,S2 --jobs 2: every variant once per seed in OUT/VARIANT/seed-N,
-    trained two at a time in worker processes; seed 1's model is the one a plain run with
-    train.seed=1 trains, seed 2's differs; the table gives each variant's mean and range."""
-    import csv
-    import statistics
-
-    cfg = write_config(tmp_path / "base.yaml", tiny_data, tmp_path / "unused")
-    common = ["--config", str(cfg), "--steps", "5", "train.valid_max_inputs=8",
-              "train.num_threads=1"]
-    out = tmp_path / "seeds"
-    assert main(["experiment", "depth", "--seeds", "1,2", "--jobs", "2", "--out", str(out),
-                 *common]) == 0
-    assert main(["experiment", "depth", "--out", str(tmp_path / "one"), *common,
-                 "train.seed=1"]) == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    assert len(variants) == 2 and [(r["variant"], r["seed"]) for r in rows] == [
-        (v, s) for v in variants for s in ("1", "2")]
-
-    def losses(run):
-        return [json.loads(x)["valid_loss"] for x in (run / "metrics.jsonl").read_text()
-                .splitlines() if "valid_loss" in x]
-
-    for slug in (v.replace(" ", "-").replace("+", "x") for v in variants):
-        assert Config.load(out / slug / "seed-2" / "config.yaml").train.seed == 2
-        assert losses(out / slug / "seed-1") == losses(tmp_path / "one" / slug)
-        assert losses(out / slug / "seed-1") != losses(out / slug / "seed-2")
-    one = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "one" / "results.csv"))}
-    md = (out / "results.md").read_text()
-    assert "5 steps per variant, 2 seeds" in md
-    for variant in variants:
-        wers = [float(r["test_wer"]) for r in rows if r["variant"] == variant]
-        assert wers[0] == float(one[variant]["test_wer"])
-        line = next(x for x in md.splitlines() if x.startswith(f"| {variant} |"))
-        assert f"{statistics.mean(wers):.2f} ({min(wers):.2f}–{max(wers):.2f})" in line
-        assert f"{wers[0]:.2f} / {wers[1]:.2f}" in line
-    for bad in (["--seeds", "1,1"], ["--seeds", "1,x"], ["--jobs", "0"]):
-        assert main(["experiment", "depth", *bad, "--out", str(tmp_path / "no"), *common]) == 2
-    assert main(["experiment", "nat", "--seeds", "1,2", "--out", str(tmp_path / "no"),
-                 *common]) == 2
-    assert not (tmp_path / "no").exists()
-
-
-def test_experiment_from_a_run_refuses_several_seeds(tiny_run, tmp_path):
-    assert main(["experiment", "sampling", "--from", str(tiny_run), "--steps", "4",
-                 "--seeds", "1,2", "--out", str(tmp_path / "no")]) == 2
-    assert not (tmp_path / "no").exists()
