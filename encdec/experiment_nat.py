@@ -15,7 +15,8 @@ mixes two valid outputs. Those are counted per decoder: a NAT model predicts eve
 independently, so it can; distillation gives it one target per input and should make it rarer.
 Its best-known symptom is counted too, on every input: an output with a token twice in a row
 where no reference of that input has it twice in a row (two positions that each chose the same
-token from a different mode).
+token from a different mode), and the share of output tokens that are such repeats (which, unlike
+the count of outputs, does not saturate on verse-long outputs).
 
 ``teacher`` (``--from RUN``) takes a trained autoregressive run as the AT model and teacher
 instead of training one. The command can be started again after a stop: a finished run is read
@@ -62,6 +63,19 @@ def repeats_token(hyp: list[str], refs: list[list[str]]) -> bool:
 def count_repeats(hyps: list[str], refs: list[list[str]]) -> int:
     """Outputs with a token repeated in a row where none of their references repeats it."""
     return sum(repeats_token(h.split(), [r.split() for r in rs]) for h, rs in zip(hyps, refs))
+
+
+def repeated_token_share(hyps: list[str], refs: list[list[str]]) -> float:
+    """Percent of output tokens that repeat the token before them where no reference of that
+    input has that token twice in a row. Unlike ``count_repeats`` it does not saturate on long
+    outputs (a verse-long NAT output nearly always repeats some token once)."""
+    repeated = total = 0
+    for hyp, rs in zip(hyps, refs):
+        toks = hyp.split()
+        doubled = {a for r in rs for a, b in zip(r.split(), r.split()[1:]) if a == b}
+        total += len(toks)
+        repeated += sum(a == b and a not in doubled for a, b in zip(toks, toks[1:]))
+    return 100.0 * repeated / max(total, 1)
 
 
 def count_mixed(hyps: list[str], refs: list[list[str]]) -> tuple[int, int]:
@@ -201,7 +215,8 @@ def run_nat_experiment(out_dir: str | Path, *, base_config: str = "configs/g2p-s
                "ms_per_input_b1": round(1000 * single_s / max(len(few), 1), 2),
                **{f"test_{k}": round(v, 2) for k, v in scores.items() if isinstance(v, float)},
                "mixed_outputs": mixed, "mixable_inputs": possible,
-               "repeat_outputs": count_repeats(hyps, refs)}
+               "repeat_outputs": count_repeats(hyps, refs),
+               "repeated_tokens_pct": round(repeated_token_share(hyps, refs), 2)}
         (out / f"{label.replace(' ', '-').replace(',', '')}.hyp").write_text(
             "".join(h + "\n" for h in hyps), encoding="utf-8")
         rows.append(row)
@@ -221,15 +236,16 @@ def _write(out: Path, rows: list[dict], budget: str, metric: str, n: int, n_sing
     lines = [f"# experiment `nat` ({budget} per model; test split, {n} inputs)", "",
              f"| decoder | steps | {key.split('_')[1].upper()} | inputs/s, batch 64 | vs AT beam 5 "
              f"| ms/input, batch 1 (first {n_single}) | vs AT beam 5 | outputs mixing two "
-             f"references | outputs repeating a token (of {n}) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"references | outputs repeating a token (of {n}) | tokens repeating the one before |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["decoder"] + (f" (length beam {r['length_beam']})" if r["length_beam"] else "")
         lines.append(
             f"| {name} | {r['steps']} | {r[key]:.2f} | {r['inputs_per_s_b64']:,.0f} "
             f"| {r['inputs_per_s_b64'] / ref['inputs_per_s_b64']:.2f}× "
             f"| {r['ms_per_input_b1']:.1f} | {ref['ms_per_input_b1'] / r['ms_per_input_b1']:.2f}× "
-            f"| {r['mixed_outputs']} of {r['mixable_inputs']} | {r['repeat_outputs']} |")
+            f"| {r['mixed_outputs']} of {r['mixable_inputs']} | {r['repeat_outputs']} "
+            f"| {r['repeated_tokens_pct']:.2f} % |")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     import matplotlib

@@ -8,7 +8,8 @@ import yaml
 
 from conftest import write_config
 from encdec.cli import main
-from encdec.experiment_nat import count_mixed, count_repeats, mixes_references, repeats_token
+from encdec.experiment_nat import (count_mixed, count_repeats, mixes_references,
+                                   repeated_token_share, repeats_token)
 from encdec.metrics import g2p_scores
 
 
@@ -41,6 +42,10 @@ def test_an_output_repeating_a_token_no_reference_repeats_is_counted():
     assert repeats_token("the the lord".split(), ["the lord".split()])
     hyps = ["A A B", "A B", "C C", "C C D D"]
     assert count_repeats(hyps, [["A B"], ["A B"], ["C C"], ["C C D"]]) == 2
+    # by token: A A (1 of 3), none, C C a reference doubles, D D (1 of 4); "D D D" is two
+    assert repeated_token_share(hyps, [["A B"], ["A B"], ["C C"], ["C C D"]]) == \
+        pytest.approx(100 * 2 / 11)
+    assert repeated_token_share(["D D D", "E"], [["D"], ["E"]]) == pytest.approx(100 * 2 / 4)
 
 
 def test_nat_experiment_trains_distills_and_writes_one_table(tiny_data, tmp_path):
@@ -78,6 +83,8 @@ def test_nat_experiment_trains_distills_and_writes_one_table(tiny_data, tmp_path
         assert float(r["test_wer"]) == pytest.approx(g2p_scores(hyps, refs)["wer"], abs=0.01)
         assert (int(r["mixed_outputs"]), int(r["mixable_inputs"])) == count_mixed(hyps, refs)
         assert int(r["repeat_outputs"]) == count_repeats(hyps, refs)
+        assert float(r["repeated_tokens_pct"]) == pytest.approx(
+            repeated_token_share(hyps, refs), abs=0.01)
         assert float(r["inputs_per_s_b64"]) > 0 and float(r["ms_per_input_b1"]) > 0
     md = (out / "results.md").read_text()
     assert "NAT distilled, 4 passes (length beam 2)" in md and "1.00×" in md
@@ -123,8 +130,8 @@ def test_nat_experiment_continues_and_takes_a_trained_teacher(tiny_data, tiny_ru
         assert checkpoint.resolve(out / run, "last").name == "step-0000007"
     assert (out / "data-distilled" / "meta.json").stat().st_mtime_ns == distilled_at
     capsys.readouterr()
-    assert main(cmd + ["--steps", "9", "model.ffn_dim=32"]) == 2  # other NAT models: refused
-    assert "ffn_dim" in capsys.readouterr().err
+    assert main(cmd + ["--steps", "9", "model.dropout=0.3"]) == 2  # other settings: refused
+    assert "model.dropout: 0.0 then, 0.3 now" in capsys.readouterr().err
     for run in ("nat-raw", "nat-distilled"):
         assert checkpoint.resolve(out / run, "last").name == "step-0000007"
 
