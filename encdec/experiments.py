@@ -180,14 +180,13 @@ def check_continuation(run_dir: Path, raw: dict, source: str) -> None:
                if (section, key) not in _FREE_KEYS
                and before.get(section, {}).get(key) != now[section][key]]
     settings = [c for c in changed if c not in _BUDGET_KEYS]
-    if not settings and changed and now["train"]["schedule"] in ("cosine", "linear"):
-        settings = [("train", "schedule")] + changed
-    if settings:
+    decays = now["train"]["schedule"] in ("cosine", "linear")
+    if settings or (changed and decays):
         diff = "; ".join(f"{s}.{k}: {before.get(s, {}).get(k)!r} then, {now[s][k]!r} now"
-                         for s, k in settings)
-        why = ("the learning rate decays over the budget, so the budget cannot change"
-               if ("train", "schedule") in settings and now["train"]["schedule"] ==
-               before["train"]["schedule"] else "the continuation would be another model")
+                         for s, k in settings or changed)
+        why = ("the continuation would be another model" if settings else
+               f"train.schedule={now['train']['schedule']} decays the learning rate over the "
+               "budget, so the budget cannot change")
         raise ConfigError(f"{run_dir} was started with other settings ({diff}): {why}. Start "
                           "it again with the options it was started with, or give another --out")
 

@@ -109,7 +109,7 @@ def test_an_experiment_refuses_to_continue_a_model_started_with_other_settings(
     before = _state(cosine)
     assert main(common + ["--steps", "8"]) == 2
     err = capsys.readouterr().err
-    assert "train.max_steps: 4 then, 8 now" in err and "decays over the budget" in err
+    assert "train.max_steps: 4 then, 8 now" in err and "decays the learning rate over the budget" in err
     assert _state(cosine) == before
     assert main(common + ["--steps", "4"]) == 0  # the same budget: read back
     assert _state(cosine) == before
