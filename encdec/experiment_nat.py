@@ -54,10 +54,16 @@ def mixes_references(hyp: list[str], refs: list[list[str]]) -> bool:
     return False
 
 
+def _repeats(hyp: list[str], refs: list[list[str]]) -> int:
+    """How many tokens of ``hyp`` repeat the one before where no reference of it has that
+    token twice in a row."""
+    doubled = {a for r in refs for a, b in zip(r, r[1:]) if a == b}
+    return sum(a == b and a not in doubled for a, b in zip(hyp, hyp[1:]))
+
+
 def repeats_token(hyp: list[str], refs: list[list[str]]) -> bool:
     """Whether ``hyp`` has a token twice in a row that no reference has twice in a row."""
-    doubled = {a for r in refs for a, b in zip(r, r[1:]) if a == b}
-    return any(a == b and a not in doubled for a, b in zip(hyp, hyp[1:]))
+    return _repeats(hyp, refs) > 0
 
 
 def count_repeats(hyps: list[str], refs: list[list[str]]) -> int:
@@ -72,9 +78,8 @@ def repeated_token_share(hyps: list[str], refs: list[list[str]]) -> float:
     repeated = total = 0
     for hyp, rs in zip(hyps, refs):
         toks = hyp.split()
-        doubled = {a for r in rs for a, b in zip(r.split(), r.split()[1:]) if a == b}
         total += len(toks)
-        repeated += sum(a == b and a not in doubled for a, b in zip(toks, toks[1:]))
+        repeated += _repeats(toks, [r.split() for r in rs])
     return 100.0 * repeated / max(total, 1)
 
 
